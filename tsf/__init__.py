@@ -1,0 +1,3 @@
+"""tsf: test-time scaling of diffusion and flow-matching models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""The ``tsf`` command: LightningCLI subcommands plus ``tsf pretrain``.
+
+    tsf sample --config configs/digits/best_of_n.yaml [--model.init_args.sampler.init_args.num_particles=16]
+    tsf pretrain digits
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from tsf.errors import ConfigError
+
+RUN_FILES = ("config.yaml", "metrics.json", "samples.pt")
+
+
+# ----------------------------------------------------------------------------- run directory
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a directory that holds another run, unless ``overwrite``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output path {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run; choose another --run_name or --output_dir, "
+                "or pass --overwrite true to replace it"
+            )
+        for name in (*RUN_FILES, "grid.png"):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save_grid(images: torch.Tensor, path: Path, max_images: int = 64, scale: int = 4):
+    """A PNG grid of the first ``max_images`` uint8 images ``[N, C, H, W]`` (nearest upscaling)."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    imgs = images[:max_images]
+    pil = []
+    for im in imgs:
+        arr = im.permute(1, 2, 0).numpy()
+        p = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+        pil.append(p.resize((p.width * scale, p.height * scale), Image.NEAREST))
+    cols = min(8, len(pil))
+    rows = -(-len(pil) // cols)
+    pil += [Image.new(pil[0].mode, pil[0].size)] * (rows * cols - len(pil))
+    grid = make_image_grid(pil, rows=rows, cols=cols)
+    grid.save(path)
+    return grid
+
+
+def write_run_dir(run_dir: Path, results: dict[str, Any]) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(results["metrics"], indent=2, sort_keys=True))
+    samples = {k: results["samples"][k] for k in ("x0", "images", "sample_id", "rewards") if k in results["samples"]}
+    torch.save(samples, run_dir / "samples.pt")
+    if "images" in samples:
+        save_grid(samples["images"], run_dir / "grid.png")
+
+
+def load_samples(run_dir: Path) -> dict[str, Any]:
+    """Read a run's ``samples.pt`` safely (tensors only, no arbitrary pickle)."""
+    return torch.load(Path(run_dir) / "samples.pt", weights_only=True, map_location="cpu")
+
+
+def wandb_has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_logger(run_dir: Path, name: str, project: str, mode: str):
+    from lightning.pytorch.loggers import WandbLogger
+
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_api_key() else "offline")
+    return WandbLogger(name=name, project=project, save_dir=str(run_dir), offline=mode != "online",
+                       mode=mode if mode in ("online", "offline", "disabled") else None)
+
+
+def log_to_wandb(logger, results: dict[str, Any], grid) -> None:
+    """The grid image and a per-sample table (scalars were logged by the module)."""
+    import wandb
+
+    samples = results["samples"]
+    names = list(samples["rewards"])
+    conditions = results.get("conditions") or [None]
+    if grid is not None:
+        logger.log_image(key="grid", images=[grid])
+    rows = []
+    for j, sid in enumerate(samples["sample_id"].tolist()):
+        cond = conditions[sid % len(conditions)]
+        row = [sid, "" if cond is None else str(cond)] + [float(samples["rewards"][n][j]) for n in names]
+        if "images" in samples:
+            im = samples["images"][j].permute(1, 2, 0).numpy()
+            row.append(wandb.Image(im[..., 0] if im.shape[-1] == 1 else im))
+        rows.append(row)
+    columns = ["sample_id", "condition", *names] + (["image"] if "images" in samples else [])
+    logger.log_table(key="samples", columns=columns, data=rows)
+
+
+# ----------------------------------------------------------------------------- trainer + CLI
+class TsfTrainer(Trainer):
+    """A Lightning ``Trainer`` with the ``sample`` subcommand."""
+
+    run_dir: Optional[Path] = None
+
+    def sample(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule,
+        output_dir: str = "runs",
+        run_name: Optional[str] = None,
+        overwrite: bool = False,
+        wandb_project: str = "tsf",
+        wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto",
+    ) -> dict[str, Any]:
+        """Sample with the configured sampler, evaluate, and write the run directory.
+
+        Args:
+            output_dir: parent of the run directory.
+            run_name: the run directory's name (default: sampler, K, reward and seed).
+            overwrite: replace a run already in the run directory.
+            wandb_project: Weights & Biases project.
+            wandb_mode: ``auto`` is online when an API key is configured, else offline.
+        """
+        run_name = run_name or model.run_name(datamodule.seed)
+        run_dir = Path(output_dir) / run_name
+        if self.is_global_zero:
+            prepare_run_dir(run_dir, overwrite)
+        self.run_dir = run_dir
+        if not self.loggers and wandb_mode != "disabled":
+            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode)]
+        self.test(model, datamodule=datamodule, verbose=True)
+        results = model.results
+        if self.is_global_zero:
+            write_run_dir(run_dir, results)
+            grid_path = run_dir / "grid.png"
+            for logger in self.loggers:
+                if type(logger).__name__ == "WandbLogger":
+                    from PIL import Image
+
+                    log_to_wandb(logger, results, Image.open(grid_path) if grid_path.exists() else None)
+                    logger.experiment.finish()
+            print(f"run directory: {run_dir}")
+        return results
+
+
+class RunDirConfig(SaveConfigCallback):
+    """Writes the resolved config into the run directory (not the logger's directory)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+
+    def save_config(self, trainer, pl_module, stage) -> None:
+        run_dir = getattr(trainer, "run_dir", None)
+        if run_dir is not None:
+            self.parser.save(self.config, str(Path(run_dir) / self.config_filename), skip_none=False,
+                             overwrite=True, multifile=False)
+
+
+class TsfArgumentParser(LightningArgumentParser):
+    """Names the known samplers and rewards when a class path does not resolve."""
+
+    def error(self, message: str, *args, **kwargs):
+        if "import path" in message or "class_path" in message or "unknown" in message.lower():
+            from tsf.rewards import REWARDS
+            from tsf.samplers import SAMPLERS
+
+            samplers = ", ".join(f"{n} ({SAMPLERS.get(n).__name__})" for n in SAMPLERS.names())
+            message = (f"{message}\nKnown samplers (class_path: tsf.samplers.<Class>): {samplers}"
+                       f"\nKnown rewards (by name, or a class_path to a tsf.rewards.Reward): {', '.join(REWARDS.names())}")
+        return super().error(message, *args, **kwargs)
+
+
+class TsfCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:
+        from tsf.pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
+    import tsf.rewards  # noqa: F401  (registers rewards)
+    import tsf.samplers  # noqa: F401
+
+    try:
+        TsfCLI(
+            LightningModule,
+            LightningDataModule,
+            trainer_class=TsfTrainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunDirConfig,
+            trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
+            args=argv,
+            parser_class=TsfArgumentParser,
+            auto_configure_optimizers=False,
+        )
+    except ConfigError as err:
+        print(f"tsf: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

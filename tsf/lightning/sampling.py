@@ -1,0 +1,177 @@
+"""SamplingModule: the thin Lightning adapter around a sampler and the shared evaluator.
+
+It gives the plain-PyTorch sampler devices, a progress bar, logging and distribution;
+it computes no science itself. ``test_step`` samples a batch of (condition, sample_id)
+pairs, feeds the :class:`~tsf.evaluation.Evaluator` and collects the samples; both
+are torchmetrics objects, so several processes sync for free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from tsf.evaluation import Evaluator
+from tsf.models.base import BaseModel
+from tsf.rewards.base import Reward, build_reward
+from tsf.samplers.base import BaseSampler, Sampler, SampleBatch
+
+REFERENCE_SEED = 2**31 - 1  # the reference set's noise never coincides with a run's default seeds
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TSF_CACHE", Path.home() / ".cache" / "tsf"))
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class SampleCollector(Metric):
+    """Collects final samples (and their rewards) from every process."""
+
+    full_state_update = False
+
+    def __init__(self, reward_names: list[str]) -> None:
+        super().__init__()
+        self.reward_names = reward_names
+        for key in ("x0", "images", "sample_id"):
+            self.add_state(key, default=[], dist_reduce_fx="cat")
+        for i in range(len(reward_names)):
+            self.add_state(f"reward_{i}", default=[], dist_reduce_fx="cat")
+
+    def update(self, batch: SampleBatch, rewards: dict[str, Tensor]) -> None:  # type: ignore[override]
+        self.x0.append(batch.x0.float())
+        if batch.images is not None:
+            self.images.append(to_uint8(batch.images))
+        self.sample_id.append(batch.sample_ids.to(self.device))
+        for i, name in enumerate(self.reward_names):
+            getattr(self, f"reward_{i}").append(rewards[name].float())
+
+    def compute(self) -> dict[str, Any]:
+        ids = dim_zero_cat(self.sample_id)
+        order = ids.argsort()
+        out: dict[str, Any] = {"x0": dim_zero_cat(self.x0)[order].cpu(), "sample_id": ids[order].cpu()}
+        if len(self.images) if isinstance(self.images, list) else self.images.numel():
+            out["images"] = dim_zero_cat(self.images)[order].cpu()
+        out["rewards"] = {n: dim_zero_cat(getattr(self, f"reward_{i}"))[order].cpu()
+                          for i, n in enumerate(self.reward_names)}
+        return out
+
+
+class SamplingModule(L.LightningModule):
+    """Sample with a test-time sampler and judge the samples with the shared evaluator.
+
+    Args:
+        base: the base model (Gaussian-kernel interface).
+        sampler: the test-time sampler.
+        reward: the target reward: a registered name (``digit``, ``digit_holdout``,
+            ``compressibility``, ``brightness``) or a ``class_path`` to any
+            :class:`tsf.rewards.Reward` subclass.
+        cross_rewards: rewards evaluated on the samples but never used for sampling.
+        features: name of the reward whose ``features`` give diversity and fidelity
+            (default: the first cross-reward that has features; else raw samples).
+        fidelity_samples: size of the cached reference set of plain base samples for
+            ``fidelity/fd`` (0 disables it).
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        sampler: Sampler,
+        reward: Union[str, Reward] = "digit",
+        cross_rewards: Optional[list[Union[str, Reward]]] = None,
+        features: Optional[str] = None,
+        fidelity_samples: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.sampler = sampler
+        self.reward = build_reward(reward)
+        cross = [build_reward(r) for r in (["digit_holdout"] if cross_rewards is None else cross_rewards)]
+        names = [self.reward.name] + [r.name for r in cross]
+        if len(set(names)) != len(names):
+            from tsf.errors import ConfigError
+
+            raise ConfigError(f"reward names must be distinct, got {names}")
+        feature_reward = self._feature_reward(features, cross)
+        self.evaluator = Evaluator(self.reward, cross, feature_reward)
+        self.collector = SampleCollector(names)
+        self.fidelity_samples = int(fidelity_samples)
+        self.results: dict[str, Any] = {}
+
+    def _feature_reward(self, features: Optional[str], cross: list[Reward]) -> Optional[Reward]:
+        candidates = {r.name: r for r in [self.reward, *cross]}
+        if features is not None:
+            if features not in candidates:
+                candidates[features] = build_reward(features)
+            return candidates[features]
+        return next((r for r in cross if r.has_features), None)
+
+    def run_name(self, seed: int) -> str:
+        return f"{self.sampler.name}_K{self.sampler.num_particles}_{self.reward.name}_seed{seed}"
+
+    # -- lifecycle --------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        conditions = dm.sample_conditions() if dm is not None else [None]
+        # bad conditions are refused before any weight file is read
+        self.base.encode_conditions(conditions)
+        for r in [self.reward, *self.evaluator.cross]:
+            r.check_conditions(conditions)
+        self.base.load()
+        for r in {id(r): r for r in [self.reward, *self.evaluator.cross, self.evaluator.feature_reward] if r}.values():
+            r.load()
+        self._conditions = conditions
+
+    def on_test_start(self) -> None:
+        if self.fidelity_samples > 0:
+            self.evaluator.set_reference(self.reference_images(self._conditions))
+
+    @torch.no_grad()
+    def reference_images(self, conditions: list) -> Tensor:
+        """Plain base samples (cached on disk by model and conditions) for ``fidelity/fd``."""
+        n = self.fidelity_samples
+        conds = [conditions[i % len(conditions)] for i in range(n)]
+        key = hashlib.sha256(repr((self.base.cache_key(), conds, n, REFERENCE_SEED)).encode()).hexdigest()[:20]
+        path = cache_dir() / "reference" / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                return load_file(str(path))["images"].to(self.device)
+            except Exception:  # a partial or corrupt cache file is regenerated
+                pass
+        sampler = BaseSampler(max_batch=self.sampler.max_batch)
+        batch = sampler.sample(self.base, None, conds, torch.arange(n), seed=REFERENCE_SEED)
+        images = batch.images if batch.images is not None else batch.x0
+        if self.trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            save_file({"images": images.float().contiguous().cpu()}, str(tmp))
+            os.replace(tmp, path)
+        return images
+
+    # -- sampling ---------------------------------------------------------------------
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        seed = self.trainer.datamodule.seed
+        out = self.sampler.sample(self.base, self.reward, batch["conditions"], batch["sample_ids"], seed=seed)
+        rewards = self.evaluator.rewards(out, batch["conditions"])
+        self.evaluator.update(out, rewards)
+        self.collector.update(out, rewards)
+
+    def on_test_epoch_end(self) -> None:
+        metrics = self.evaluator.compute()
+        self.results = {"metrics": metrics, "samples": self.collector.compute(),
+                        "conditions": self._conditions}
+        # already synced by torchmetrics: log as is (self.log's sync_dist mis-averages uneven shards)
+        self.log_dict(metrics, sync_dist=False, rank_zero_only=True)
+        self.evaluator.reset()
+        self.collector.reset()

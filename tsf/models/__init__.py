@@ -1,0 +1,7 @@
+"""Base models behind the Gaussian-kernel interface (ALGORITHMS.md section 1)."""
+
+from tsf.models.base import BaseModel, Transition
+from tsf.models.diffusion import EpsDiffusionModel
+from tsf.models.digits import DigitsDiffusion
+
+__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion"]

@@ -1,0 +1,121 @@
+"""The one view of every base model: a prior, a time grid and a Gaussian transition kernel.
+
+ALGORITHMS.md section 1. A sampler needs nothing else of a model: for a batch of
+states ``x`` at grid point ``i`` (``i = 0`` is the prior, ``i = num_steps`` is x0)
+and per-row conditions ``c``, the model gives the mean and standard deviation of
+``p(x_{i+1} | x_i)`` and the Tweedie estimate ``x0_hat(x_i)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Transition:
+    """``p(x_prev | x_t) = N(mean, std^2 I)`` together with what produced it.
+
+    ``output`` is the raw model output (eps or velocity) at ``x_t``; a sampler may
+    cache it and hand it back to :meth:`BaseModel.transition` to save a forward call.
+    ``std`` broadcasts against ``mean`` (shape ``[N, 1, ...]``).
+    """
+
+    mean: Tensor
+    std: Tensor
+    x0_hat: Tensor
+    output: Tensor
+
+    def sample(self, noise: Tensor) -> Tensor:
+        return self.mean + self.std * noise
+
+    def index(self, idx) -> "Transition":
+        return Transition(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    @staticmethod
+    def cat(parts: Sequence["Transition"]) -> "Transition":
+        return Transition(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Transition)))
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Log-density of ``N(mean, std^2 I)`` at ``x``, summed over all but the first dim."""
+    std = std.expand_as(mean)
+    var = std.square()
+    lp = -0.5 * ((x - mean).square() / var + torch.log(2 * math.pi * var))
+    return lp.flatten(1).sum(1)
+
+
+class BaseModel(nn.Module):
+    """Base model behind the Gaussian-kernel interface.
+
+    Subclasses implement :meth:`forward` (one network evaluation, the unit of NFE),
+    :meth:`x0_hat`, :meth:`transition` and :meth:`decode`; weights load in
+    :meth:`load` so that constructing a model (for instance while a config is
+    validated) never reads a weight file.
+    """
+
+    #: shape of one state x, without the batch dimension
+    sample_shape: tuple[int, ...]
+    #: number of transitions from the prior to x0
+    num_steps: int
+    #: whether :meth:`decode` returns images
+    has_images: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded = False
+
+    # -- loading --------------------------------------------------------------------
+    def load(self) -> "BaseModel":
+        """Load weights once (idempotent). Subclasses override :meth:`_load`."""
+        if not self._loaded:
+            self._load()
+            self._loaded = True
+        return self
+
+    def _load(self) -> None:
+        pass
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def cache_key(self) -> str:
+        """A string that identifies this model's distribution (for cached reference sets)."""
+        return repr(self)
+
+    # -- conditions -----------------------------------------------------------------
+    def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
+        """Map a list of per-sample conditions (a class, a prompt, None) to a per-row tensor."""
+        return torch.zeros(len(conditions), device=self.device)
+
+    # -- the kernel -----------------------------------------------------------------
+    def prior(self, noise: Tensor) -> Tensor:
+        """``x`` at grid point 0 from standard normal ``noise`` of shape ``[N, *sample_shape]``."""
+        return noise
+
+    def forward(self, x: Tensor, i: int, c: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """One network evaluation at grid point ``i`` (the unit of NFE)."""
+        raise NotImplementedError
+
+    def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def log_prob(self, x_prev: Tensor, transition: Transition) -> Tensor:
+        """``log p(x_prev | x_t)`` per row (summed over dimensions)."""
+        return gaussian_log_prob(x_prev, transition.mean, transition.std)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Images in [0, 1] (``[N, C, H, W]``) from final states."""
+        return x0

@@ -1,0 +1,132 @@
+"""Eps-prediction diffusion models on diffusers schedulers (DDIM with eta, DDPM).
+
+The schedule (``alphas_cumprod``, the timestep grid) comes from diffusers'
+``DDIMScheduler`` / ``DDPMScheduler``; tsf owns only the Gaussian-kernel math of
+ALGORITHMS.md section 1:
+
+    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    s      = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+    mu     = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - s^2) eps
+
+DDPM is DDIM with ``eta = 1`` (the same mean and variance); tests check both
+against the schedulers' own ``step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor, nn
+
+from tsf.errors import ConfigError
+from tsf.models.base import BaseModel, Transition
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+class EpsDiffusionModel(BaseModel):
+    """A denoiser ``eps_theta(x_t, t, c)`` driven by a diffusers scheduler.
+
+    Args:
+        net: module called as ``net(x, timesteps, labels) -> eps``.
+        scheduler_config: keyword arguments of the diffusers scheduler (beta schedule, ...).
+        scheduler: ``"ddim"`` (transitions with ``eta``) or ``"ddpm"`` (``eta = 1``).
+        num_steps: number of sampling steps T.
+        eta: DDIM stochasticity; 0 is the deterministic ODE sampler (no particle children).
+        guidance_scale: classifier-free guidance weight ``w`` (1 = plain conditional model).
+        num_classes: classes of the conditioning; ``None`` for an unconditional model.
+            Class ``num_classes`` is the null (unconditional) label.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        scheduler_config: dict,
+        scheduler: Literal["ddim", "ddpm"] = "ddim",
+        num_steps: int = 50,
+        eta: float = 1.0,
+        guidance_scale: float = 1.0,
+        num_classes: Optional[int] = None,
+        sample_shape: tuple[int, ...] = (1, 8, 8),
+    ) -> None:
+        super().__init__()
+        if scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {scheduler!r}; known: {sorted(SCHEDULERS)}")
+        if num_steps < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
+        if eta < 0:
+            raise ConfigError(f"eta must be >= 0, got {eta}")
+        if scheduler == "ddpm" and eta != 1.0:
+            raise ConfigError("the DDPM scheduler is DDIM with eta = 1; use scheduler: ddim to set eta")
+        self.net = net
+        self.scheduler_name = scheduler
+        self.scheduler = SCHEDULERS[scheduler](**{"clip_sample": False, **scheduler_config})
+        self.scheduler.set_timesteps(num_steps)
+        self.num_steps = num_steps
+        self.eta = float(eta)
+        self.guidance_scale = float(guidance_scale)
+        self.num_classes = num_classes
+        self.sample_shape = tuple(sample_shape)
+
+        timesteps = self.scheduler.timesteps.long()
+        stride = self.scheduler.config.num_train_timesteps // num_steps
+        prev = timesteps - stride
+        abar = self.scheduler.alphas_cumprod.double()
+        final = torch.as_tensor(getattr(self.scheduler, "final_alpha_cumprod", 1.0), dtype=torch.float64)
+        abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], final)
+        self.register_buffer("timesteps", timesteps, persistent=False)
+        self.register_buffer("abar", abar[timesteps].float(), persistent=False)
+        self.register_buffer("abar_prev", abar_prev.float(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"scheduler={self.scheduler_name}, num_steps={self.num_steps}, eta={self.eta}, "
+            f"guidance_scale={self.guidance_scale}, num_classes={self.num_classes}"
+        )
+
+    # -- conditions -----------------------------------------------------------------
+    def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
+        null = self.num_classes if self.num_classes is not None else 0
+        labels = []
+        for c in conditions:
+            if c is None or self.num_classes is None:
+                labels.append(null)
+                continue
+            c = int(c)
+            if not 0 <= c < self.num_classes:
+                raise ConfigError(f"class {c} outside 0-{self.num_classes - 1}")
+            labels.append(c)
+        return torch.tensor(labels, dtype=torch.long, device=self.device)
+
+    # -- the kernel -----------------------------------------------------------------
+    def forward(self, x: Tensor, i: int, c: Tensor) -> Tensor:
+        t = self.timesteps[i].expand(x.shape[0])
+        w = self.guidance_scale
+        if w == 1.0 or self.num_classes is None:
+            return self.net(x, t, c)
+        null = torch.full_like(c, self.num_classes)
+        eps_c, eps_u = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, null])).chunk(2)
+        return eps_u + w * (eps_c - eps_u)
+
+    def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
+        abar = self.abar[i]
+        return (x - (1 - abar).sqrt() * output) / abar.sqrt()
+
+    def step_std(self, i: int) -> Tensor:
+        abar, abar_prev = self.abar[i], self.abar_prev[i]
+        var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+        return self.eta * var.clamp(min=0).sqrt()
+
+    def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
+        eps = self(x, i, c) if output is None else output
+        x0 = self.x0_hat(x, i, eps)
+        s = self.step_std(i)
+        abar_prev = self.abar_prev[i]
+        mean = abar_prev.sqrt() * x0 + (1 - abar_prev - s**2).clamp(min=0).sqrt() * eps
+        std = s.reshape(1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
+        return Transition(mean=mean, std=std, x0_hat=x0, output=eps)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return ((x0 + 1) / 2).clamp(0, 1)

@@ -1,0 +1,240 @@
+"""The embedded default: small models trained by tsf on scikit-learn's 8x8 digits.
+
+* :class:`ResidualMLPDenoiser`: a ~1M-parameter eps-prediction network on the 64
+  pixels, class-conditional with a null label (so it is also unconditional and
+  supports classifier-free guidance).
+* :class:`MLPClassifier` (the target reward) and :class:`CNNClassifier` (the
+  cross-reward), different architectures trained on disjoint halves of the train split.
+* :class:`DigitsDiffusion`: the denoiser behind the Gaussian-kernel interface.
+
+Weights ship in ``tsf/models/weights`` as safetensors and load by name; the recipe
+that made them is ``tsf pretrain digits`` (:mod:`tsf.pretrain`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import numpy as np
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tsf.errors import ConfigError
+from tsf.models.diffusion import EpsDiffusionModel
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+NUM_CLASSES = 10
+IMAGE_SHAPE = (1, 8, 8)
+
+#: the diffusers scheduler the denoiser was trained with (shared by training and sampling)
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "timestep_spacing": "trailing",
+    "prediction_type": "epsilon",
+}
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class DigitsSplits:
+    """Pixels in [0, 1] as ``[N, 1, 8, 8]`` float tensors, labels as long tensors."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    half_a: Tensor  # indices into train
+    half_b: Tensor
+
+
+def load_digits_splits(seed: int = 0, test_fraction: float = 0.3) -> DigitsSplits:
+    """sklearn's digits, a stratified train/test split, and the train split in two disjoint halves."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(data.target, dtype=torch.long)
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=data.target)
+    a, b = train_test_split(np.arange(len(tr)), test_size=0.5, random_state=seed, stratify=data.target[tr])
+    return DigitsSplits(x[tr], y[tr], x[te], y[te], torch.as_tensor(np.sort(a)), torch.as_tensor(np.sort(b)))
+
+
+# ----------------------------------------------------------------------------- networks
+class ResidualMLPDenoiser(nn.Module):
+    """eps_theta(x_t, t, class): pre-norm residual MLP blocks with additive (t, class) embeddings."""
+
+    def __init__(self, dim: int = 64, width: int = 256, depth: int = 3, hidden: int = 512,
+                 num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.config = dict(dim=dim, width=width, depth=depth, hidden=hidden, num_classes=num_classes)
+        self.time_proj = Timesteps(128, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(128, width)
+        self.class_embed = nn.Embedding(num_classes + 1, width)  # last index: null label
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(norm=nn.LayerNorm(width), emb=nn.Linear(width, width),
+                               fc1=nn.Linear(width, hidden), fc2=nn.Linear(hidden, width)))
+            for _ in range(depth)
+        )
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        shape = x.shape
+        emb = F.silu(self.time_embed(self.time_proj(t).to(x.dtype)) + self.class_embed(labels))
+        h = self.inp(x.flatten(1))
+        for blk in self.blocks:
+            y = blk["norm"](h) + blk["emb"](emb)
+            h = h + blk["fc2"](F.silu(blk["fc1"](y)))
+        return self.out(h).reshape(shape)
+
+
+class MLPClassifier(nn.Module):
+    """The target classifier: an MLP on the 64 pixels."""
+
+    def __init__(self, hidden: int = 256, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.config = dict(hidden=hidden, num_classes=num_classes)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.SiLU(), nn.Dropout(0.2),
+                                  nn.Linear(hidden, hidden), nn.SiLU())
+        self.head = nn.Linear(hidden, num_classes)
+        self.num_features = hidden
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.body(images * 2 - 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+class CNNClassifier(nn.Module):
+    """The cross (holdout) classifier: a small convolutional network; a different architecture."""
+
+    def __init__(self, channels: int = 32, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        c = channels
+        self.config = dict(channels=channels, num_classes=num_classes)
+        self.body = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(),
+            nn.Conv2d(c, 2 * c, 3, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(2 * c, num_classes))
+        self.num_features = 2 * c
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.body(images * 2 - 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+ARCHITECTURES = {"ResidualMLPDenoiser": ResidualMLPDenoiser, "MLPClassifier": MLPClassifier,
+                 "CNNClassifier": CNNClassifier}
+
+#: shipped weight files by name
+CLASSIFIERS = {"target": "digits_classifier_mlp", "holdout": "digits_classifier_cnn"}
+DENOISER = "digits_denoiser"
+
+
+# ----------------------------------------------------------------------------- weights
+def resolve_weights(name_or_path: Union[str, Path]) -> Path:
+    """A shipped weight name (``digits_denoiser``) or a path to a ``.safetensors`` file."""
+    p = Path(name_or_path)
+    if p.suffix != ".safetensors":
+        p = WEIGHTS_DIR / f"{name_or_path}.safetensors"
+    if not p.is_file():
+        shipped = sorted(q.stem for q in WEIGHTS_DIR.glob("*.safetensors"))
+        raise ConfigError(
+            f"weights {str(name_or_path)!r} not found (looked at {p}); shipped: {shipped}. "
+            "Re-create them with `tsf pretrain digits`."
+        )
+    return p
+
+
+def save_network(net: nn.Module, path: Path, metadata: Optional[dict] = None) -> None:
+    """Save a network as fp16 safetensors with its architecture in the metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
+    meta = {"architecture": type(net).__name__, "config": json.dumps(net.config)}
+    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+
+
+def read_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {k: (v if k == "architecture" else json.loads(v)) for k, v in meta.items()}
+
+
+def build_network(name_or_path: Union[str, Path]) -> nn.Module:
+    """Construct the architecture recorded in a weight file, without loading its weights."""
+    meta = read_metadata(resolve_weights(name_or_path))
+    return ARCHITECTURES[meta["architecture"]](**meta["config"])
+
+
+def load_network(name_or_path: Union[str, Path], net: Optional[nn.Module] = None) -> nn.Module:
+    """Load a shipped or saved network (fp32, eval mode)."""
+    path = resolve_weights(name_or_path)
+    net = build_network(path) if net is None else net
+    state = load_file(str(path))
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    return net.float().eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- base model
+class DigitsDiffusion(EpsDiffusionModel):
+    """The embedded digits diffusion model (8x8 pixels in [-1, 1]; images in [0, 1]).
+
+    Args:
+        weights: shipped name or path of a ``.safetensors`` file from ``tsf pretrain digits``.
+        scheduler: ``ddim`` or ``ddpm``.
+        num_steps: sampling steps T.
+        eta: DDIM eta (1 = DDPM-like stochastic kernel, 0 = deterministic).
+        guidance_scale: classifier-free guidance weight for class conditions.
+        conditional: condition the denoiser on the sample's class (``False``: the null label, i.e.
+            the unconditional model, whatever the data module's conditions are).
+    """
+
+    def __init__(
+        self,
+        weights: str = DENOISER,
+        scheduler: Literal["ddim", "ddpm"] = "ddim",
+        num_steps: int = 50,
+        eta: float = 1.0,
+        guidance_scale: float = 1.0,
+        conditional: bool = False,
+    ) -> None:
+        self.weights = weights
+        net = build_network(weights)  # reads only the header: architecture, no weights
+        super().__init__(net, SCHEDULER_CONFIG, scheduler=scheduler, num_steps=num_steps, eta=eta,
+                         guidance_scale=guidance_scale, num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE)
+        self.conditional = conditional
+
+    def _load(self) -> None:
+        load_network(self.weights, self.net)
+        self.net.to(self.device)
+
+    def encode_conditions(self, conditions):
+        if not self.conditional:
+            conditions = [None] * len(conditions)
+        return super().encode_conditions(conditions)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}, conditional={self.conditional}, " + super().extra_repr()

@@ -1,0 +1,7 @@
+"""Rewards: one registry by name (``REWARDS``); ``reward(images, conditions) -> [N]``."""
+
+from tsf.rewards.base import REWARDS, Reward, build_reward
+from tsf.rewards.digits import DigitReward
+from tsf.rewards.image import Brightness, Compressibility
+
+__all__ = ["REWARDS", "Reward", "build_reward", "DigitReward", "Brightness", "Compressibility"]

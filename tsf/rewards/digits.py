@@ -1,0 +1,64 @@
+"""Digit rewards from the embedded classifiers: ``digit`` (target) and ``digit_holdout`` (cross)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from tsf.models import digits as D
+from tsf.errors import ConfigError
+from tsf.rewards.base import REWARDS, Reward
+
+
+class DigitReward(Reward):
+    """``log p(class | image)`` under an embedded digit classifier.
+
+    Args:
+        classifier: ``"target"`` (the MLP, trained on half A) or ``"holdout"`` (the CNN, half B),
+            or a path to a ``.safetensors`` classifier from ``tsf pretrain digits``.
+        digit: the class to reward; ``None`` rewards each sample's own condition (its class).
+    """
+
+    differentiable = True
+
+    def __init__(self, classifier: str = "target", digit: Optional[int] = None, name: Optional[str] = None) -> None:
+        super().__init__()
+        if digit is not None and not 0 <= int(digit) < D.NUM_CLASSES:
+            raise ConfigError(f"digit must be a class in 0-{D.NUM_CLASSES - 1}, got {digit}")
+        self.classifier = classifier
+        self.digit = None if digit is None else int(digit)
+        self.name = name or ("digit" if classifier == "target" else f"digit_{classifier}")
+        self.net = D.build_network(D.CLASSIFIERS.get(classifier, classifier))
+
+    def _load(self) -> None:
+        device = next(self.net.parameters()).device
+        D.load_network(D.CLASSIFIERS.get(self.classifier, self.classifier), self.net).to(device)
+
+    def labels(self, n: int, conditions: Optional[Sequence[Any]], device) -> Tensor:
+        if self.digit is not None:
+            return torch.full((n,), self.digit, dtype=torch.long, device=device)
+        if conditions is None or any(c is None for c in conditions):
+            raise ConfigError(
+                f"reward {self.name!r} has no digit: set `digit:` in its config or give every sample a class "
+                "condition (data.conditions)"
+            )
+        labels = torch.as_tensor([int(c) for c in conditions], dtype=torch.long, device=device)
+        if ((labels < 0) | (labels >= D.NUM_CLASSES)).any():
+            raise ConfigError(f"digit conditions must be classes in 0-{D.NUM_CLASSES - 1}")
+        return labels
+
+    def check_conditions(self, conditions: Sequence[Any]) -> None:
+        self.labels(len(conditions), conditions, "cpu")
+
+    def forward(self, images: Tensor, conditions: Optional[Sequence[Any]] = None) -> Tensor:
+        logp = self.net(images).log_softmax(-1)
+        return logp.gather(1, self.labels(images.shape[0], conditions, images.device)[:, None]).squeeze(1)
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.net.features(images)
+
+
+REWARDS.register("digit", DigitReward, classifier="target")
+REWARDS.register("digit_holdout", DigitReward, classifier="holdout")

@@ -1,0 +1,224 @@
+"""What every sampler shares: the output type, per-sample randomness, compute counting, chunking.
+
+A sampler is plain PyTorch: ``sampler.sample(model, reward, conditions, sample_ids, seed)``
+returns a :class:`SampleBatch`. Subclasses implement :meth:`Sampler._sample` on
+particles of shape ``[B * K, ...]`` (``B`` outputs, ``K`` particles each, group-major).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tsf.errors import ConfigError
+from tsf.models.base import BaseModel, Transition
+from tsf.registry import Registry
+from tsf.rewards.base import Reward
+
+COMPUTE_KEYS = ("nfe", "nfe_grad", "reward_calls", "reward_grad_calls", "seconds")
+
+
+@dataclass
+class SampleBatch:
+    """``B`` final samples. ``compute`` holds totals over the batch (divide by ``B`` for per sample)."""
+
+    x0: Tensor
+    sample_ids: Tensor
+    images: Optional[Tensor] = None
+    rewards: Optional[Tensor] = None
+    compute: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+
+# ----------------------------------------------------------------------------- randomness
+def sample_seed(seed: int, sample_id: int) -> int:
+    """The seed of sample ``sample_id`` of a run with ``seed`` (well mixed, 63 bits)."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample_id)]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class Noise:
+    """One generator per output sample: all noise of sample ``i`` comes from its own stream,
+    so results do not depend on batch size, chunking or the number of processes."""
+
+    def __init__(self, seed: int, sample_ids: Sequence[int], device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(sample_seed(seed, int(i))) for i in sample_ids]
+
+    def randn(self, k: int, shape: Sequence[int], dtype=torch.float32) -> Tensor:
+        """Standard normal ``[B * k, *shape]`` (group-major)."""
+        return torch.cat([torch.randn((k, *shape), generator=g, device=self.device, dtype=dtype)
+                          for g in self.generators])
+
+    def rand(self, k: int, dtype=torch.float32) -> Tensor:
+        """Uniform ``[B, k]``."""
+        return torch.stack([torch.rand(k, generator=g, device=self.device, dtype=dtype) for g in self.generators])
+
+
+# ----------------------------------------------------------------------------- compute
+class ComputeCounter:
+    """Counts forward calls of the model and the reward with hooks, never by formula.
+
+    One model forward on ``n`` rows is ``n`` NFE; if it builds a graph (for a backward) it
+    also counts ``n`` in ``nfe_grad``. Reward calls likewise (``reward_grad_calls``).
+    """
+
+    def __init__(self, model: BaseModel, reward: Optional[Reward]) -> None:
+        self.model, self.reward = model, reward
+        self.counts = dict.fromkeys(COMPUTE_KEYS, 0.0)
+
+    def _hook(self, calls: str, grad_calls: str) -> Callable:
+        def hook(module, args, output):
+            n = args[0].shape[0]
+            self.counts[calls] += n
+            if torch.is_tensor(output) and output.requires_grad:
+                self.counts[grad_calls] += n
+
+        return hook
+
+    def __enter__(self) -> "ComputeCounter":
+        self._handles = [self.model.register_forward_hook(self._hook("nfe", "nfe_grad"))]
+        if self.reward is not None:
+            self._handles.append(self.reward.register_forward_hook(self._hook("reward_calls", "reward_grad_calls")))
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.counts["seconds"] += time.perf_counter() - self._t0
+        for h in self._handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- chunking
+def chunked(fn: Callable[..., Any], max_batch: int, *tensors: Tensor, **kwargs: Any) -> Any:
+    """``fn(*tensors)`` on row chunks of at most ``max_batch``; outputs concatenated.
+
+    Non-tensor positional arguments that are sequences of the same length (conditions
+    lists) are chunked alongside.
+    """
+    n = len(tensors[0])
+    if n <= max_batch:
+        return fn(*tensors, **kwargs)
+    outs = [fn(*(t[s:s + max_batch] if t is not None else None for t in tensors), **kwargs)
+            for s in range(0, n, max_batch)]
+    if isinstance(outs[0], Transition):
+        return Transition.cat(outs)
+    return torch.cat(outs)
+
+
+SAMPLERS: Registry["Sampler"] = Registry("sampler")
+
+
+class Sampler:
+    """Base class of all samplers.
+
+    Args:
+        num_particles: K, particles (or candidates) per output sample.
+        max_batch: most rows in one model or reward call; bounds memory.
+    """
+
+    #: short name used in run names, figures and the registry
+    name: str = "sampler"
+    #: whether the sampler needs the reward (the base sampler does not)
+    uses_reward: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            SAMPLERS.register(cls.name, cls)
+
+    def __init__(self, num_particles: int = 1, max_batch: int = 4096) -> None:
+        if int(num_particles) != num_particles or num_particles < 1:
+            raise ConfigError(f"num_particles must be an integer >= 1, got {num_particles}")
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.num_particles = int(num_particles)
+        self.max_batch = int(max_batch)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_particles={self.num_particles})"
+
+    # -- the public entry point -------------------------------------------------------
+    def sample(self, model: BaseModel, reward: Optional[Reward], conditions: Sequence[Any],
+               sample_ids: Sequence[int] | Tensor, seed: int = 0) -> SampleBatch:
+        """Draw one output per ``(condition, sample_id)``; noise of sample ``i`` from ``(seed, i)``."""
+        sample_ids = torch.as_tensor(sample_ids, dtype=torch.long).reshape(-1)
+        conditions = list(conditions)
+        if len(conditions) != len(sample_ids):
+            raise ConfigError(f"{len(conditions)} conditions for {len(sample_ids)} sample ids")
+        if self.uses_reward and reward is None:
+            raise ConfigError(f"sampler {self.name!r} needs a reward")
+        model.load()
+        if reward is not None:
+            reward.load()
+        noise = Noise(seed, sample_ids.tolist(), model.device)
+        with torch.no_grad():
+            c = model.encode_conditions(conditions)
+        with ComputeCounter(model, reward if self.uses_reward else None) as counter:
+            out = self._sample(model, reward, conditions, c, noise)
+        x0, rewards, diagnostics = out if isinstance(out, tuple) else (out, None, {})
+        images = None
+        if model.has_images:
+            with torch.no_grad():
+                images = chunked(model.decode, self.max_batch, x0.detach())
+        return SampleBatch(x0=x0.detach(), sample_ids=sample_ids, images=images,
+                           rewards=None if rewards is None else rewards.detach(),
+                           compute=counter.counts, diagnostics=diagnostics)
+
+    def _sample(self, model: BaseModel, reward: Optional[Reward], conditions: list, c: Tensor, noise: Noise):
+        """Return ``x0 [B, ...]`` or ``(x0, rewards [B] or None, diagnostics)``."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses --------------------------------------------------------
+    def transition(self, model: BaseModel, x: Tensor, i: int, c: Tensor,
+                   output: Optional[Tensor] = None) -> Transition:
+        """The model's kernel at grid point ``i`` on rows of ``x``, in chunks of ``max_batch``."""
+        if output is None:
+            return chunked(lambda xs, cs: model.transition(xs, i, cs), self.max_batch, x, c)
+        return chunked(lambda xs, cs, os: model.transition(xs, i, cs, os), self.max_batch, x, c, output)
+
+    def score(self, model: BaseModel, reward: Reward, x0: Tensor, conditions: list) -> Tensor:
+        """``r(decode(x0), c)`` per row, in chunks of ``max_batch``."""
+        n, out = x0.shape[0], []
+        for s in range(0, n, self.max_batch):
+            out.append(reward(model.decode(x0[s:s + self.max_batch]), conditions[s:s + self.max_batch]))
+        return torch.cat(out)
+
+    @staticmethod
+    def repeat(conditions: list, c: Tensor, k: int) -> tuple[list, Tensor]:
+        """Conditions for ``B * k`` group-major particle rows."""
+        return [cond for cond in conditions for _ in range(k)], c.repeat_interleave(k, dim=0)
+
+
+class BaseSampler(Sampler):
+    """Plain sampling from the base model: one trajectory of the model's kernel per sample."""
+
+    name = "base"
+    uses_reward = False
+
+    def __init__(self, max_batch: int = 4096) -> None:
+        super().__init__(num_particles=1, max_batch=max_batch)
+
+    @torch.no_grad()
+    def trajectories(self, model: BaseModel, c: Tensor, noise: Noise, k: int) -> Tensor:
+        """``k`` independent base trajectories per sample, ``[B * k, ...]``."""
+        x = model.prior(noise.randn(k, model.sample_shape))
+        for i in range(model.num_steps):
+            x = self.transition(model, x, i, c).sample(noise.randn(k, model.sample_shape))
+        return x
+
+    def _sample(self, model, reward, conditions, c, noise):
+        return self.trajectories(model, c, noise, 1)
