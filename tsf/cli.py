@@ -26,7 +26,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Refuse a directory that holds another run, unless ``overwrite``."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output path {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES):
         if not overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run; choose another --run_name or --output_dir, "
@@ -135,6 +135,7 @@ class TsfTrainer(Trainer):
             wandb_project: Weights & Biases project.
             wandb_mode: ``auto`` is online when an API key is configured, else offline.
         """
+        model.check_conditions(datamodule.sample_conditions())  # before any directory or weight file
         run_name = run_name or model.run_name(datamodule.seed)
         run_dir = Path(output_dir) / run_name
         if self.is_global_zero:
@@ -170,17 +171,45 @@ class RunDirConfig(SaveConfigCallback):
                              overwrite=True, multifile=False)
 
 
+def known_names() -> str:
+    from tsf.rewards import REWARDS
+    from tsf.samplers import SAMPLERS
+
+    samplers = ", ".join(f"{n} (tsf.samplers.{SAMPLERS.get(n).__name__})" for n in SAMPLERS.names())
+    return (f"known samplers: {samplers}\n"
+            f"known rewards (a name, or a class_path to a tsf.rewards.Reward): {', '.join(REWARDS.names())}")
+
+
+def unresolved_class_path(message: str) -> Optional[str]:
+    """The first class path named in a parser message that does not import."""
+    import importlib
+    import re
+
+    for path in re.findall(r"class_path '([^']+)'", message) + re.findall(r"import path string: (\S+)", message):
+        module, _, attr = path.rpartition(".")
+        try:
+            getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError):
+            return path
+    return None
+
+
+def config_error_message(text: str) -> Optional[str]:
+    """The plain message of a :class:`ConfigError` that a parser wrapped into ``text``."""
+    return next((m for m in reversed(ConfigError.raised) if m in text), None)
+
+
 class TsfArgumentParser(LightningArgumentParser):
-    """Names the known samplers and rewards when a class path does not resolve."""
+    """Reports configuration errors in one line; names the known samplers and rewards."""
 
     def error(self, message: str, *args, **kwargs):
-        if "import path" in message or "class_path" in message or "unknown" in message.lower():
-            from tsf.rewards import REWARDS
-            from tsf.samplers import SAMPLERS
-
-            samplers = ", ".join(f"{n} ({SAMPLERS.get(n).__name__})" for n in SAMPLERS.names())
-            message = (f"{message}\nKnown samplers (class_path: tsf.samplers.<Class>): {samplers}"
-                       f"\nKnown rewards (by name, or a class_path to a tsf.rewards.Reward): {', '.join(REWARDS.names())}")
+        if getattr(self, "exit_on_error", True):
+            plain = config_error_message(message)
+            if plain is not None:
+                self.exit(2, f"tsf: error: {plain}\n")
+            path = unresolved_class_path(message)
+            if path is not None:
+                self.exit(2, f"tsf: error: cannot import class_path {path!r}\n{known_names()}\n")
         return super().error(message, *args, **kwargs)
 
 
@@ -191,7 +220,8 @@ class TsfCLI(LightningCLI):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from_sys = argv is None
+    argv = sys.argv[1:] if from_sys else list(argv)
     if argv[:1] == ["pretrain"]:
         from tsf.pretrain import main as pretrain_main
 
@@ -208,12 +238,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             subclass_mode_data=True,
             save_config_callback=RunDirConfig,
             trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
-            args=argv,
+            args=None if from_sys else argv,
             parser_class=TsfArgumentParser,
             auto_configure_optimizers=False,
         )
-    except ConfigError as err:
-        print(f"tsf: error: {err}", file=sys.stderr)
+    except ValueError as err:  # ConfigError, or jsonargparse's error wrapping one
+        plain = config_error_message(str(err))
+        if plain is None:
+            raise
+        print(f"tsf: error: {plain}", file=sys.stderr)
         sys.exit(2)
 
 

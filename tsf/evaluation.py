@@ -21,7 +21,7 @@ from torchmetrics.image.fid import _compute_fid
 from torchmetrics.utilities import dim_zero_cat
 
 from tsf.rewards.base import Reward
-from tsf.samplers.base import COMPUTE_KEYS, SampleBatch
+from tsf.samplers.base import COMPUTE_KEYS, SampleBatch, chunked
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -63,13 +63,15 @@ class Evaluator(Metric):
         cross: rewards evaluated on the same samples, never used for guidance.
         features: a reward with a ``features`` method for diversity and fidelity
             (on digits: the holdout classifier); ``None`` uses the raw samples.
+        max_batch: most images in one reward or feature call.
     """
 
     full_state_update = False
 
     def __init__(self, target: Reward, cross: Sequence[Reward] = (), features: Optional[Reward] = None,
-                 **kwargs: Any) -> None:
+                 max_batch: int = 4096, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.max_batch = max_batch
         self.target = target
         self.cross = torch.nn.ModuleList(cross)
         self.feature_reward = features
@@ -89,7 +91,7 @@ class Evaluator(Metric):
     def featurize(self, images: Tensor) -> Tensor:
         if self.feature_reward is None:
             return images.flatten(1).float()
-        return self.feature_reward.features(images).float()
+        return chunked(self.feature_reward.features, self.max_batch, images).float()
 
     def set_reference(self, images: Tensor) -> None:
         """Plain base-model samples that ``fidelity/fd`` compares against."""
@@ -99,10 +101,8 @@ class Evaluator(Metric):
     def rewards(self, batch: SampleBatch, conditions: Sequence[Any]) -> dict[str, Tensor]:
         """Target and cross rewards of a batch's samples, by reward name (the input of :meth:`update`)."""
         images = batch.images if batch.images is not None else batch.x0
-        out = {self.target.name: self.target(images, conditions).float()}
-        for r in self.cross:
-            out[r.name] = r(images, conditions).float()
-        return out
+        return {r.name: chunked(r, self.max_batch, images, list(conditions)).float()
+                for r in [self.target, *self.cross]}
 
     @torch.no_grad()
     def update(self, batch: SampleBatch, rewards: dict[str, Tensor]) -> None:  # type: ignore[override]

@@ -121,13 +121,16 @@ class SamplingModule(L.LightningModule):
         return f"{self.sampler.name}_K{self.sampler.num_particles}_{self.reward.name}_seed{seed}"
 
     # -- lifecycle --------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        conditions = dm.sample_conditions() if dm is not None else [None]
-        # bad conditions are refused before any weight file is read
+    def check_conditions(self, conditions: list) -> None:
+        """Refuse conditions the base model or a reward cannot take (reads no weight file)."""
         self.base.encode_conditions(conditions)
         for r in [self.reward, *self.evaluator.cross]:
             r.check_conditions(conditions)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        conditions = dm.sample_conditions() if dm is not None else [None]
+        self.check_conditions(conditions)
         self.base.load()
         for r in {id(r): r for r in [self.reward, *self.evaluator.cross, self.evaluator.feature_reward] if r}.values():
             r.load()

@@ -7,6 +7,7 @@ particles of shape ``[B * K, ...]`` (``B`` outputs, ``K`` particles each, group-
 
 from __future__ import annotations
 
+import contextvars
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -76,7 +77,7 @@ class ComputeCounter:
 
     def _hook(self, calls: str, grad_calls: str) -> Callable:
         def hook(module, args, output):
-            n = args[0].shape[0]
+            n = args[0].shape[0] - _PADDING.get()
             self.counts[calls] += n
             if torch.is_tensor(output) and output.requires_grad:
                 self.counts[grad_calls] += n
@@ -103,20 +104,46 @@ class ComputeCounter:
 
 
 # ----------------------------------------------------------------------------- chunking
-def chunked(fn: Callable[..., Any], max_batch: int, *tensors: Tensor, **kwargs: Any) -> Any:
-    """``fn(*tensors)`` on row chunks of at most ``max_batch``; outputs concatenated.
+#: Calls on fewer rows than this are padded: CPU BLAS kernels take another path below 16
+#: rows, which changes the last bits of every row and would make a sample depend on the
+#: batch it was drawn in. Padding rows are not counted as compute.
+MIN_ROWS = 16
+_PADDING: contextvars.ContextVar[int] = contextvars.ContextVar("tsf_padding_rows", default=0)
 
-    Non-tensor positional arguments that are sequences of the same length (conditions
-    lists) are chunked alongside.
+
+def _pad(a: Any, n: int) -> Any:
+    if a is None:
+        return None
+    if torch.is_tensor(a):
+        return torch.cat([a, a[-1:].expand(n - len(a), *a.shape[1:])])
+    return list(a) + [a[-1]] * (n - len(a))
+
+
+def chunked(fn: Callable[..., Any], max_batch: int, *args: Any) -> Any:
+    """``fn(*args)`` on row chunks of at most ``max_batch`` rows, outputs concatenated.
+
+    ``args`` are tensors or lists (conditions) of the same length. Chunks of fewer
+    than :data:`MIN_ROWS` rows are padded (and the padding is sliced off again), so a
+    row's result does not depend on which rows share its call.
     """
-    n = len(tensors[0])
-    if n <= max_batch:
-        return fn(*tensors, **kwargs)
-    outs = [fn(*(t[s:s + max_batch] if t is not None else None for t in tensors), **kwargs)
-            for s in range(0, n, max_batch)]
-    if isinstance(outs[0], Transition):
-        return Transition.cat(outs)
-    return torch.cat(outs)
+    n = len(args[0])
+    outs = []
+    for s in range(0, n, max_batch):
+        part = [a[s:s + max_batch] if a is not None else None for a in args]
+        m = len(part[0])
+        if m < MIN_ROWS:
+            token = _PADDING.set(MIN_ROWS - m)
+            try:
+                out = fn(*(_pad(a, MIN_ROWS) for a in part))
+            finally:
+                _PADDING.reset(token)
+            out = out.index(slice(0, m)) if isinstance(out, Transition) else out[:m]
+        else:
+            out = fn(*part)
+        outs.append(out)
+    if len(outs) == 1:
+        return outs[0]
+    return Transition.cat(outs) if isinstance(outs[0], Transition) else torch.cat(outs)
 
 
 SAMPLERS: Registry["Sampler"] = Registry("sampler")
@@ -192,10 +219,7 @@ class Sampler:
 
     def score(self, model: BaseModel, reward: Reward, x0: Tensor, conditions: list) -> Tensor:
         """``r(decode(x0), c)`` per row, in chunks of ``max_batch``."""
-        n, out = x0.shape[0], []
-        for s in range(0, n, self.max_batch):
-            out.append(reward(model.decode(x0[s:s + self.max_batch]), conditions[s:s + self.max_batch]))
-        return torch.cat(out)
+        return chunked(lambda xs, cs: reward(model.decode(xs), cs), self.max_batch, x0, conditions)
 
     @staticmethod
     def repeat(conditions: list, c: Tensor, k: int) -> tuple[list, Tensor]:

@@ -1,0 +1,116 @@
+"""`tsf sample` as a user runs it: run directory, determinism, wandb, and clear errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import tsf.models.digits as D
+from tsf.cli import load_samples, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs/digits/best_of_n.yaml")
+SMALL = ["--data.init_args.num_samples=24", "--data.init_args.batch_size=10",
+         "--model.init_args.fidelity_samples=64", "--model.init_args.base.init_args.num_steps=10",
+         "--model.init_args.sampler.init_args.num_particles=4", "--trainer.enable_progress_bar=false"]
+
+
+def run(tmp_path, *extra, name="run", wandb="disabled"):
+    main(["sample", "--config", CONFIG, *SMALL, f"--output_dir={tmp_path}", f"--run_name={name}",
+          f"--wandb_mode={wandb}", *extra])
+    return tmp_path / name
+
+
+def test_sample_writes_the_run_directory(tmp_path, capsys):
+    d = run(tmp_path)
+    assert {"config.yaml", "metrics.json", "samples.pt", "grid.png"} <= {p.name for p in d.iterdir()}
+    metrics = json.loads((d / "metrics.json").read_text())
+    for key in ("target/mean", "target/median", "target/q90", "cross/digit_holdout/mean", "diversity/pairwise",
+                "diversity/vendi", "fidelity/fd", "compute/nfe", "compute/nfe_grad", "compute/reward_calls",
+                "compute/seconds"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not nan
+    assert metrics["compute/nfe"] == 4 * 10 and metrics["compute/reward_calls"] == 4
+    s = load_samples(d)
+    assert s["sample_id"].tolist() == list(range(24))
+    assert s["images"].dtype == torch.uint8 and s["images"].shape == (24, 1, 8, 8)
+    assert s["x0"].shape == (24, 1, 8, 8)
+    assert set(s["rewards"]) == {"digit", "digit_holdout"}
+    assert abs(s["rewards"]["digit"].double().mean().item() - metrics["target/mean"]) < 1e-5
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    assert cfg["model"]["init_args"]["sampler"]["init_args"]["num_particles"] == 4
+    out = capsys.readouterr().out
+    assert "target/mean" in out and "run directory" in out  # the metrics table was printed
+
+
+def test_same_seed_gives_identical_samples_whatever_the_batch_size(tmp_path):
+    a = load_samples(run(tmp_path, name="a"))
+    b = load_samples(run(tmp_path, name="b"))
+    c = load_samples(run(tmp_path, "--data.init_args.batch_size=7", name="c"))
+    d = load_samples(run(tmp_path, "--data.init_args.seed=1", name="d"))
+    for other in (b, c):
+        assert torch.equal(a["x0"], other["x0"]) and torch.equal(a["images"], other["images"])
+        assert torch.equal(a["rewards"]["digit"], other["rewards"]["digit"])
+    assert not torch.equal(a["x0"], d["x0"])
+
+
+def test_wandb_offline_run_has_the_metrics_and_the_grid(tmp_path):
+    from wandb_log import read_run
+
+    d = run(tmp_path, wandb="offline")
+    metrics = json.loads((d / "metrics.json").read_text())
+    history, summary, files = read_run(d)
+    for key, value in metrics.items():
+        assert summary[key] == pytest.approx(value, rel=1e-6), key
+    assert summary["grid/_type"] == "images/separated"
+    assert any(f.startswith("media/images/grid") for f in files)
+    assert summary["samples/nrows"] == 24 and summary["samples/_type"] == "table-file"
+    grid = list(d.glob("wandb/offline-run-*/files/media/images/grid*.png"))
+    assert len(grid) == 1 and grid[0].stat().st_size > 0
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    calls = []
+    real = D.load_network
+    monkeypatch.setattr(D, "load_network", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model.init_args.reward=aesthetics"], "unknown reward 'aesthetics'; known rewards: brightness, compressibility"),
+    (["--model.init_args.cross_rewards=[digit_holdout, pickscore]"], "unknown reward 'pickscore'"),
+    (["--model.init_args.sampler=tsf.samplers.SVDDTypo"], "known samplers: base"),
+    (["--model.init_args.sampler.init_args.num_particles=0"], "num_particles must be an integer >= 1"),
+    (["--data.init_args.conditions=[3, 12]"], "0-9"),
+    (["--model.init_args.reward=tsf.rewards.DigitReward", "--model.init_args.reward.init_args.digit=10"], "0-9"),
+])
+def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, no_weight_loading, args, message):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert no_weight_loading == []
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file_is_a_clear_error(capsys, no_weight_loading):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--config", "configs/digits/no_such_method.yaml"])
+    assert e.value.code == 2
+    assert "no_such_method.yaml" in capsys.readouterr().err and no_weight_loading == []
+
+
+def test_existing_run_is_refused_unless_overwrite(tmp_path, capsys, no_weight_loading):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path)
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert no_weight_loading == [] and (d / "metrics.json").read_text() == "{}"
+    run(tmp_path, "--overwrite=true")
+    assert "target/mean" in json.loads((d / "metrics.json").read_text())

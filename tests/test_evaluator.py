@@ -1,0 +1,58 @@
+"""The shared evaluator's diversity and fidelity math, and its metric keys."""
+
+import torch
+
+from tsf.evaluation import Evaluator, frechet_distance, pairwise_cosine_distance, vendi_score
+from tsf.rewards import Brightness, Reward
+from tsf.samplers.base import SampleBatch
+
+
+def test_pairwise_cosine_distance_matches_brute_force():
+    f = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
+    u = torch.nn.functional.normalize(f.double(), dim=1)
+    cos = u @ u.T
+    brute = (1 - cos)[~torch.eye(30, dtype=torch.bool)].mean()
+    assert abs(pairwise_cosine_distance(f) - float(brute)) < 1e-10
+
+
+def test_vendi_score_counts_effective_modes():
+    e = torch.eye(4)
+    assert abs(vendi_score(e.repeat(5, 1)) - 4.0) < 1e-6      # 4 orthogonal modes, equally used
+    assert abs(vendi_score(torch.ones(10, 3)) - 1.0) < 1e-6   # all identical
+    # against the n x n kernel definition
+    f = torch.randn(25, 6, generator=torch.Generator().manual_seed(1))
+    u = torch.nn.functional.normalize(f.double(), dim=1)
+    lam = torch.linalg.eigvalsh(u @ u.T / 25).clamp(min=0)
+    lam = lam[lam > 1e-12]
+    assert abs(vendi_score(f) - float(torch.exp(-(lam * lam.log()).sum()))) < 1e-8
+
+
+def test_frechet_distance_is_zero_for_same_set_and_grows_with_shift():
+    a = torch.randn(500, 4, generator=torch.Generator().manual_seed(2))
+    assert abs(frechet_distance(a, a)) < 1e-6
+    # shift of the mean by 1 in every coordinate adds |mu1 - mu2|^2 = 4
+    assert abs(frechet_distance(a, a + 1) - 4.0) < 1e-6
+
+
+class Half(Reward):
+    name = "half"
+
+    def forward(self, images, conditions=None):
+        return images.flatten(1).mean(1) / 2
+
+
+def test_evaluator_keys_and_per_sample_compute():
+    ev = Evaluator(Brightness(), [Half()])
+    ev.set_reference(torch.rand(50, 1, 4, 4, generator=torch.Generator().manual_seed(3)))
+    for k in range(3):
+        imgs = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(k))
+        batch = SampleBatch(x0=imgs, images=imgs, sample_ids=torch.arange(10 * k, 10 * k + 10),
+                            compute={"nfe": 500.0, "reward_calls": 80.0, "seconds": 1.0})
+        ev.update(batch, ev.rewards(batch, [None] * 10))
+    m = ev.compute()
+    assert set(m) == {"target/mean", "target/median", "target/q90", "cross/half/mean", "diversity/pairwise",
+                      "diversity/vendi", "fidelity/fd", "compute/nfe", "compute/nfe_grad", "compute/reward_calls",
+                      "compute/reward_grad_calls", "compute/seconds"}
+    assert m["compute/nfe"] == 50.0 and m["compute/reward_calls"] == 8.0 and m["compute/nfe_grad"] == 0.0
+    assert abs(m["cross/half/mean"] - m["target/mean"] / 2) < 1e-6
+    assert m["target/q90"] >= m["target/median"]
