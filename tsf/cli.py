@@ -2,6 +2,7 @@
 
     tsf sample --config configs/digits/best_of_n.yaml [--model.init_args.sampler.init_args.num_particles=16]
     tsf pretrain digits
+    tsf table runs/*
 """
 
 from __future__ import annotations
@@ -226,6 +227,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from tsf.pretrain import main as pretrain_main
 
         return pretrain_main(argv[1:])
+    if argv[:1] == ["table"]:
+        from tsf.report import main as table_main
+
+        return table_main(argv[1:])
     import tsf.rewards  # noqa: F401  (registers rewards)
     import tsf.samplers  # noqa: F401
 

@@ -1,0 +1,40 @@
+"""``tsf table RUN_DIRS...``: the results table (markdown) from run directories' ``metrics.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COLUMNS = [("target/mean", "target mean"), ("target/median", "target median"), ("target/q90", "target q90"),
+           ("cross/*", "cross {} mean"), ("diversity/pairwise", "diversity pairwise"),
+           ("diversity/vendi", "vendi"), ("fidelity/fd", "fd"), ("compute/nfe", "NFE"),
+           ("compute/nfe_grad", "NFE grad"), ("compute/seconds", "s / sample")]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.4g}"
+
+
+def results_table(run_dirs: list[Path]) -> str:
+    runs = [(Path(d).name, json.loads((Path(d) / "metrics.json").read_text())) for d in run_dirs]
+    cross = sorted({k for _, m in runs for k in m if k.startswith("cross/")})
+    keys, heads = [], ["run"]
+    for key, head in COLUMNS:
+        if key == "cross/*":
+            keys += cross
+            heads += [head.format(k.split("/")[1]) for k in cross]
+        elif any(key in m for _, m in runs):
+            keys.append(key)
+            heads.append(head)
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for name, m in runs:
+        lines.append("| " + " | ".join([name] + [_fmt(m[k]) if k in m else "" for k in keys]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="tsf table", description=__doc__.split("\n")[0])
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    args = p.parse_args(argv)
+    print(results_table([d for d in args.run_dirs if (d / "metrics.json").is_file()]))
