@@ -246,6 +246,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             args=None if from_sys else argv,
             parser_class=TsfArgumentParser,
             auto_configure_optimizers=False,
+            seed_everything_default=0,
         )
     except ValueError as err:  # ConfigError, or jsonargparse's error wrapping one
         plain = config_error_message(str(err))
