@@ -112,21 +112,26 @@ class EpsDiffusionModel(BaseModel):
 
     def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
         abar = self.abar[i]
-        return (x - (1 - abar).sqrt() * output) / abar.sqrt()
+        return (x - (1 - abar).sqrt() * self.eps(output)) / abar.sqrt()
 
     def step_std(self, i: int) -> Tensor:
         abar, abar_prev = self.abar[i], self.abar_prev[i]
         var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         return self.eta * var.clamp(min=0).sqrt()
 
+    def eps(self, output: Tensor) -> Tensor:
+        """The eps prediction inside a model output (the output itself here)."""
+        return output
+
     def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
-        eps = self(x, i, c) if output is None else output
-        x0 = self.x0_hat(x, i, eps)
+        output = self(x, i, c) if output is None else output
+        eps = self.eps(output)
+        x0 = self.x0_hat(x, i, output)
         s = self.step_std(i)
         abar_prev = self.abar_prev[i]
         mean = abar_prev.sqrt() * x0 + (1 - abar_prev - s**2).clamp(min=0).sqrt() * eps
         std = s.reshape(1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
-        return Transition(mean=mean, std=std, x0_hat=x0, output=eps)
+        return Transition(mean=mean, std=std, x0_hat=x0, output=output)
 
     def decode(self, x0: Tensor) -> Tensor:
         return ((x0 + 1) / 2).clamp(0, 1)

@@ -122,7 +122,8 @@ def _pad(a: Any, n: int) -> Any:
 def chunked(fn: Callable[..., Any], max_batch: int, *args: Any) -> Any:
     """``fn(*args)`` on row chunks of at most ``max_batch`` rows, outputs concatenated.
 
-    ``args`` are tensors or lists (conditions) of the same length. Chunks of fewer
+    ``args`` are tensors or lists (conditions) of the same length; ``fn`` returns a
+    tensor, a :class:`Transition` or a tuple of those (or ``None``). Chunks of fewer
     than :data:`MIN_ROWS` rows are padded (and the padding is sliced off again), so a
     row's result does not depend on which rows share its call.
     """
@@ -137,13 +138,31 @@ def chunked(fn: Callable[..., Any], max_batch: int, *args: Any) -> Any:
                 out = fn(*(_pad(a, MIN_ROWS) for a in part))
             finally:
                 _PADDING.reset(token)
-            out = out.index(slice(0, m)) if isinstance(out, Transition) else out[:m]
+            out = _rows(out, slice(0, m))
         else:
             out = fn(*part)
         outs.append(out)
-    if len(outs) == 1:
-        return outs[0]
-    return Transition.cat(outs) if isinstance(outs[0], Transition) else torch.cat(outs)
+    return outs[0] if len(outs) == 1 else _cat(outs)
+
+
+def _rows(out: Any, idx: slice) -> Any:
+    if out is None:
+        return None
+    if isinstance(out, Transition):
+        return out.index(idx)
+    if isinstance(out, tuple):
+        return tuple(_rows(o, idx) for o in out)
+    return out[idx]
+
+
+def _cat(outs: list) -> Any:
+    if outs[0] is None:
+        return None
+    if isinstance(outs[0], Transition):
+        return Transition.cat(outs)
+    if isinstance(outs[0], tuple):
+        return tuple(_cat([o[j] for o in outs]) for j in range(len(outs[0])))
+    return torch.cat(outs)
 
 
 SAMPLERS: Registry["Sampler"] = Registry("sampler")
@@ -220,6 +239,28 @@ class Sampler:
     def score(self, model: BaseModel, reward: Reward, x0: Tensor, conditions: list) -> Tensor:
         """``r(decode(x0), c)`` per row, in chunks of ``max_batch``."""
         return chunked(lambda xs, cs: reward(model.decode(xs), cs), self.max_batch, x0, conditions)
+
+    def value(self, model: BaseModel, reward: Reward, value_fn, x: Tensor, i: int, c: Tensor, conditions: list,
+              alpha: float, grad: bool = False, grad_batch: Optional[int] = None):
+        """``(v, model output or None, dv/dx or None)`` at grid point ``i`` for the rows of ``x``.
+
+        With ``grad`` the value is differentiated through the model, the decoder and the
+        reward in chunks of ``grad_batch`` rows; non-finite gradient entries become 0.
+        """
+        if not grad:
+            with torch.no_grad():
+                return chunked(lambda xs, cs, ks: (*value_fn(model, reward, xs, i, cs, ks, alpha), None),
+                               self.max_batch, x, c, conditions)
+
+        def with_grad(xs, cs, ks):
+            with torch.enable_grad():
+                xs = xs.detach().requires_grad_(True)
+                v, out = value_fn(model, reward, xs, i, cs, ks, alpha)
+                (g,) = torch.autograd.grad(v.sum(), xs, allow_unused=True)
+            g = torch.zeros_like(xs) if g is None else g
+            return v.detach(), None if out is None else out.detach(), g.detach()
+
+        return chunked(with_grad, grad_batch or self.max_batch, x, c, conditions)
 
     @staticmethod
     def repeat(conditions: list, c: Tensor, k: int) -> tuple[list, Tensor]:

@@ -1,0 +1,280 @@
+"""The sequential Monte Carlo family: SMC/TDS, FK steering and DAS (ALGORITHMS.md section 4).
+
+Twisted SMC with ``K`` particles per output (Wu et al. 2023; Singhal et al. 2025; Kim et
+al., ICLR 2025, "DAS"). Twist at grid point ``i``: ``psi_i(x) = lambda_i v(x) / alpha``.
+Each step from ``x_t`` to ``x_prev``:
+
+1. propose from the base kernel ``N(mu, s^2 I)`` or, with a gradient,
+   ``N(mu + s^2 grad_x psi_{i+1}(x_t), s^2 I)``;
+2. ``logw += log p(x_prev | x_t) - log q(x_prev | x_t) + G``, with the potential
+   ``G = psi_{i+1}(x_prev) - psi_i(x_t)`` (``diff``; FK steering's ``max``, ``sum``, ``rt``
+   are the other choices), the final step's potential being the true reward with
+   ``lambda = 1`` (for ``max``/``sum``/``rt`` it divides out the potentials already applied,
+   so every path's product is ``exp(r(x0) / alpha)``);
+3. resample inside each group when ``ESS < ess_threshold K`` (or at fixed steps), moving
+   every per-particle quantity with the particles: state, cached model output, value,
+   gradient and accumulated potential.
+
+``log Z`` (the estimate of ``log E_p[exp(r(x0) / alpha)]``), per-step ESS and resampling
+counts are in the diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, Optional, Union
+
+import torch
+from torch import Tensor
+
+from tsf.errors import ConfigError
+from tsf.samplers.base import Sampler
+from tsf.samplers.value import ValueFunction, build_value
+
+
+class NonFiniteRewardError(RuntimeError):
+    """Every particle of a group has a non-finite reward or value: there is nothing to weight."""
+
+
+# ----------------------------------------------------------------------------- resampling
+def resample(logw: Tensor, u: Tensor, method: str) -> Tensor:
+    """Ancestor indices ``[B, K]`` from normalised log-weights ``[B, K]`` and uniforms ``u [B, K]``."""
+    B, K = logw.shape
+    w = torch.softmax(logw.double(), dim=1)
+    cdf = w.cumsum(1)
+    cdf[:, -1] = 1.0
+    u = u.double()
+    if method == "systematic":
+        points = (torch.arange(K, device=w.device, dtype=torch.float64) + u[:, :1]) / K
+    elif method == "stratified":
+        points = (torch.arange(K, device=w.device, dtype=torch.float64) + u) / K
+    elif method == "multinomial":
+        points = u.sort(1).values
+    elif method == "residual":
+        copies = torch.floor(K * w).long()
+        rest = K - copies.sum(1, keepdim=True)
+        resid = K * w - copies
+        resid_cdf = (resid / resid.sum(1, keepdim=True).clamp(min=1e-300)).cumsum(1)
+        resid_cdf[:, -1] = 1.0
+        idx = torch.empty(B, K, dtype=torch.long, device=w.device)
+        ar = torch.arange(K, device=w.device)
+        for b in range(B):
+            det = ar.repeat_interleave(copies[b])
+            n = int(rest[b])
+            rnd = torch.searchsorted(resid_cdf[b], u[b, :n].sort().values, right=True).clamp(max=K - 1)
+            idx[b] = torch.cat([det, rnd])
+        return idx
+    else:
+        raise ConfigError(f"unknown resampler {method!r}")
+    return torch.searchsorted(cdf, points, right=True).clamp(max=K - 1)
+
+
+RESAMPLERS = ("systematic", "multinomial", "stratified", "residual")
+
+
+def tempering_schedule(num_steps: int, tempering: str, gamma: float, fraction: float) -> list[float]:
+    """``lambda_i`` for grid points ``i = 0 .. T`` (``lambda_T = 1``).
+
+    ``none``: 1 everywhere. ``gamma`` (the DAS reference): ``min((1 + gamma)^i - 1, 1)``,
+    which depends on T (gamma = 0.008 reaches 1 at step 87 of 100, but only 0.17 by step 20
+    of 20). ``fraction``: the same exponential shape, reaching 1 at ``round(fraction T)`` for
+    any T (fraction 0.87 is the reference at T = 100).
+    """
+    T = num_steps
+    if tempering == "none":
+        lam = [1.0] * (T + 1)
+    elif tempering in ("gamma", "fraction"):
+        if tempering == "fraction":
+            if not 0 < fraction <= 1:
+                raise ConfigError(f"tempering_fraction must be in (0, 1], got {fraction}")
+            gamma = 2.0 ** (1.0 / max(1, round(fraction * T))) - 1
+        elif gamma <= 0:
+            raise ConfigError(f"gamma must be > 0, got {gamma}")
+        lam = [min((1 + gamma) ** i - 1, 1.0) for i in range(T + 1)]
+    else:
+        raise ConfigError(f"unknown tempering {tempering!r}; known: none, gamma, fraction")
+    lam[T] = 1.0
+    return lam
+
+
+class SMC(Sampler):
+    """Twisted SMC with tempering, base or gradient proposals, and in-group resampling.
+
+    Args:
+        num_particles: K particles per output.
+        alpha: KL coefficient of the target ``p(x) exp(r(x) / alpha)``.
+        value: ``posterior_mean``, ``exact`` (closed form, e.g. the Gaussian mixture) or a
+            :class:`~tsf.samplers.value.LearnedValue`.
+        proposal: ``base`` (the model's kernel) or ``gradient`` (DAS/TDS: the kernel's mean
+            moved by ``s^2 grad psi``).
+        tempering: ``none``, ``fraction`` (T-independent) or ``gamma`` (the DAS reference form).
+        gamma: the reference tempering rate (``tempering: gamma``).
+        tempering_fraction: fraction of the steps at which lambda reaches 1 (``tempering: fraction``).
+        potential: ``diff`` (the twisted-SMC increment), or FK steering's ``max``, ``sum``, ``rt``.
+        resampler: ``systematic``, ``multinomial``, ``stratified`` or ``residual``.
+        ess_threshold: resample a group when its ESS < ``ess_threshold * K`` (1 = every step).
+        resample_steps: resample at exactly these step indices instead (FK steering).
+        output: ``sample`` (one particle drawn by the final weights: a draw from the target),
+            ``argmax`` (the highest weight, the DAS reference) or ``all`` (the drawn particle,
+            plus every particle and its weight in the diagnostics).
+        grad_batch: particles per gradient chunk (bounds the memory of gradient proposals).
+    """
+
+    name = "smc"
+
+    def __init__(
+        self,
+        num_particles: int = 8,
+        alpha: float = 0.1,
+        value: Union[str, ValueFunction] = "posterior_mean",
+        proposal: Literal["base", "gradient"] = "base",
+        tempering: Literal["none", "fraction", "gamma"] = "none",
+        gamma: float = 0.008,
+        tempering_fraction: float = 0.87,
+        potential: Literal["diff", "max", "sum", "rt"] = "diff",
+        resampler: Literal["systematic", "multinomial", "stratified", "residual"] = "systematic",
+        ess_threshold: float = 0.5,
+        resample_steps: Optional[list[int]] = None,
+        output: Literal["sample", "argmax", "all"] = "sample",
+        grad_batch: int = 64,
+        max_batch: int = 4096,
+    ) -> None:
+        super().__init__(num_particles=num_particles, max_batch=max_batch)
+        if not alpha > 0:
+            raise ConfigError(f"alpha must be > 0 for SMC (the weights are exp(r / alpha)), got {alpha}")
+        for key, val, known in (("proposal", proposal, ("base", "gradient")), ("resampler", resampler, RESAMPLERS),
+                                ("potential", potential, ("diff", "max", "sum", "rt")),
+                                ("output", output, ("sample", "argmax", "all"))):
+            if val not in known:
+                raise ConfigError(f"unknown {key} {val!r}; known: {', '.join(known)}")
+        if not 0 <= ess_threshold <= 1:
+            raise ConfigError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
+        if grad_batch < 1:
+            raise ConfigError(f"grad_batch must be >= 1, got {grad_batch}")
+        tempering_schedule(10, tempering, gamma, tempering_fraction)  # validates
+        self.alpha = float(alpha)
+        self.value_fn = build_value(value)
+        self.proposal, self.tempering, self.gamma = proposal, tempering, float(gamma)
+        self.tempering_fraction = float(tempering_fraction)
+        self.potential, self.resampler, self.ess_threshold = potential, resampler, float(ess_threshold)
+        self.resample_steps = None if resample_steps is None else sorted(int(s) for s in resample_steps)
+        self.output, self.grad_batch = output, int(grad_batch)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(K={self.num_particles}, alpha={self.alpha}, proposal={self.proposal}, "
+                f"tempering={self.tempering}, potential={self.potential})")
+
+    def _sample(self, model, reward, conditions, c, noise):
+        K, T, alpha = self.num_particles, model.num_steps, self.alpha
+        B = len(conditions)
+        conds, c = self.repeat(conditions, c, K)
+        lam = tempering_schedule(T, self.tempering, self.gamma, self.tempering_fraction)
+        grad = self.proposal == "gradient"
+        if grad and not reward.differentiable:
+            raise ConfigError(f"proposal: gradient needs a differentiable reward; {reward.name!r} is not")
+        counts = {"nonfinite_values": 0, "nonfinite_grads": 0}
+        dev = model.device
+
+        def evaluate(x, i):
+            v, out, g = self.value(model, reward, self.value_fn, x, i, c, conds, alpha,
+                                   grad=grad and i < T, grad_batch=self.grad_batch)
+            bad = ~torch.isfinite(v)
+            counts["nonfinite_values"] += int(bad.sum())
+            if g is not None:
+                gbad = ~torch.isfinite(g)
+                counts["nonfinite_grads"] += int(gbad.sum())
+                g = torch.where(gbad, torch.zeros_like(g), g)
+            return v.view(B, K).double(), out, g, bad.view(B, K)
+
+        x = model.prior(noise.randn(K, model.sample_shape))
+        v, out, g, dead = evaluate(x, 0)
+        psi = lam[0] * v / alpha
+        stat = torch.where(dead, 0.0, psi)             # running max / sum for FK potentials
+        log_g = torch.where(dead, 0.0, psi)            # accumulated log-potential along each path
+        logw = torch.where(dead, -math.inf, psi) - math.log(K)
+        log_z = torch.zeros(B, dtype=torch.float64, device=dev)
+        log_z, logw = self._normalise(log_z, logw)
+        ess_trace, resampled = [], []
+
+        for i in range(T):
+            tr = self.transition(model, x, i, c, out)
+            z = noise.randn(K, model.sample_shape)
+            if grad and float(tr.std.max()) > 0:
+                # q = N(mu + delta, s^2 I), delta = s^2 grad psi_{i+1}; with x_new = mu + delta + s z,
+                # log p(x_new) - log q(x_new) = -|delta / s|^2 / 2 - (delta / s) . z  (exact, no cancellation)
+                d_over_s = (tr.std * (lam[i + 1] / alpha) * g).double()
+                x_new = tr.mean + tr.std * (z + d_over_s.to(z.dtype))
+                log_ratio = (-0.5 * d_over_s.square() - d_over_s * z.double()).flatten(1).sum(1).view(B, K)
+            else:
+                x_new = tr.mean + tr.std * z
+                log_ratio = torch.zeros(B, K, dtype=torch.float64, device=dev)
+            v, out, g, bad = evaluate(x_new, i + 1)
+            psi = lam[i + 1] * v / alpha
+            if i + 1 == T:
+                inc = psi - log_g                     # the final potential completes exp(r / alpha)
+            elif self.potential == "diff":
+                inc = psi - log_g
+            elif self.potential == "max":
+                stat = torch.maximum(stat, psi)
+                inc = stat
+            elif self.potential == "sum":
+                stat = stat + psi
+                inc = stat
+            else:  # rt
+                inc = psi
+            dead = dead | bad
+            logw = torch.where(dead | ~torch.isfinite(inc + log_ratio), -math.inf, logw + inc + log_ratio)
+            log_g = torch.where(dead, 0.0, log_g + inc)
+            stat = torch.where(dead, 0.0, stat)
+            if torch.isinf(logw).all(1).any():
+                raise NonFiniteRewardError(
+                    f"every particle of a group has a non-finite reward or value at step {i + 1} of {T} "
+                    f"(reward {reward.name!r}); check the reward on these samples"
+                )
+            log_z, logw = self._normalise(log_z, logw)
+            ess = 1.0 / torch.exp(2 * logw).sum(1)
+            ess_trace.append(ess.float())
+            if i + 1 < T:
+                if self.resample_steps is not None:
+                    do = torch.full((B,), i in self.resample_steps, device=dev)
+                else:
+                    do = ess < self.ess_threshold * K
+                u = noise.rand(K, dtype=torch.float64)
+                if do.any():
+                    idx = resample(logw, u, self.resampler)
+                    idx = torch.where(do[:, None], idx, torch.arange(K, device=dev).expand(B, K))
+                    flat = (idx + K * torch.arange(B, device=dev)[:, None]).reshape(-1)
+                    x_new = x_new[flat]
+                    out = None if out is None else out[flat]
+                    g = None if g is None else g[flat]
+                    v, log_g, stat, dead = (t.gather(1, idx) for t in (v, log_g, stat, dead))
+                    logw = torch.where(do[:, None], torch.full_like(logw, -math.log(K)), logw)
+                resampled.append(do)
+            x = x_new
+
+        if counts["nonfinite_values"]:
+            warnings.warn(f"{counts['nonfinite_values']} particle values were not finite; they got zero weight")
+        u = noise.rand(1, dtype=torch.float64)[:, 0]
+        w = torch.softmax(logw, 1)
+        if self.output == "argmax":
+            pick = logw.argmax(1)
+        else:
+            pick = torch.searchsorted(w.cumsum(1), u[:, None], right=True).clamp(max=K - 1)[:, 0]
+        rows = pick + K * torch.arange(B, device=dev)
+        r_final = v.reshape(-1)[rows].float()  # at i = T the value is the reward
+        diagnostics = {
+            "log_z": log_z.float().cpu(),
+            "ess": torch.stack(ess_trace, 1).cpu(),
+            "resampled": (torch.stack(resampled, 1).cpu() if resampled else torch.zeros(B, 0, dtype=torch.bool)),
+            **counts,
+        }
+        if self.output == "all":
+            diagnostics["particles"] = x.view(B, K, *x.shape[1:]).cpu()
+            diagnostics["log_weights"] = logw.float().cpu()
+        return x[rows], r_final, diagnostics
+
+    @staticmethod
+    def _normalise(log_z: Tensor, logw: Tensor) -> tuple[Tensor, Tensor]:
+        lse = torch.logsumexp(logw, 1)
+        return log_z + lse, logw - lse[:, None]

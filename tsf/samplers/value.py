@@ -1,0 +1,107 @@
+"""Value estimates ``v(x_i)`` for the particle samplers (ALGORITHMS.md sections 1 and 3).
+
+* ``posterior_mean`` (PM): ``v(x_i) = r(decode(x0_hat(x_i)))``, one model call per row;
+  that call's output is returned so the sampler can reuse it for the next transition.
+* ``exact``: a model's closed-form soft value (the Gaussian mixture with a linear reward).
+* :class:`LearnedValue` (MC): a trained network ``v_phi(x_i, t, c)`` from
+  ``tsf fit --config configs/digits/value.yaml``.
+
+At ``i = num_steps`` (x0) every value is the reward itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from tsf.errors import ConfigError
+from tsf.models.base import BaseModel
+from tsf.registry import Registry
+from tsf.rewards.base import Reward
+
+
+class ValueFunction(nn.Module):
+    """``v(x_i)`` at grid point ``i`` for rows ``x``; returns ``(v [N], model output or None)``."""
+
+    #: whether computing the value calls the base model (and returns its output)
+    calls_model: bool = False
+
+    def load(self) -> "ValueFunction":
+        return self
+
+    def forward(self, model: BaseModel, reward: Reward, x: Tensor, i: int, c: Tensor, conditions: list,
+                alpha: float) -> tuple[Tensor, Optional[Tensor]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+VALUES: Registry[ValueFunction] = Registry("value")
+
+
+@VALUES.register("posterior_mean")
+class PosteriorMeanValue(ValueFunction):
+    """``r(decode(x0_hat(x_i)))``: the reward of the Tweedie estimate (SVDD-PM, DAS)."""
+
+    calls_model = True
+
+    def forward(self, model, reward, x, i, c, conditions, alpha):
+        if i == model.num_steps:
+            return reward(model.decode(x), conditions), None
+        out = model(x, i, c)
+        return reward(model.decode(model.x0_hat(x, i, out)), conditions), out
+
+
+@VALUES.register("exact")
+class ExactValue(ValueFunction):
+    """The model's closed-form soft value (``model.exact_value``), e.g. the Gaussian mixture's."""
+
+    def forward(self, model, reward, x, i, c, conditions, alpha):
+        if not hasattr(model, "exact_value"):
+            raise ConfigError(f"value: exact needs a model with a closed-form value; {type(model).__name__} has none")
+        if i == model.num_steps:
+            return reward(model.decode(x), conditions), None
+        return model.exact_value(x, i, reward, alpha), None
+
+
+class LearnedValue(ValueFunction):
+    """A trained value network ``v_phi(x_i, t, c)`` (SVDD-MC), conditioned on the sample's class
+    (the reward's condition, ``None`` -> the null label), whatever the base model's conditioning.
+
+    Args:
+        checkpoint: the ``value.safetensors`` written by ``tsf fit --config configs/digits/value.yaml``.
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__()
+        from tsf.models.digits import build_network
+
+        self.checkpoint = str(checkpoint)
+        if not Path(self.checkpoint).is_file():
+            raise ConfigError(f"value checkpoint {self.checkpoint!r} not found; train one with "
+                              "`tsf fit --config configs/digits/value.yaml`")
+        self.net = build_network(self.checkpoint)
+        self._loaded = False
+
+    def load(self) -> "LearnedValue":
+        if not self._loaded:
+            from tsf.models.digits import load_network
+
+            device = next(self.net.parameters()).device
+            load_network(self.checkpoint, self.net).to(device)
+            self._loaded = True
+        return self
+
+    def forward(self, model, reward, x, i, c, conditions, alpha):
+        if i == model.num_steps:
+            return reward(model.decode(x), conditions), None
+        self.load()
+        t = model.timesteps[i].expand(x.shape[0])
+        null = self.net.config["num_classes"]
+        labels = torch.tensor([null if k is None else int(k) for k in conditions], device=x.device)
+        return self.net(x, t, labels).reshape(-1), None
+
+
+def build_value(spec: Union[str, ValueFunction]) -> ValueFunction:
+    return VALUES.build(spec)
