@@ -1,0 +1,133 @@
+"""Particle samplers: resampling, tempering, non-finite rewards, counted compute, digits gains."""
+
+import math
+
+import pytest
+import torch
+
+from tsf.errors import ConfigError
+from tsf.models import DigitsDiffusion
+from tsf.models.gmm import GaussianMixture, LinearReward
+from tsf.rewards import Compressibility, Reward, build_reward
+from tsf.samplers import DPS, SMC, SVDD, BestOfN, NonFiniteRewardError
+from tsf.samplers.smc import RESAMPLERS, resample, tempering_schedule
+
+
+@pytest.mark.parametrize("method", RESAMPLERS)
+def test_resamplers_copy_each_particle_k_w_times_on_average(method):
+    torch.manual_seed(0)
+    K, B = 8, 4000
+    w = torch.tensor([0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.0])
+    logw = w.log().expand(B, K)
+    idx = resample(logw, torch.rand(B, K), method)
+    counts = torch.stack([torch.bincount(r, minlength=K) for r in idx]).double()
+    assert (counts.sum(1) == K).all()
+    assert counts[:, -1].sum() == 0  # a zero-weight particle is never chosen
+    # mean copies K w; standard error at most sqrt(K w (1 - w) / B) (multinomial is the widest)
+    se = (K * w * (1 - w) / B).sqrt().double() + 1e-12
+    assert ((counts.mean(0) - K * w.double()).abs() <= 4 * se + 1e-9).all(), counts.mean(0)
+    if method in ("systematic", "residual"):  # these keep at least floor(K w) copies of every particle
+        assert (counts >= torch.floor(K * w).double()).all()
+
+
+def test_tempering_schedules():
+    ref = tempering_schedule(100, "gamma", 0.008, 0.87)
+    assert ref[0] == 0 and ref[86] < 1 and ref[87] == 1.0 and ref[100] == 1.0
+    short = tempering_schedule(20, "gamma", 0.008, 0.87)
+    assert max(short[:20]) < 0.18  # the reference gamma barely tempers at T = 20 ...
+    frac = tempering_schedule(20, "fraction", 0.008, 0.87)
+    assert frac[17] == 1.0 and frac[16] < 1  # ... the T-independent form reaches 1 at 87% of any T
+    assert tempering_schedule(10, "none", 0.0, 0.5) == [1.0] * 11
+    with pytest.raises(ConfigError):
+        tempering_schedule(10, "cosine", 0.0, 0.5)
+
+
+class SometimesNaN(Reward):
+    """The linear reward, but nan/inf when the first coordinate passes a threshold."""
+
+    name = "sometimes_nan"
+    differentiable = True
+
+    def __init__(self, threshold):
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x, conditions=None):
+        r = x[:, 0] * 0.5
+        r = torch.where(x[:, 0] > self.threshold, torch.full_like(r, float("nan")), r)
+        return torch.where(x[:, 0] < -self.threshold, torch.full_like(r, float("inf")), r)
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.1, 0.1], num_steps=20)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(proposal="gradient", tempering="fraction")])
+def test_nonfinite_rewards_get_zero_weight_and_the_run_finishes(gmm, kw):
+    n = 200
+    with pytest.warns(UserWarning, match="not finite"):
+        out = SMC(num_particles=8, alpha=1.0, grad_batch=10_000, **kw).sample(
+            gmm, SometimesNaN(2.2), [None] * n, range(n), seed=0)
+    assert out.diagnostics["nonfinite_values"] > 0
+    assert torch.isfinite(out.x0).all() and torch.isfinite(out.diagnostics["log_z"]).all()
+    assert torch.isfinite(out.rewards).all() and (out.x0[:, 0].abs() <= 2.2).all()
+
+
+def test_a_group_with_no_finite_reward_is_a_clear_error(gmm):
+    with pytest.raises(NonFiniteRewardError, match="every particle of a group"):
+        SMC(num_particles=4, alpha=1.0).sample(gmm, SometimesNaN(-100.0), [None] * 3, range(3), seed=0)
+    with pytest.raises(NonFiniteRewardError):
+        SVDD(num_particles=4).sample(gmm, SometimesNaN(-100.0), [None] * 3, range(3), seed=0)
+
+
+def test_svdd_nfe_is_counted_and_equals_one_plus_m_times_t_minus_one(gmm):
+    r = LinearReward([0.5, 0.0])
+    n, M, T = 50, 6, gmm.num_steps
+    out = SVDD(num_particles=M).sample(gmm, r, [None] * n, range(n), seed=0)
+    assert out.compute["nfe"] == n * (1 + M * (T - 1))
+    assert out.compute["reward_calls"] == n * M * T  # one PM value per child (the last step: the reward)
+    assert out.compute["nfe_grad"] == 0
+
+
+def test_gradient_samplers_count_gradient_calls(gmm):
+    r = LinearReward([0.5, 0.0])
+    n, K, T = 10, 4, gmm.num_steps
+    das = SMC(num_particles=K, alpha=1.0, proposal="gradient", tempering="fraction").sample(gmm, r, [None] * n, range(n))
+    assert das.compute["nfe"] == das.compute["nfe_grad"] == n * K * T  # one forward+backward per particle per step
+    dps = DPS(guidance_scale=0.1).sample(gmm, r, [None] * n, range(n))
+    assert dps.compute["nfe_grad"] == n * T and dps.compute["nfe"] == n * T
+
+
+def test_gradient_methods_refuse_a_non_differentiable_reward():
+    m = DigitsDiffusion(num_steps=5)
+    with pytest.raises(ConfigError, match="differentiable"):
+        SMC(proposal="gradient").sample(m, Compressibility(), [None], [0])
+    with pytest.raises(ConfigError, match="differentiable"):
+        DPS().sample(m, Compressibility(), [None], [0])
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=0.0), dict(ess_threshold=2.0), dict(resampler="best"),
+                                dict(output="mean"), dict(grad_batch=0), dict(tempering="fraction", tempering_fraction=0)])
+def test_bad_smc_settings_are_config_errors(kw):
+    with pytest.raises(ConfigError):
+        SMC(**kw)
+
+
+def test_svdd_and_das_beat_best_of_n_on_digits_at_matched_nfe():
+    """Best-of-8 (NFE 8 T), SVDD-PM with M = 8 (1 + 8 (T - 1)) and DAS with K = 8 (8 T), same seeds."""
+    model, reward = DigitsDiffusion(num_steps=20).load(), build_reward("digit").load()
+    n = 200
+    conds, ids = [i % 10 for i in range(n)], range(n)
+    runs = {
+        "bon": BestOfN(num_particles=8).sample(model, reward, conds, ids),
+        "svdd": SVDD(num_particles=8).sample(model, reward, conds, ids),
+        "das": SMC(num_particles=8, alpha=0.1, proposal="gradient", tempering="fraction", output="argmax",
+                   grad_batch=1024).sample(model, reward, conds, ids),
+    }
+    nfe = {k: v.compute["nfe"] / n for k, v in runs.items()}
+    assert abs(nfe["svdd"] / nfe["bon"] - 1) <= 0.1 and abs(nfe["das"] / nfe["bon"] - 1) <= 0.1, nfe
+    r = {k: reward(v.images, conds) for k, v in runs.items()}
+    for k in ("svdd", "das"):
+        diff = r[k] - r["bon"]  # paired on the same sample ids
+        assert diff.mean() > 3 * diff.std() / math.sqrt(n), (k, diff.mean(), diff.std())
