@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from tsf.errors import ConfigError
-from tsf.models.gmm import GaussianMixture, LinearReward
+from tsf.models.gmm import GaussianMixture
+from tsf.rewards import LinearReward
 from tsf.samplers import SMC, BaseSampler
 
 ALPHA = 1.0

@@ -7,7 +7,8 @@ import torch
 
 from tsf.errors import ConfigError
 from tsf.models import DigitsDiffusion
-from tsf.models.gmm import GaussianMixture, LinearReward
+from tsf.models.gmm import GaussianMixture
+from tsf.rewards import LinearReward
 from tsf.rewards import Compressibility, Reward, build_reward
 from tsf.samplers import DPS, SMC, SVDD, BestOfN, NonFiniteRewardError
 from tsf.samplers.smc import RESAMPLERS, resample, tempering_schedule

@@ -3,6 +3,8 @@
     tsf sample --config configs/digits/best_of_n.yaml [--model.init_args.sampler.init_args.num_particles=16]
     tsf pretrain digits
     tsf table runs/*
+    tsf compare configs/digits/*.yaml --output_dir runs/digits
+    tsf bench memory
 """
 
 from __future__ import annotations
@@ -116,11 +118,13 @@ class TsfTrainer(Trainer):
     """A Lightning ``Trainer`` with the ``sample`` subcommand."""
 
     run_dir: Optional[Path] = None
+    #: method name for default run names (the config file's stem, set by the CLI)
+    method_name: Optional[str] = None
 
     def sample(
         self,
         model: LightningModule,
-        datamodule: LightningDataModule,
+        datamodule: Optional[LightningDataModule] = None,
         output_dir: str = "runs",
         run_name: Optional[str] = None,
         overwrite: bool = False,
@@ -131,13 +135,15 @@ class TsfTrainer(Trainer):
 
         Args:
             output_dir: parent of the run directory.
-            run_name: the run directory's name (default: sampler, K, reward and seed).
+            run_name: the run directory's name (default: ``<config name>_K<K>_<reward>_seed<seed>``).
             overwrite: replace a run already in the run directory.
             wandb_project: Weights & Biases project.
             wandb_mode: ``auto`` is online when an API key is configured, else offline.
         """
+        if datamodule is None:
+            raise ConfigError("tsf sample needs a data module: set data.class_path (e.g. tsf.lightning.SampleIdsDataModule)")
         model.check_conditions(datamodule.sample_conditions())  # before any directory or weight file
-        run_name = run_name or model.run_name(datamodule.seed)
+        run_name = run_name or model.run_name(datamodule.seed, self.method_name)
         run_dir = Path(output_dir) / run_name
         if self.is_global_zero:
             prepare_run_dir(run_dir, overwrite)
@@ -215,6 +221,11 @@ class TsfArgumentParser(LightningArgumentParser):
 
 
 class TsfCLI(LightningCLI):
+    def before_sample(self) -> None:
+        configs = self.config["sample"].get("config") or []
+        if configs:
+            self.trainer.method_name = Path(str(configs[-1])).stem
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
@@ -231,18 +242,27 @@ def main(argv: Optional[list[str]] = None) -> None:
         from tsf.report import main as table_main
 
         return table_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from tsf.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        from tsf.report import compare
+
+        return compare(argv[1:])
     import tsf.rewards  # noqa: F401  (registers rewards)
     import tsf.samplers  # noqa: F401
 
     try:
         TsfCLI(
             LightningModule,
-            LightningDataModule,
+            None,  # data is optional: the value trainer serves its own rollouts
             trainer_class=TsfTrainer,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=RunDirConfig,
-            trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False},
+            trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                              "inference_mode": False},
             args=None if from_sys else argv,
             parser_class=TsfArgumentParser,
             auto_configure_optimizers=False,

@@ -38,3 +38,27 @@ def main(argv=None) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path)
     args = p.parse_args(argv)
     print(results_table([d for d in args.run_dirs if (d / "metrics.json").is_file()]))
+
+
+def compare(argv=None) -> None:
+    """``tsf compare CONFIGS... [--output_dir DIR] [-- extra tsf sample args]``: run every config, print the table."""
+    import subprocess
+    import sys
+
+    p = argparse.ArgumentParser(prog="tsf compare", description="Run several sampling configs and print one table.")
+    p.add_argument("configs", nargs="+", type=Path)
+    p.add_argument("--output_dir", default="runs/compare")
+    argv = list(sys.argv[2:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    run_dirs = []
+    for cfg in args.configs:
+        before = set(Path(args.output_dir).glob("*")) if Path(args.output_dir).is_dir() else set()
+        cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(cfg), f"--output_dir={args.output_dir}",
+               "--overwrite=true", *extra]
+        print("+", " ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, check=True)
+        new = sorted(set(Path(args.output_dir).glob("*")) - before) or sorted(
+            Path(args.output_dir).glob(f"{cfg.stem}_K*"), key=lambda d: d.stat().st_mtime)[-1:]
+        run_dirs += new
+    print(results_table(run_dirs))

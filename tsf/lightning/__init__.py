@@ -1,6 +1,7 @@
-"""Lightning adapters: the sampling module and the (condition, sample_id) data modules."""
+"""Lightning adapters: the sampling module, the value-network trainer, the (condition, sample_id) data modules."""
 
 from tsf.lightning.data import SampleIdsDataModule
 from tsf.lightning.sampling import SamplingModule
+from tsf.lightning.value import ValueModule
 
-__all__ = ["SamplingModule", "SampleIdsDataModule"]
+__all__ = ["SamplingModule", "SampleIdsDataModule", "ValueModule"]

@@ -117,8 +117,8 @@ class SamplingModule(L.LightningModule):
             return candidates[features]
         return next((r for r in cross if r.has_features), None)
 
-    def run_name(self, seed: int) -> str:
-        return f"{self.sampler.name}_K{self.sampler.num_particles}_{self.reward.name}_seed{seed}"
+    def run_name(self, seed: int, method: Optional[str] = None) -> str:
+        return f"{method or self.sampler.name}_K{self.sampler.num_particles}_{self.reward.name}_seed{seed}"
 
     # -- lifecycle --------------------------------------------------------------------
     def check_conditions(self, conditions: list) -> None:
@@ -165,7 +165,9 @@ class SamplingModule(L.LightningModule):
     # -- sampling ---------------------------------------------------------------------
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         seed = self.trainer.datamodule.seed
-        out = self.sampler.sample(self.base, self.reward, batch["conditions"], batch["sample_ids"], seed=seed)
+        with torch.inference_mode(False):  # gradient samplers (DAS, DPS) differentiate inside test_step
+            out = self.sampler.sample(self.base, self.reward, batch["conditions"], batch["sample_ids"].clone(),
+                                      seed=seed)
         rewards = self.evaluator.rewards(out, batch["conditions"])
         self.evaluator.update(out, rewards)
         self.collector.update(out, rewards)

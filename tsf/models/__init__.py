@@ -3,5 +3,6 @@
 from tsf.models.base import BaseModel, Transition
 from tsf.models.diffusion import EpsDiffusionModel
 from tsf.models.digits import DigitsDiffusion
+from tsf.models.gmm import GaussianMixture
 
-__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion"]
+__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion", "GaussianMixture"]

@@ -70,12 +70,19 @@ def load_digits_splits(seed: int = 0, test_fraction: float = 0.3) -> DigitsSplit
 
 # ----------------------------------------------------------------------------- networks
 class ResidualMLPDenoiser(nn.Module):
-    """eps_theta(x_t, t, class): pre-norm residual MLP blocks with additive (t, class) embeddings."""
+    """eps_theta(x_t, t, class): pre-norm residual MLP blocks with additive (t, class) embeddings.
+
+    With ``out_dim`` set it is a regression head ``[N, out_dim]`` on the same trunk (the
+    SVDD-MC value network); otherwise the output has the input's shape.
+    """
 
     def __init__(self, dim: int = 64, width: int = 256, depth: int = 3, hidden: int = 512,
-                 num_classes: int = NUM_CLASSES) -> None:
+                 num_classes: int = NUM_CLASSES, out_dim: Optional[int] = None) -> None:
         super().__init__()
         self.config = dict(dim=dim, width=width, depth=depth, hidden=hidden, num_classes=num_classes)
+        if out_dim is not None:
+            self.config["out_dim"] = out_dim
+        self.out_dim = out_dim
         self.time_proj = Timesteps(128, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(128, width)
         self.class_embed = nn.Embedding(num_classes + 1, width)  # last index: null label
@@ -85,7 +92,7 @@ class ResidualMLPDenoiser(nn.Module):
                                fc1=nn.Linear(width, hidden), fc2=nn.Linear(hidden, width)))
             for _ in range(depth)
         )
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, out_dim or dim))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
@@ -96,7 +103,8 @@ class ResidualMLPDenoiser(nn.Module):
         for blk in self.blocks:
             y = blk["norm"](h) + blk["emb"](emb)
             h = h + blk["fc2"](F.silu(blk["fc1"](y)))
-        return self.out(h).reshape(shape)
+        out = self.out(h)
+        return out if self.out_dim is not None else out.reshape(shape)
 
 
 class MLPClassifier(nn.Module):

@@ -26,6 +26,7 @@ from tsf.errors import ConfigError
 from tsf.models.diffusion import EpsDiffusionModel
 from tsf.models.digits import SCHEDULER_CONFIG
 from tsf.rewards.base import Reward
+from tsf.rewards.linear import LinearReward
 
 GMM_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, "timestep_spacing": "trailing"}
 
@@ -99,20 +100,6 @@ class MixturePosterior(nn.Module):
             rows = t == tv
             out[rows] = torch.cat(self.eps_and_x0(x[rows], self.alphas_cumprod[tv].sqrt()), -1).to(x.dtype)
         return out
-
-
-class LinearReward(Reward):
-    """``r(x) = direction . x`` (differentiable)."""
-
-    name = "linear"
-    differentiable = True
-
-    def __init__(self, direction: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("direction", torch.as_tensor(direction, dtype=torch.float32))
-
-    def forward(self, images: Tensor, conditions=None) -> Tensor:
-        return images.flatten(1) @ self.direction.to(images.dtype)
 
 
 class GaussianMixture(EpsDiffusionModel):
