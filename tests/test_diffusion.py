@@ -113,3 +113,12 @@ def test_classifier_free_guidance_combines_conditional_and_null():
 def test_bad_kernel_settings_are_config_errors(kw):
     with pytest.raises(ConfigError):
         model(**kw)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("num_steps", [30, 400])
+def test_every_transition_ends_on_the_next_grid_point(spacing, num_steps):
+    m = EpsDiffusionModel(TinyNet(), {**SCHED, "timestep_spacing": spacing}, num_steps=num_steps, sample_shape=(1, 4, 4))
+    abar = m.scheduler.alphas_cumprod
+    torch.testing.assert_close(m.abar_prev[:-1], abar[m.timesteps[1:]].float())
+    assert float(m.abar_prev[-1]) == 1.0

@@ -71,8 +71,9 @@ class EpsDiffusionModel(BaseModel):
         self.sample_shape = tuple(sample_shape)
 
         timesteps = self.scheduler.timesteps.long()
-        stride = self.scheduler.config.num_train_timesteps // num_steps
-        prev = timesteps - stride
+        # the next grid point (diffusers' step uses t - num_train // T, which is the same point when T
+        # divides num_train_timesteps and skips part of the grid otherwise, e.g. "trailing" with T = 400)
+        prev = torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
         abar = self.scheduler.alphas_cumprod.double()
         final = torch.as_tensor(getattr(self.scheduler, "final_alpha_cumprod", 1.0), dtype=torch.float64)
         abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], final)
