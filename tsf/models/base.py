@@ -65,6 +65,11 @@ class BaseModel(nn.Module):
     #: whether :meth:`decode` returns images
     has_images: bool = True
 
+    @property
+    def is_stochastic(self) -> bool:
+        """Whether the kernel has noise (particle methods need stochastic children)."""
+        return True
+
     def __init__(self) -> None:
         super().__init__()
         self._loaded = False

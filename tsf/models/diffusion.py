@@ -87,6 +87,10 @@ class EpsDiffusionModel(BaseModel):
             f"guidance_scale={self.guidance_scale}, num_classes={self.num_classes}"
         )
 
+    @property
+    def is_stochastic(self) -> bool:
+        return self.eta > 0
+
     # -- conditions -----------------------------------------------------------------
     def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
         null = self.num_classes if self.num_classes is not None else 0

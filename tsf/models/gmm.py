@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from tsf.errors import ConfigError
 from tsf.models.diffusion import EpsDiffusionModel
+from tsf.models.flow import FlowModel
 from tsf.models.digits import SCHEDULER_CONFIG
 from tsf.rewards.base import Reward
 from tsf.rewards.linear import LinearReward
@@ -54,6 +55,17 @@ def _covariances(covariances: Sequence[Covariance], k: int, d: int) -> Tensor:
     return torch.stack(out)
 
 
+def _mixture(weights, means, covariances) -> tuple[Tensor, Tensor, Tensor]:
+    """Validated float64 (normalised weights, means ``[k, d]``, covariances ``[k, d, d]``)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    m = torch.as_tensor(means, dtype=torch.float64)
+    if w.dim() != 1 or (w <= 0).any():
+        raise ConfigError(f"weights must be a list of positive numbers, got {weights}")
+    if m.dim() != 2 or m.shape[0] != len(w):
+        raise ConfigError(f"means: expected {len(w)} vectors of one length, got {means}")
+    return w / w.sum(), m, _covariances(covariances, len(w), m.shape[1])
+
+
 class MixturePosterior(nn.Module):
     """Closed forms of the noised mixture at signal level ``a`` (float64 inside)."""
 
@@ -64,11 +76,13 @@ class MixturePosterior(nn.Module):
         self.register_buffer("S", covs)
         self.register_buffer("alphas_cumprod", alphas_cumprod.double())
 
-    def parts(self, x: Tensor, a: Tensor):
-        """Responsibilities ``log g_k``, ``C_k^-1 (x - a m_k)`` and ``C_k`` for rows ``x [N, d]``."""
+    def parts(self, x: Tensor, a: Tensor, s: Optional[Tensor] = None):
+        """Responsibilities ``log g_k``, ``C_k^-1 (x - a m_k)`` and ``C_k`` for rows ``x [N, d]``
+        under ``x = a x0 + s eps`` (``s = sqrt(1 - a^2)``, the VP case, by default)."""
         x = x.double()
         d = x.shape[-1]
-        C = a**2 * self.S + (1 - a**2) * torch.eye(d, dtype=torch.float64, device=x.device)  # [k, d, d]
+        s2 = 1 - a**2 if s is None else s**2
+        C = a**2 * self.S + s2 * torch.eye(d, dtype=torch.float64, device=x.device)  # [k, d, d]
         L = torch.linalg.cholesky(C)
         diff = x[:, None, :] - a * self.m[None]  # [N, k, d]
         z = torch.linalg.solve_triangular(L[None], diff[..., None], upper=False)[..., 0]
@@ -78,12 +92,16 @@ class MixturePosterior(nn.Module):
         cinv_diff = torch.cholesky_solve(diff[..., None], L[None])[..., 0]  # [N, k, d]
         return log_g, cinv_diff, C
 
-    def eps_and_x0(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-        log_g, cinv_diff, _ = self.parts(x, a)
+    def score_and_x0(self, x: Tensor, a: Tensor, s: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """The marginal's score and ``E[x0 | x]`` under ``x = a x0 + s eps``."""
+        log_g, cinv_diff, _ = self.parts(x, a, s)
         g = log_g.exp()[..., None]
-        score = -(g * cinv_diff).sum(1)
         mu = self.m[None] + a * torch.einsum("kij,nkj->nki", self.S, cinv_diff)  # per-component posterior means
-        return -(1 - a**2).sqrt() * score, (g * mu).sum(1)
+        return -(g * cinv_diff).sum(1), (g * mu).sum(1)
+
+    def eps_and_x0(self, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        score, x0 = self.score_and_x0(x, a)
+        return -(1 - a**2).sqrt() * score, x0
 
     def soft_value(self, x: Tensor, a: Tensor, w: Tensor, alpha: float) -> Tensor:
         """``alpha log sum_k g_k exp(w.mu_k / alpha + w.P_k w / (2 alpha^2))``."""
@@ -125,18 +143,12 @@ class GaussianMixture(EpsDiffusionModel):
         eta: float = 1.0,
         beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2",
     ) -> None:
-        w = torch.as_tensor(weights, dtype=torch.float64)
-        m = torch.as_tensor(means, dtype=torch.float64)
-        if w.dim() != 1 or (w <= 0).any():
-            raise ConfigError(f"weights must be a list of positive numbers, got {weights}")
-        if m.dim() != 2 or m.shape[0] != len(w):
-            raise ConfigError(f"means: expected {len(w)} vectors of one length, got {means}")
-        S = _covariances(covariances, len(w), m.shape[1])
+        w, m, S = _mixture(weights, means, covariances)
         from diffusers import DDPMScheduler
 
         config = {**GMM_SCHEDULER_CONFIG, "beta_schedule": beta_schedule}
         abar = DDPMScheduler(**config).alphas_cumprod
-        net = MixturePosterior(w / w.sum(), m, S, abar)
+        net = MixturePosterior(w, m, S, abar)
         super().__init__(net, config, scheduler=scheduler, num_steps=num_steps, eta=eta, sample_shape=(m.shape[1],))
         self.register_buffer("abar_state", torch.cat([self.abar, self.abar_prev[-1:]]).double(), persistent=False)
 
@@ -187,3 +199,48 @@ class GaussianMixture(EpsDiffusionModel):
     def component_of(self, x: Tensor) -> Tensor:
         """The most responsible data component of each row (for mode-weight checks)."""
         return self.net.parts(x, torch.tensor(1.0, dtype=torch.float64, device=x.device))[0].argmax(-1)
+
+
+class MixtureVelocity(nn.Module):
+    """The exact velocity of the linear path ``x_t = (1 - t) x0 + t eps``: ``u = (x - E[x0 | x_t]) / t``."""
+
+    def __init__(self, posterior: MixturePosterior) -> None:
+        super().__init__()
+        self.posterior = posterior
+
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        out = torch.empty_like(x)
+        for tv in t.unique():
+            rows = t == tv
+            tt = tv.double()
+            x0 = self.posterior.score_and_x0(x[rows], 1 - tt, tt)[1]
+            out[rows] = ((x[rows].double() - x0) / tt).to(x.dtype)
+        return out
+
+
+class GaussianMixtureFlow(FlowModel):
+    """The Gaussian mixture as a flow model: the exact linear-path velocity, sampled by any flow sampler.
+
+    Args:
+        weights, means, covariances: the mixture, as for :class:`GaussianMixture`.
+        num_steps, interpolant, diffusion, diffusion_norm, time_grid: as for :class:`~tsf.models.flow.FlowModel`.
+    """
+
+    has_images = False
+
+    def __init__(self, weights: list[float], means: list[list[float]], covariances: list[Covariance],
+                 num_steps: int = 100, interpolant: Literal["linear", "vp"] = "linear",
+                 diffusion: Literal["square", "linear", "constant", "none"] = "square", diffusion_norm: float = 3.0,
+                 time_grid: Optional[Literal["uniform", "reference"]] = None) -> None:
+        w, m, S = _mixture(weights, means, covariances)
+        posterior = MixturePosterior(w, m, S, torch.ones(1))
+        super().__init__(MixtureVelocity(posterior), num_steps=num_steps, interpolant=interpolant,
+                         diffusion=diffusion, diffusion_norm=diffusion_norm, time_grid=time_grid,
+                         sample_shape=(m.shape[1],))
+        self.posterior = posterior
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return x0
+
+    def component_of(self, x: Tensor) -> Tensor:
+        return self.posterior.parts(x, torch.tensor(1.0, dtype=torch.float64, device=x.device))[0].argmax(-1)

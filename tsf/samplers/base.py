@@ -180,6 +180,8 @@ class Sampler:
     name: str = "sampler"
     #: whether the sampler needs the reward (the base sampler does not)
     uses_reward: bool = True
+    #: whether the sampler branches particles from one state (needs a stochastic kernel)
+    needs_stochastic_kernel: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -207,6 +209,13 @@ class Sampler:
             raise ConfigError(f"{len(conditions)} conditions for {len(sample_ids)} sample ids")
         if self.uses_reward and reward is None:
             raise ConfigError(f"sampler {self.name!r} needs a reward")
+        if self.needs_stochastic_kernel and not model.is_stochastic:
+            raise ConfigError(
+                f"sampler {self.name!r} draws several children from one state, but {type(model).__name__}'s kernel "
+                "is deterministic (all children would be identical): use a stochastic kernel, e.g. "
+                "diffusion: square (Linear-SDE) or interpolant: vp for a flow model, eta > 0 for DDIM; "
+                "Best-of-N is the method for a deterministic (ODE) sampler"
+            )
         model.load()
         if reward is not None:
             reward.load()

@@ -122,6 +122,7 @@ class SMC(Sampler):
     """
 
     name = "smc"
+    needs_stochastic_kernel = True
 
     def __init__(
         self,

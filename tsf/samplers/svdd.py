@@ -30,6 +30,7 @@ class SVDD(Sampler):
     """
 
     name = "svdd"
+    needs_stochastic_kernel = True
 
     def __init__(self, num_particles: int = 8, alpha: float = 0.0,
                  value: Union[str, ValueFunction] = "posterior_mean", max_batch: int = 4096) -> None:

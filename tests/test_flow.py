@@ -1,0 +1,75 @@
+"""Flow models: the VP interpolant conversion against closed forms, and SDE sampling of the mixture."""
+
+import math
+
+import pytest
+import torch
+
+from tsf.errors import ConfigError
+from tsf.models.flow import linear_schedule, vp_schedule
+from tsf.models.gmm import GaussianMixtureFlow
+from tsf.rewards import LinearReward
+from tsf.samplers import SMC, SVDD, BaseSampler, BestOfN
+
+MIX = dict(weights=[0.3, 0.7], means=[[-2.0, 0.0], [2.0, 0.5]], covariances=[0.25, [0.3, 0.1]])
+
+
+def test_vp_schedule_derivatives_match_finite_differences():
+    s = torch.tensor([0.05, 0.3, 0.6, 0.95], dtype=torch.float64)
+    h = 1e-6
+    up, down, mid = vp_schedule(s + h), vp_schedule(s - h), vp_schedule(s)
+    for key in ("alpha", "sigma", "t", "c"):
+        fd = (up[key] - down[key]) / (2 * h)
+        torch.testing.assert_close(mid[f"{key}_dot"], fd, rtol=1e-6, atol=1e-8)
+    # signal-to-noise matching: c (1 - t) = abar and c t = sbar
+    torch.testing.assert_close(mid["c"] * (1 - mid["t"]), mid["alpha"])
+    torch.testing.assert_close(mid["c"] * mid["t"], mid["sigma"])
+    assert torch.equal(linear_schedule(s)["t"], s)
+
+
+@pytest.mark.parametrize("interpolant", ["linear", "vp"])
+def test_converted_velocity_score_and_tweedie_are_the_closed_forms(interpolant):
+    m = GaussianMixtureFlow(**MIX, num_steps=10, interpolant=interpolant)
+    post = m.posterior
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for i in (1, 4, 8):
+        a, s = m._alpha[i], m._sigma[i]
+        ad, sd = m._alpha_dot[i], m._sigma_dot[i]
+        score, x0 = post.score_and_x0(x, a, s)  # the interpolant's own marginal sum_k pi_k N(a m_k, a^2 S_k + s^2 I)
+        eps = (x - a * x0) / s
+        u = m(x.float(), i, m.encode_conditions([None] * 6)).double()
+        torch.testing.assert_close(u, ad * x0 + sd * eps, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m.x0_hat(x, i, u), x0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m.score(x, i, u), score, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("interpolant,diffusion", [("linear", "square"), ("vp", "square"), ("linear", "constant")])
+def test_sde_sampling_reproduces_the_data_mixture(interpolant, diffusion):
+    """200 Euler-Maruyama steps, 4,000 samples: weights within 3 SE, means within 3 SE + 0.02 (discretisation)."""
+    m = GaussianMixtureFlow(**MIX, num_steps=200, interpolant=interpolant, diffusion=diffusion,
+                            diffusion_norm=3.0 if diffusion == "square" else 1.0)
+    n = 4000
+    x0 = BaseSampler(max_batch=10**5).sample(m, None, [None] * n, range(n), seed=0).x0
+    comp = m.component_of(x0)
+    for k, (p, mean, var) in enumerate(zip([0.3, 0.7], MIX["means"], [[0.25, 0.25], [0.3, 0.1]])):
+        frac = (comp == k).double().mean().item()
+        assert abs(frac - p) < 3 * math.sqrt(p * (1 - p) / n), (k, frac)
+        nk = int((comp == k).sum())
+        err = (x0[comp == k].double().mean(0) - torch.tensor(mean, dtype=torch.float64)).abs()
+        assert (err < 3 * (torch.tensor(var, dtype=torch.float64) / nk).sqrt() + 0.02).all(), (k, err)
+
+
+def test_ode_flow_refuses_particle_methods_that_need_children():
+    ode = GaussianMixtureFlow(**MIX, num_steps=5, diffusion="none")
+    r = LinearReward([1.0, 0.0])
+    for sampler in (SVDD(num_particles=4), SMC(num_particles=4)):
+        with pytest.raises(ConfigError, match="deterministic.*diffusion: square"):
+            sampler.sample(ode, r, [None], [0])
+    assert BestOfN(num_particles=4).sample(ode, r, [None] * 3, range(3)).x0.shape == (3, 2)  # ODE Best-of-N is fine
+
+
+@pytest.mark.parametrize("kw", [dict(interpolant="cosine"), dict(diffusion="cubic"), dict(diffusion_norm=-1.0),
+                                dict(time_grid="log"), dict(num_steps=0)])
+def test_bad_flow_settings_are_config_errors(kw):
+    with pytest.raises(ConfigError):
+        GaussianMixtureFlow(**MIX, **kw)

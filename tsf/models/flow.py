@@ -1,0 +1,175 @@
+"""Flow-matching models behind the Gaussian-kernel interface (ALGORITHMS.md section 5).
+
+Conventions: ``s = 1`` is noise, ``s = 0`` data, ``x_s = alpha_s x0 + sigma_s eps``. The network
+predicts the velocity ``u = d x_t / d t`` of the linear path (``alpha = 1 - t``, ``sigma = t``).
+
+* ``interpolant: linear`` samples that path; ``interpolant: vp`` samples the VP interpolant
+  ``abar_s = exp(-T(s) / 2)``, ``sbar_s = sqrt(1 - exp(-T(s)))``, ``T(s) = s^2 (b_max - b_min) / 2 + s b_min``,
+  by the conversion of Kim et al. 2025 (RBF): matching signal-to-noise, ``t_s = sbar / (abar + sbar)``,
+  ``c_s = abar + sbar`` and ``ubar_s(x) = (c_dot / c) x + c t_dot u_{t_s}(x / c)``.
+* On either interpolant, with velocity ``u``:
+  ``x0_hat = (sigma u - sigma_dot x) / (alpha_dot sigma - sigma_dot alpha)``,
+  ``score = (alpha u - alpha_dot x) / (sigma (alpha_dot sigma - alpha sigma_dot))``.
+* The reverse SDE ``dx = [u - g^2 score / 2] ds + g dW`` has the same marginals for any
+  ``g(s) >= 0``; Euler-Maruyama from ``s`` to ``s_prev``: ``N(x - (u - g^2 score / 2) ds, g^2 ds I)``,
+  ``ds = s - s_prev``. ``diffusion: none`` (g = 0) is the ODE: deterministic, no particle children.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tsf.errors import ConfigError
+from tsf.models.base import BaseModel, Transition
+
+B_MIN, B_MAX = 0.1, 20.0
+DIFFUSIONS = ("square", "linear", "constant", "none")
+
+
+def vp_schedule(s: Tensor, b_min: float = B_MIN, b_max: float = B_MAX) -> dict[str, Tensor]:
+    """``abar, sbar, t, c`` of the VP interpolant at ``s`` and their derivatives (closed forms)."""
+    s = s.double()
+    T = 0.5 * s**2 * (b_max - b_min) + s * b_min
+    T_dot = s * (b_max - b_min) + b_min
+    abar = torch.exp(-T / 2)
+    sbar = torch.sqrt(-torch.expm1(-T))
+    abar_dot = -0.5 * T_dot * abar
+    sbar_dot = T_dot * torch.exp(-T) / (2 * sbar)
+    c = abar + sbar
+    c_dot = abar_dot + sbar_dot
+    t = sbar / c
+    t_dot = (sbar_dot * c - sbar * c_dot) / c**2
+    return dict(alpha=abar, sigma=sbar, alpha_dot=abar_dot, sigma_dot=sbar_dot, t=t, t_dot=t_dot, c=c, c_dot=c_dot)
+
+
+def linear_schedule(s: Tensor) -> dict[str, Tensor]:
+    s = s.double()
+    one = torch.ones_like(s)
+    return dict(alpha=1 - s, sigma=s, alpha_dot=-one, sigma_dot=one, t=s, t_dot=one, c=one, c_dot=0 * one)
+
+
+def diffusion_coefficient(kind: str, norm: float, s: Tensor) -> Tensor:
+    """``g(s)``: ``square`` = norm s^2 (the reference, norm 3), ``linear`` = norm s, ``constant`` = norm, ``none`` = 0."""
+    if kind == "square":
+        return norm * s**2
+    if kind == "linear":
+        return norm * s
+    if kind == "constant":
+        return norm * torch.ones_like(s)
+    if kind == "none":
+        return torch.zeros_like(s)
+    raise ConfigError(f"unknown diffusion {kind!r}; known: {', '.join(DIFFUSIONS)}")
+
+
+class FlowModel(BaseModel):
+    """A velocity network on the linear path, sampled as an ODE or SDE on the linear or VP interpolant.
+
+    Args:
+        net: module called as ``net(x, t, labels) -> u`` with ``t`` in [0, 1] (1 = noise).
+        num_steps: Euler(-Maruyama) steps T.
+        interpolant: ``linear`` or ``vp`` (the converted VP interpolant).
+        diffusion: ``g(s)``: ``square`` (norm s^2), ``linear``, ``constant`` or ``none`` (the ODE).
+        diffusion_norm: the norm of ``g`` (the reference: 3 with ``square``).
+        time_grid: ``uniform`` (``s_k = 1 - k / T``, the default) or ``reference``
+            (``s_k = sqrt(1 - (k / T)^2)``, the RBF reference's VP grid as ALGORITHMS.md states it; it
+            puts the fine steps near the noise and leaves a last step from ``s = sqrt(2 / T)`` to 0,
+            which on the analytic mixture biases the component means by ~4% at T = 200).
+        num_classes: classes of the conditioning (``None``: unconditional); class ``num_classes``
+            is the null label.
+        sample_shape: shape of one sample.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_steps: int = 50,
+        interpolant: Literal["linear", "vp"] = "linear",
+        diffusion: Literal["square", "linear", "constant", "none"] = "square",
+        diffusion_norm: float = 3.0,
+        time_grid: Optional[Literal["uniform", "reference"]] = None,
+        num_classes: Optional[int] = None,
+        sample_shape: Sequence[int] = (1, 8, 8),
+    ) -> None:
+        super().__init__()
+        if num_steps < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
+        if interpolant not in ("linear", "vp"):
+            raise ConfigError(f"unknown interpolant {interpolant!r}; known: linear, vp")
+        if diffusion not in DIFFUSIONS:
+            raise ConfigError(f"unknown diffusion {diffusion!r}; known: {', '.join(DIFFUSIONS)}")
+        if diffusion_norm < 0:
+            raise ConfigError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
+        time_grid = time_grid or "uniform"
+        k = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        if time_grid == "uniform":
+            grid = 1 - k
+        elif time_grid == "reference":
+            grid = torch.sqrt(1 - k**2)
+        else:
+            raise ConfigError(f"unknown time_grid {time_grid!r}; known: uniform, reference")
+        self.net = net
+        self.num_steps = int(num_steps)
+        self.interpolant, self.diffusion, self.diffusion_norm = interpolant, diffusion, float(diffusion_norm)
+        self.time_grid = time_grid
+        self.num_classes = num_classes
+        self.sample_shape = tuple(sample_shape)
+        sched = (vp_schedule if interpolant == "vp" else linear_schedule)(grid)
+        for key, val in sched.items():
+            self.register_buffer(f"_{key}", val, persistent=False)
+        self.register_buffer("_grid", grid, persistent=False)
+        self.register_buffer("_g", diffusion_coefficient(diffusion, self.diffusion_norm, grid), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"num_steps={self.num_steps}, interpolant={self.interpolant}, diffusion={self.diffusion}, "
+                f"diffusion_norm={self.diffusion_norm}, time_grid={self.time_grid}")
+
+    @property
+    def is_stochastic(self) -> bool:
+        return self.diffusion != "none" and self.diffusion_norm > 0
+
+    def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
+        null = self.num_classes if self.num_classes is not None else 0
+        labels = []
+        for c in conditions:
+            if c is None or self.num_classes is None:
+                labels.append(null)
+                continue
+            if not 0 <= int(c) < self.num_classes:
+                raise ConfigError(f"class {c} outside 0-{self.num_classes - 1}")
+            labels.append(int(c))
+        return torch.tensor(labels, dtype=torch.long, device=self.device)
+
+    def _coef(self, name: str, i: int, like: Tensor) -> Tensor:
+        return getattr(self, f"_{name}")[i].to(like.dtype)
+
+    # -- the kernel -----------------------------------------------------------------
+    def forward(self, x: Tensor, i: int, c: Tensor) -> Tensor:
+        """The velocity of the sampled interpolant at grid point ``i`` (one network call)."""
+        t = self._coef("t", i, x).expand(x.shape[0])
+        if self.interpolant == "linear":
+            return self.net(x, t, c)
+        cc, c_dot, t_dot = self._coef("c", i, x), self._coef("c_dot", i, x), self._coef("t_dot", i, x)
+        return (c_dot / cc) * x + cc * t_dot * self.net(x / cc, t, c)
+
+    def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
+        a, s, ad, sd = (self._coef(k, i, x) for k in ("alpha", "sigma", "alpha_dot", "sigma_dot"))
+        return (s * output - sd * x) / (ad * s - sd * a)
+
+    def score(self, x: Tensor, i: int, output: Tensor) -> Tensor:
+        a, s, ad, sd = (self._coef(k, i, x) for k in ("alpha", "sigma", "alpha_dot", "sigma_dot"))
+        return (a * output - ad * x) / (s * (ad * s - a * sd))
+
+    def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
+        u = self(x, i, c) if output is None else output
+        ds = self._coef("grid", i, x) - self._coef("grid", i + 1, x)
+        g = self._coef("g", i, x)
+        drift = u - 0.5 * g**2 * self.score(x, i, u) if float(g) > 0 else u
+        std = (g * ds.sqrt()).reshape(1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
+        return Transition(mean=x - drift * ds, std=std, x0_hat=self.x0_hat(x, i, u), output=u)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return ((x0 + 1) / 2).clamp(0, 1)
