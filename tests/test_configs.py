@@ -20,7 +20,8 @@ def test_config_validates(path, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs/gmm").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "configs/gmm").glob("*.yaml"), *(ROOT / "configs/gmm_flow").glob("*.yaml")]),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_mixture_configs_run(path, tmp_path):
     main(["sample", "--config", str(path), f"--output_dir={tmp_path}", "--data.init_args.num_samples=20",
           "--model.init_args.fidelity_samples=50", "--model.init_args.base.init_args.num_steps=10",

@@ -73,3 +73,27 @@ def test_ode_flow_refuses_particle_methods_that_need_children():
 def test_bad_flow_settings_are_config_errors(kw):
     with pytest.raises(ConfigError):
         GaussianMixtureFlow(**MIX, **kw)
+
+
+@pytest.mark.parametrize("budget,n0,batch", [(120, 4, 1), (200, 2, 4), (500, 8, 16)])
+def test_rbf_never_exceeds_its_counted_budget(budget, n0, batch):
+    from tsf.samplers import RBF
+
+    m = GaussianMixtureFlow(**MIX, num_steps=20, interpolant="vp")
+    n = 30
+    out = RBF(num_particles=2, budget=budget, n0=n0, proposal_batch=batch).sample(
+        m, LinearReward([0.5, 0.25]), [None] * n, range(n), seed=0)
+    # NFE are counted by hooks per evaluated child; a chain never evaluates beyond its quota
+    assert out.compute["nfe"] <= n * budget
+    assert out.compute["nfe"] >= n * 2 * (n0 + 19)  # at least the candidates and one child per step and chain
+    assert torch.isfinite(out.x0).all()
+
+
+def test_rbf_budget_too_small_and_ode_are_clear_errors():
+    from tsf.samplers import RBF
+
+    sde = GaussianMixtureFlow(**MIX, num_steps=20)
+    with pytest.raises(ConfigError, match="too small"):
+        RBF(num_particles=4, budget=50, n0=4).sample(sde, LinearReward([1.0, 0.0]), [None], [0])
+    with pytest.raises(ConfigError, match="deterministic"):
+        RBF().sample(GaussianMixtureFlow(**MIX, num_steps=5, diffusion="none"), LinearReward([1.0, 0.0]), [None], [0])

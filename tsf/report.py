@@ -57,7 +57,8 @@ def compare(argv=None) -> None:
         cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(cfg), f"--output_dir={args.output_dir}",
                "--overwrite=true", *extra]
         print("+", " ".join(cmd[2:]), flush=True)
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit(f"tsf compare: {cfg} failed; the table needs every run")
         new = sorted(set(Path(args.output_dir).glob("*")) - before) or sorted(
             Path(args.output_dir).glob(f"{cfg.stem}_K*"), key=lambda d: d.stat().st_mtime)[-1:]
         run_dirs += new

@@ -3,6 +3,7 @@
 from tsf.models.base import BaseModel, Transition
 from tsf.models.diffusion import EpsDiffusionModel
 from tsf.models.digits import DigitsDiffusion
-from tsf.models.gmm import GaussianMixture
+from tsf.models.flow import FlowModel
+from tsf.models.gmm import GaussianMixture, GaussianMixtureFlow
 
-__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion", "GaussianMixture"]
+__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion", "GaussianMixture", "FlowModel", "GaussianMixtureFlow"]

@@ -58,6 +58,11 @@ class Noise:
         return torch.cat([torch.randn((k, *shape), generator=g, device=self.device, dtype=dtype)
                           for g in self.generators])
 
+    def randn_counts(self, counts: Sequence[int], shape: Sequence[int], dtype=torch.float32) -> Tensor:
+        """Standard normal rows, ``counts[b]`` of them from sample ``b``'s stream, concatenated."""
+        return torch.cat([torch.randn((int(k), *shape), generator=g, device=self.device, dtype=dtype)
+                          for g, k in zip(self.generators, counts)])
+
     def rand(self, k: int, dtype=torch.float32) -> Tensor:
         """Uniform ``[B, k]``."""
         return torch.stack([torch.rand(k, generator=g, device=self.device, dtype=dtype) for g in self.generators])
