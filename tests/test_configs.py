@@ -32,3 +32,13 @@ def test_mixture_configs_run(path, tmp_path):
     assert metrics["compute/nfe"] > 0 and "target/mean" in metrics
     s = load_samples(run)
     assert s["x0"].shape == (20, 2) and "images" not in s
+
+
+@pytest.mark.parametrize("module", ["tsf.rewards", "tsf.samplers", "tsf.models", "tsf.evaluation", "tsf.lightning",
+                                    "tsf.cli", "tsf.rewards.linear", "tsf.samplers.value", "tsf.models.gmm"])
+def test_every_module_imports_on_its_own(module):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-500:]

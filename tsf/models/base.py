@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from tsf.loading import LazyLoadModule
+
 
 @dataclass
 class Transition:
@@ -49,7 +51,24 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return lp.flatten(1).sum(1)
 
 
-class BaseModel(nn.Module):
+def class_labels(conditions: Sequence[Any], num_classes: Optional[int], device) -> Tensor:
+    """Class labels of per-sample conditions; ``None`` (or an unconditional model) is the null label
+    ``num_classes``; a class outside ``0 .. num_classes - 1`` is a :class:`~tsf.errors.ConfigError`."""
+    from tsf.errors import ConfigError
+
+    null = num_classes if num_classes is not None else 0
+    labels = []
+    for c in conditions:
+        if c is None or num_classes is None:
+            labels.append(null)
+            continue
+        if not 0 <= int(c) < num_classes:
+            raise ConfigError(f"class {c} outside 0-{num_classes - 1}")
+        labels.append(int(c))
+    return torch.tensor(labels, dtype=torch.long, device=device)
+
+
+class BaseModel(LazyLoadModule):
     """Base model behind the Gaussian-kernel interface.
 
     Subclasses implement :meth:`forward` (one network evaluation, the unit of NFE),
@@ -69,21 +88,6 @@ class BaseModel(nn.Module):
     def is_stochastic(self) -> bool:
         """Whether the kernel has noise (particle methods need stochastic children)."""
         return True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._loaded = False
-
-    # -- loading --------------------------------------------------------------------
-    def load(self) -> "BaseModel":
-        """Load weights once (idempotent). Subclasses override :meth:`_load`."""
-        if not self._loaded:
-            self._load()
-            self._loaded = True
-        return self
-
-    def _load(self) -> None:
-        pass
 
     @property
     def device(self) -> torch.device:

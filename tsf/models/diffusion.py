@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
-from tsf.models.base import BaseModel, Transition
+from tsf.models.base import BaseModel, Transition, class_labels
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -93,17 +93,7 @@ class EpsDiffusionModel(BaseModel):
 
     # -- conditions -----------------------------------------------------------------
     def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
-        null = self.num_classes if self.num_classes is not None else 0
-        labels = []
-        for c in conditions:
-            if c is None or self.num_classes is None:
-                labels.append(null)
-                continue
-            c = int(c)
-            if not 0 <= c < self.num_classes:
-                raise ConfigError(f"class {c} outside 0-{self.num_classes - 1}")
-            labels.append(c)
-        return torch.tensor(labels, dtype=torch.long, device=self.device)
+        return class_labels(conditions, self.num_classes, self.device)
 
     # -- the kernel -----------------------------------------------------------------
     def forward(self, x: Tensor, i: int, c: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
-from tsf.models.base import BaseModel, Transition
+from tsf.models.base import BaseModel, Transition, class_labels
 
 B_MIN, B_MAX = 0.1, 20.0
 DIFFUSIONS = ("square", "linear", "constant", "none")
@@ -132,16 +132,7 @@ class FlowModel(BaseModel):
         return self.diffusion != "none" and self.diffusion_norm > 0
 
     def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
-        null = self.num_classes if self.num_classes is not None else 0
-        labels = []
-        for c in conditions:
-            if c is None or self.num_classes is None:
-                labels.append(null)
-                continue
-            if not 0 <= int(c) < self.num_classes:
-                raise ConfigError(f"class {c} outside 0-{self.num_classes - 1}")
-            labels.append(int(c))
-        return torch.tensor(labels, dtype=torch.long, device=self.device)
+        return class_labels(conditions, self.num_classes, self.device)
 
     def _coef(self, name: str, i: int, like: Tensor) -> Tensor:
         return getattr(self, f"_{name}")[i].to(like.dtype)

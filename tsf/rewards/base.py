@@ -8,10 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
+from tsf.loading import LazyLoadModule
 from tsf.registry import Registry
 
 
-class Reward(nn.Module):
+class Reward(LazyLoadModule):
     """A reward ``r(images, conditions) -> [N]``.
 
     ``differentiable`` says whether gradients flow from the output to ``images``
@@ -21,19 +22,6 @@ class Reward(nn.Module):
 
     name: str = "reward"
     differentiable: bool = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._loaded = False
-
-    def load(self) -> "Reward":
-        if not self._loaded:
-            self._load()
-            self._loaded = True
-        return self
-
-    def _load(self) -> None:
-        pass
 
     def check_conditions(self, conditions: Sequence[Any]) -> None:
         """Raise a :class:`~tsf.errors.ConfigError` if the reward cannot score these conditions."""

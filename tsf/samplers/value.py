@@ -18,19 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
+from tsf.loading import LazyLoadModule
 from tsf.models.base import BaseModel
 from tsf.registry import Registry
 from tsf.rewards.base import Reward
 
 
-class ValueFunction(nn.Module):
+class ValueFunction(LazyLoadModule):
     """``v(x_i)`` at grid point ``i`` for rows ``x``; returns ``(v [N], model output or None)``."""
 
     #: whether computing the value calls the base model (and returns its output)
     calls_model: bool = False
-
-    def load(self) -> "ValueFunction":
-        return self
 
     def forward(self, model: BaseModel, reward: Reward, x: Tensor, i: int, c: Tensor, conditions: list,
                 alpha: float) -> tuple[Tensor, Optional[Tensor]]:  # pragma: no cover - abstract
@@ -82,16 +80,12 @@ class LearnedValue(ValueFunction):
             raise ConfigError(f"value checkpoint {self.checkpoint!r} not found; train one with "
                               "`tsf fit --config configs/digits/value.yaml`")
         self.net = build_network(self.checkpoint)
-        self._loaded = False
 
-    def load(self) -> "LearnedValue":
-        if not self._loaded:
-            from tsf.models.digits import load_network
+    def _load(self) -> None:
+        from tsf.models.digits import load_network
 
-            device = next(self.net.parameters()).device
-            load_network(self.checkpoint, self.net).to(device)
-            self._loaded = True
-        return self
+        device = next(self.net.parameters()).device
+        load_network(self.checkpoint, self.net).to(device)
 
     def forward(self, model, reward, x, i, c, conditions, alpha):
         if i == model.num_steps:
