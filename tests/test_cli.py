@@ -114,3 +114,15 @@ def test_existing_run_is_refused_unless_overwrite(tmp_path, capsys, no_weight_lo
     assert no_weight_loading == [] and (d / "metrics.json").read_text() == "{}"
     run(tmp_path, "--overwrite=true")
     assert "target/mean" in json.loads((d / "metrics.json").read_text())
+
+
+def test_a_reward_that_is_nan_everywhere_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import tsf.rewards.digits as R
+
+    monkeypatch.setattr(R.DigitReward, "forward", lambda self, images, conditions=None: images.flatten(1)[:, 0] * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--config", str(ROOT / "configs/digits/das.yaml"), *SMALL[:4], f"--output_dir={tmp_path}",
+              "--wandb_mode=disabled", "--trainer.enable_progress_bar=false"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "every particle of a group has a non-finite reward" in err and "Traceback" not in err

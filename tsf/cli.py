@@ -268,6 +268,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             auto_configure_optimizers=False,
             seed_everything_default=0,
         )
+    except RuntimeError as err:
+        from tsf.samplers.smc import NonFiniteRewardError
+
+        if not isinstance(err, NonFiniteRewardError):
+            raise
+        print(f"tsf: error: {err}", file=sys.stderr)
+        sys.exit(1)
     except ValueError as err:  # ConfigError, or jsonargparse's error wrapping one
         plain = config_error_message(str(err))
         if plain is None:
