@@ -1,6 +1,7 @@
 """Flow models: the VP interpolant conversion against closed forms, and SDE sampling of the mixture."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,32 @@ def test_rbf_budget_too_small_and_ode_are_clear_errors():
         RBF(num_particles=4, budget=50, n0=4).sample(sde, LinearReward([1.0, 0.0]), [None], [0])
     with pytest.raises(ConfigError, match="deterministic"):
         RBF().sample(GaussianMixtureFlow(**MIX, num_steps=5, diffusion="none"), LinearReward([1.0, 0.0]), [None], [0])
+
+
+@pytest.mark.parametrize("budget", [50, 200])
+def test_for_budget_sizes_every_method_to_the_same_counted_nfe(budget):
+    from tsf.samplers import RBF
+
+    m = GaussianMixtureFlow(**MIX, num_steps=10, interpolant="vp")
+    r, n = LinearReward([0.5, 0.25]), 20
+    for cls in (BestOfN, SVDD, SMC, RBF):
+        kw = cls.for_budget(budget, m.num_steps)
+        if cls is RBF:
+            kw.update(num_particles=1, n0=2)
+        out = cls(**kw).sample(m, r, [None] * n, range(n), seed=0)
+        nfe = out.compute["nfe"] / n
+        assert nfe <= budget and (cls is RBF or nfe >= 0.9 * budget), (cls.__name__, nfe)
+
+
+def test_scaling_command_writes_table_and_figure(tmp_path):
+    from tsf.scaling import main
+
+    root = Path(__file__).resolve().parents[1] / "configs/gmm_flow"
+    main([str(root / "ode_bon.yaml"), str(root / "svdd_vp.yaml"), "--budgets", "40", "80",
+          "--output_dir", str(tmp_path), "--", "--data.init_args.num_samples=10", "--model.init_args.fidelity_samples=20",
+          "--wandb_mode=disabled", "--trainer.enable_progress_bar=false"])
+    assert (tmp_path / "scaling.png").stat().st_size > 0 and (tmp_path / "scaling.pdf").is_file()
+    table = (tmp_path / "scaling.md").read_text().splitlines()
+    assert len(table) == 2 + 4
+    nfe = {row.split("|")[1].strip(): row for row in table[2:]}
+    assert set(nfe) == {"ode_bon_nfe40", "ode_bon_nfe80", "svdd_vp_nfe40", "svdd_vp_nfe80"}

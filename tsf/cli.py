@@ -5,6 +5,7 @@
     tsf table runs/*
     tsf compare configs/digits/*.yaml --output_dir runs/digits
     tsf bench memory
+    tsf scaling configs/digits_flow/*.yaml --budgets 50 100 200 500
 """
 
 from __future__ import annotations
@@ -246,6 +247,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from tsf.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["scaling"]:
+        from tsf.scaling import main as scaling_main
+
+        return scaling_main(argv[1:])
     if argv[:1] == ["compare"]:
         from tsf.report import compare
 

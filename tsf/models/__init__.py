@@ -2,8 +2,8 @@
 
 from tsf.models.base import BaseModel, Transition
 from tsf.models.diffusion import EpsDiffusionModel
-from tsf.models.digits import DigitsDiffusion
+from tsf.models.digits import DigitsDiffusion, DigitsFlow
 from tsf.models.flow import FlowModel
 from tsf.models.gmm import GaussianMixture, GaussianMixtureFlow
 
-__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion", "GaussianMixture", "FlowModel", "GaussianMixtureFlow"]
+__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion", "GaussianMixture", "FlowModel", "GaussianMixtureFlow", "DigitsFlow"]

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from tsf.errors import ConfigError
 from tsf.models.diffusion import EpsDiffusionModel
+from tsf.models.flow import FlowModel
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 NUM_CLASSES = 10
@@ -155,6 +156,9 @@ ARCHITECTURES = {"ResidualMLPDenoiser": ResidualMLPDenoiser, "MLPClassifier": ML
 #: shipped weight files by name
 CLASSIFIERS = {"target": "digits_classifier_mlp", "holdout": "digits_classifier_cnn"}
 DENOISER = "digits_denoiser"
+FLOW = "digits_flow"
+#: the flow network sees 1000 t (t in [0, 1]), the scale of the diffusion timesteps
+FLOW_TIME_SCALE = 1000.0
 
 
 # ----------------------------------------------------------------------------- weights
@@ -243,6 +247,44 @@ class DigitsDiffusion(EpsDiffusionModel):
         if not self.conditional:
             conditions = [None] * len(conditions)
         return super().encode_conditions(conditions)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}, conditional={self.conditional}, " + super().extra_repr()
+
+
+class _ScaledTime(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        return self.net(x, t * FLOW_TIME_SCALE, labels)
+
+
+class DigitsFlow(FlowModel):
+    """The embedded digits flow model: a velocity network on the linear path (8x8 pixels in [-1, 1]).
+
+    Args:
+        weights: shipped name or path of a ``.safetensors`` file from ``tsf pretrain digits_flow``.
+        num_steps, interpolant, diffusion, diffusion_norm, time_grid: see :class:`~tsf.models.flow.FlowModel`.
+        conditional: condition on the sample's class (``False``: the unconditional model).
+    """
+
+    def __init__(self, weights: str = FLOW, num_steps: int = 10, interpolant: Literal["linear", "vp"] = "linear",
+                 diffusion: Literal["square", "linear", "constant", "none"] = "square", diffusion_norm: float = 3.0,
+                 time_grid: Optional[Literal["uniform", "reference"]] = None, conditional: bool = False) -> None:
+        self.weights = weights
+        super().__init__(_ScaledTime(build_network(weights)), num_steps=num_steps, interpolant=interpolant,
+                         diffusion=diffusion, diffusion_norm=diffusion_norm, time_grid=time_grid,
+                         num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE)
+        self.conditional = conditional
+
+    def _load(self) -> None:
+        load_network(self.weights, self.net.net)
+        self.net.to(self.device)
+
+    def encode_conditions(self, conditions):
+        return super().encode_conditions(conditions if self.conditional else [None] * len(conditions))
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, conditional={self.conditional}, " + super().extra_repr()

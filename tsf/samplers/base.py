@@ -204,6 +204,12 @@ class Sampler:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_particles={self.num_particles})"
 
+    @classmethod
+    def for_budget(cls, budget: int, num_steps: int) -> dict:
+        """Init arguments that spend about ``budget`` NFE per sample on a ``num_steps`` grid
+        (used to compare methods at equal compute); ``{}`` when the cost is fixed."""
+        return {}
+
     # -- the public entry point -------------------------------------------------------
     def sample(self, model: BaseModel, reward: Optional[Reward], conditions: Sequence[Any],
                sample_ids: Sequence[int] | Tensor, seed: int = 0) -> SampleBatch:

@@ -20,6 +20,10 @@ class BestOfN(BaseSampler):
     def __init__(self, num_particles: int = 8, max_batch: int = 4096) -> None:
         super(BaseSampler, self).__init__(num_particles=num_particles, max_batch=max_batch)
 
+    @classmethod
+    def for_budget(cls, budget: int, num_steps: int) -> dict:
+        return {"num_particles": max(1, budget // num_steps)}  # NFE = N T
+
     @torch.no_grad()
     def _sample(self, model, reward, conditions, c, noise):
         K = self.num_particles

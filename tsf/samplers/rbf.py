@@ -47,6 +47,10 @@ class RBF(Sampler):
     def __repr__(self) -> str:
         return f"RBF(N={self.num_particles}, budget={self.budget}, n0={self.n0})"
 
+    @classmethod
+    def for_budget(cls, budget: int, num_steps: int) -> dict:
+        return {"budget": int(budget)}
+
     def quota(self, num_steps: int) -> int:
         N = self.num_particles
         q = (self.budget - N * self.n0) // (max(1, num_steps - 1) * N)

@@ -166,6 +166,10 @@ class SMC(Sampler):
         return (f"{type(self).__name__}(K={self.num_particles}, alpha={self.alpha}, proposal={self.proposal}, "
                 f"tempering={self.tempering}, potential={self.potential})")
 
+    @classmethod
+    def for_budget(cls, budget: int, num_steps: int) -> dict:
+        return {"num_particles": max(1, budget // num_steps)}  # NFE = K T
+
     def _sample(self, model, reward, conditions, c, noise):
         K, T, alpha = self.num_particles, model.num_steps, self.alpha
         B = len(conditions)

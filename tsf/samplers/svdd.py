@@ -43,6 +43,10 @@ class SVDD(Sampler):
     def __repr__(self) -> str:
         return f"SVDD(M={self.num_particles}, alpha={self.alpha})"
 
+    @classmethod
+    def for_budget(cls, budget: int, num_steps: int) -> dict:
+        return {"num_particles": max(1, (budget - 1) // max(1, num_steps - 1))}  # NFE = 1 + M (T - 1)
+
     @torch.no_grad()
     def _sample(self, model, reward, conditions, c, noise):
         M, T, B = self.num_particles, model.num_steps, len(conditions)

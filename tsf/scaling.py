@@ -1,0 +1,96 @@
+"""``tsf scaling CONFIGS... --budgets 50 100 200 500``: methods at equal NFE budgets, a table and a plot.
+
+Each config runs once per budget, with its sampler's size set by the sampler's own
+``for_budget`` (Best-of-N and SMC: ``N = B / T``; SVDD: ``M = (B - 1) / (T - 1)``; RBF: its
+budget), so that every point of a curve spends the same NFE per sample as the others at
+that budget. The figure (PNG and PDF) plots target reward, cross-reward and diversity
+against the NFE counted per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tsf.report import results_table
+
+
+def _resolve(class_path: str):
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def budget_overrides(config: Path, budget: int) -> list[str]:
+    """Command-line overrides that size the config's sampler for ``budget`` NFE per sample."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    init = cfg["model"]["init_args"]
+    base_cls = _resolve(init["base"]["class_path"])
+    steps = (init["base"].get("init_args") or {}).get("num_steps")
+    if steps is None:
+        steps = inspect.signature(base_cls.__init__).parameters["num_steps"].default
+    sampler_cls = _resolve(init["sampler"]["class_path"])
+    return [f"--model.init_args.sampler.init_args.{k}={v}" for k, v in sampler_cls.for_budget(budget, steps).items()]
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in rows})
+    cross = next((k for k in rows[0]["metrics"] if k.startswith("cross/")), None)
+    panels = [("target/mean", "target reward (mean)"), ("diversity/pairwise", "diversity (pairwise)")]
+    if cross:
+        panels.insert(1, (cross, f"cross-reward {cross.split('/')[1]} (mean)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.8))
+    colors = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes, panels):
+        for j, m in enumerate(methods):
+            pts = sorted((r["metrics"]["compute/nfe"], r["metrics"][key]) for r in rows if r["method"] == m)
+            ax.plot(*zip(*pts), marker="o", ms=3, color=colors(j % 10), label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE per sample")
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(out.with_suffix(f".{ext}"), dpi=150)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="tsf scaling", description=__doc__.split("\n\n")[0])
+    p.add_argument("configs", nargs="+", type=Path)
+    p.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 500])
+    p.add_argument("--output_dir", type=Path, default=Path("runs/scaling"))
+    argv = list(sys.argv[2:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    rows, dirs = [], []
+    for cfg in args.configs:
+        for b in args.budgets:
+            name = f"{cfg.stem}_nfe{b}"
+            cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(cfg), f"--output_dir={args.output_dir}",
+                   f"--run_name={name}", "--overwrite=true", *budget_overrides(cfg, b), *extra]
+            print("+", " ".join(cmd[2:]), flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                sys.exit(f"tsf scaling: {cfg} at budget {b} failed")
+            metrics = json.loads((args.output_dir / name / "metrics.json").read_text())
+            rows.append({"method": cfg.stem, "budget": b, "metrics": metrics})
+            dirs.append(args.output_dir / name)
+    table = results_table(dirs)
+    (args.output_dir / "scaling.md").write_text(table + "\n")
+    (args.output_dir / "scaling.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, args.output_dir / "scaling")
+    print(table)
+    print(f"figure: {args.output_dir / 'scaling.png'} (and .pdf)")
