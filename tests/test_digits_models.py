@@ -4,10 +4,11 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import tsf.models.digits as D
-from tsf.models import DigitsDiffusion
+from tsf.models import DigitsDiffusion, DigitsFlow
 from tsf.samplers import BaseSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_shipped_weights_are_small_safetensors():
     files = sorted(D.WEIGHTS_DIR.glob("*.safetensors"))
-    assert {f.stem for f in files} == {D.DENOISER, *D.CLASSIFIERS.values()}
-    assert sum(f.stat().st_size for f in files) < 4e6
+    assert {f.stem for f in files} == {D.DENOISER, D.FLOW, *D.CLASSIFIERS.values()}
+    assert sum(f.stat().st_size for f in files) < 5e6  # fp16: 2.2 MB per 1.1M-parameter generator
 
 
 def test_classifiers_differ_in_architecture_and_data_and_are_accurate():
@@ -42,6 +43,15 @@ def test_base_samples_are_recognisable_digits():
     assert torch.bincount(labels, minlength=10).min() >= 50
 
 
+@pytest.mark.parametrize("kw", [dict(diffusion="none"), dict(diffusion="square"), dict(interpolant="vp")])
+def test_flow_samples_are_recognisable_digits(kw):
+    """>= 80% of 1,000 flow samples (Linear-ODE, Linear-SDE, VP-SDE; 50 steps) are confident digits."""
+    model = DigitsFlow(num_steps=50, **kw).load()
+    batch = BaseSampler().sample(model, None, [None] * 1000, torch.arange(1000), seed=0)
+    conf = D.load_network("digits_classifier_cnn")(batch.images).softmax(-1).max(-1).values
+    assert (conf >= 0.9).float().mean() >= 0.8
+
+
 def test_conditional_model_draws_the_requested_class():
     model = DigitsDiffusion(conditional=True, num_steps=20).load()
     conds = [i % 10 for i in range(200)]
@@ -63,10 +73,12 @@ def test_recipe_makes_loadable_weights_and_a_report(tmp_path):
 
 def test_readme_records_the_shipped_numbers():
     report = json.loads((D.WEIGHTS_DIR / "digits.json").read_text())
+    flow = json.loads((D.WEIGHTS_DIR / "digits_flow.json").read_text())
     readme = (ROOT / "README.md").read_text()
-    assert report["command"] in readme
+    assert report["command"] in readme and flow["command"] in readme
     for value in (report["target_classifier"]["test_accuracy"], report["holdout_classifier"]["test_accuracy"],
-                  report["quality"]["base_confident_fraction"]):
+                  report["quality"]["base_confident_fraction"], flow["quality_linear_ode"]["base_confident_fraction"],
+                  flow["quality_linear_sde"]["base_confident_fraction"], flow["quality_vp_sde"]["base_confident_fraction"]):
         assert f"{100 * value:.1f}%" in readme
 
 

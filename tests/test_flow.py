@@ -127,3 +127,21 @@ def test_scaling_command_writes_table_and_figure(tmp_path):
     assert len(table) == 2 + 4
     nfe = {row.split("|")[1].strip(): row for row in table[2:]}
     assert set(nfe) == {"ode_bon_nfe40", "ode_bon_nfe80", "svdd_vp_nfe40", "svdd_vp_nfe80"}
+
+
+def test_rbf_beats_ode_best_of_n_on_digits_at_100_nfe():
+    """Paired on 200 sample ids: RBF (Linear-SDE, budget 100) vs Best-of-10 with the Linear-ODE (T = 10)."""
+    from tsf.models import DigitsFlow
+    from tsf.rewards import build_reward
+    from tsf.samplers import RBF
+
+    reward = build_reward("digit").load()
+    n = 200
+    conds = [i % 10 for i in range(n)]
+    ode = DigitsFlow(num_steps=10, diffusion="none")
+    sde = DigitsFlow(num_steps=10, diffusion="square")
+    bon = BestOfN(**BestOfN.for_budget(100, 10)).sample(ode, reward, conds, range(n))
+    rbf = RBF(num_particles=2, budget=100, n0=4).sample(sde, reward, conds, range(n))
+    assert rbf.compute["nfe"] <= bon.compute["nfe"] == 100 * n
+    diff = reward(rbf.images, conds) - reward(bon.images, conds)
+    assert diff.mean() > 3 * diff.std() / math.sqrt(n), (diff.mean(), diff.std())
