@@ -267,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             subclass_mode_data=True,
             save_config_callback=RunDirConfig,
             trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-                              "inference_mode": False},
+                              "inference_mode": False, "use_distributed_sampler": False},
             args=None if from_sys else argv,
             parser_class=TsfArgumentParser,
             auto_configure_optimizers=False,

@@ -1,0 +1,41 @@
+"""Sampling with 2 CPU processes (Lightning DDP, gloo) gives the 1-process samples and metrics.
+
+Run as subprocesses: an in-process DDP launch under pytest would re-run pytest on rank 1.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tsf.cli import load_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sample(tmp_path, name, *extra):
+    cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(ROOT / "configs/digits/das.yaml"),
+           "--data.init_args.num_samples=23", "--data.init_args.batch_size=5",  # uneven shards: 12 and 11 ids
+           "--model.init_args.fidelity_samples=64", "--model.init_args.base.init_args.num_steps=10",
+           "--wandb_mode=disabled", "--trainer.enable_progress_bar=false", f"--output_dir={tmp_path}",
+           f"--run_name={name}", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return tmp_path / name
+
+
+def test_two_processes_give_the_one_process_samples_and_metrics(tmp_path):
+    one = sample(tmp_path, "one")
+    two = sample(tmp_path, "two", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")
+    a, b = load_samples(one), load_samples(two)
+    assert b["sample_id"].tolist() == list(range(23))  # every id exactly once, no padding duplicates
+    assert torch.equal(a["x0"], b["x0"]) and torch.equal(a["images"], b["images"])
+    for k in a["rewards"]:
+        assert torch.equal(a["rewards"][k], b["rewards"][k])
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        if k != "compute/seconds":  # wall time
+            assert abs(ma[k] - mb[k]) <= 1e-6 * max(1.0, abs(ma[k])), (k, ma[k], mb[k])
