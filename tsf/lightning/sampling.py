@@ -20,6 +20,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from tsf.errors import ConfigError
 from tsf.evaluation import Evaluator
 from tsf.models.base import BaseModel
 from tsf.rewards.base import Reward, build_reward
@@ -61,8 +62,9 @@ class SampleCollector(Metric):
         ids = dim_zero_cat(self.sample_id)
         order = ids.argsort()
         out: dict[str, Any] = {"x0": dim_zero_cat(self.x0)[order].cpu(), "sample_id": ids[order].cpu()}
-        if len(self.images) if isinstance(self.images, list) else self.images.numel():
-            out["images"] = dim_zero_cat(self.images)[order].cpu()
+        images = dim_zero_cat(self.images) if len(self.images) else None
+        if images is not None and images.numel():
+            out["images"] = images[order].cpu()
         out["rewards"] = {n: dim_zero_cat(getattr(self, f"reward_{i}"))[order].cpu()
                           for i, n in enumerate(self.reward_names)}
         return out
@@ -100,8 +102,6 @@ class SamplingModule(L.LightningModule):
         cross = [build_reward(r) for r in (["digit_holdout"] if cross_rewards is None else cross_rewards)]
         names = [self.reward.name] + [r.name for r in cross]
         if len(set(names)) != len(names):
-            from tsf.errors import ConfigError
-
             raise ConfigError(f"reward names must be distinct, got {names}")
         feature_reward = self._feature_reward(features, cross)
         self.evaluator = Evaluator(self.reward, cross, feature_reward)
