@@ -1,10 +1,12 @@
 """The ``tsf`` command: LightningCLI subcommands plus ``tsf pretrain``.
 
     tsf sample --config configs/digits/best_of_n.yaml [--model.init_args.sampler.init_args.num_particles=16]
+    tsf finetune --config configs/finetune/draft.yaml   (Lightning fit: checkpoints, --ckpt_path last to resume)
     tsf pretrain digits
     tsf table runs/*
     tsf compare configs/digits/*.yaml --output_dir runs/digits
     tsf bench memory
+    tsf overopt
     tsf scaling configs/digits_flow/*.yaml --budgets 50 100 200 500
 """
 
@@ -247,6 +249,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from tsf.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["overopt"]:
+        from tsf.figures import overopt
+
+        return overopt(argv[1:])
     if argv[:1] == ["scaling"]:
         from tsf.scaling import main as scaling_main
 
@@ -255,6 +261,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         from tsf.report import compare
 
         return compare(argv[1:])
+    if argv[:1] == ["finetune"]:  # fine-tuning baselines: Lightning fit
+        argv = ["fit", *argv[1:]]
+        from_sys = False
     import tsf.rewards  # noqa: F401  (registers rewards)
     import tsf.samplers  # noqa: F401
 

@@ -232,8 +232,12 @@ class DigitsDiffusion(EpsDiffusionModel):
         eta: float = 1.0,
         guidance_scale: float = 1.0,
         conditional: bool = False,
+        adapter: Optional[str] = None,
     ) -> None:
-        self.weights = weights
+        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"adapter {adapter!r} is not a LoRA adapter directory (no adapter_config.json); "
+                              "tsf finetune writes one to <trainer.default_root_dir>/adapter")
+        self.weights, self.adapter = weights, adapter
         net = build_network(weights)  # reads only the header: architecture, no weights
         super().__init__(net, SCHEDULER_CONFIG, scheduler=scheduler, num_steps=num_steps, eta=eta,
                          guidance_scale=guidance_scale, num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE)
@@ -241,6 +245,10 @@ class DigitsDiffusion(EpsDiffusionModel):
 
     def _load(self) -> None:
         load_network(self.weights, self.net)
+        if self.adapter is not None:
+            from peft import PeftModel
+
+            self.net = PeftModel.from_pretrained(self.net, self.adapter).eval()
         self.net.to(self.device)
 
     def encode_conditions(self, conditions):
@@ -249,7 +257,8 @@ class DigitsDiffusion(EpsDiffusionModel):
         return super().encode_conditions(conditions)
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}, conditional={self.conditional}, " + super().extra_repr()
+        return (f"weights={self.weights}, adapter={self.adapter}, conditional={self.conditional}, "
+                + super().extra_repr())
 
 
 class _ScaledTime(nn.Module):

@@ -1,0 +1,127 @@
+"""What DDPO and DRaFT share: LoRA on the denoiser, seeded trajectories, validation by the evaluator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
+
+from tsf.errors import ConfigError
+from tsf.evaluation import Evaluator
+from tsf.lightning.data import ConditionSampleIds, collate
+from tsf.models.diffusion import EpsDiffusionModel
+from tsf.rewards.base import Reward, build_reward
+from tsf.samplers.base import BaseSampler, Noise
+
+#: LoRA targets per model family (module-name suffixes, as peft matches them)
+LORA_TARGETS = {"ResidualMLPDenoiser": ["inp", "emb", "fc1", "fc2"]}
+
+
+def add_lora(model: EpsDiffusionModel, rank: int = 4, alpha: Optional[float] = None,
+             target_modules: Optional[list[str]] = None) -> None:
+    """Load the model and wrap its denoiser in peft LoRA adapters; base weights are frozen."""
+    model.load()
+    net = model.net
+    targets = target_modules or LORA_TARGETS.get(type(net).__name__)
+    if targets is None:
+        raise ConfigError(f"no default LoRA targets for {type(net).__name__}; set target_modules")
+    net.requires_grad_(False)
+    model.net = get_peft_model(net, LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
+                                               lora_dropout=0.0))
+
+
+class FinetuneModule(L.LightningModule):
+    """Base of the fine-tuning baselines.
+
+    Args:
+        base: the diffusion model to fine-tune (its denoiser gets LoRA adapters).
+        reward: the reward to maximise (a registered name or a Reward).
+        cross_rewards: evaluated on validation samples, never optimised.
+        conditions: classes cycled over the training and validation samples.
+        batch_size: trajectories per optimisation step.
+        lr: AdamW learning rate; ``rank``, ``target_modules``: the LoRA configuration.
+        val_samples: fixed (condition, sample id) pairs sampled with the base sampler at each validation.
+        seed: seed of the training trajectories (step ``s`` draws from ``(seed + s, id)``) and of validation.
+    """
+
+    def __init__(self, base: EpsDiffusionModel, reward: Union[str, Reward] = "digit",
+                 cross_rewards: Optional[list[Union[str, Reward]]] = None, conditions: Optional[list[Any]] = None,
+                 batch_size: int = 32, lr: float = 3e-4, rank: int = 4, target_modules: Optional[list[str]] = None,
+                 val_samples: int = 200, seed: int = 0) -> None:
+        super().__init__()
+        self.base = base
+        self.reward = build_reward(reward)
+        cross = [build_reward(r) for r in (["digit_holdout"] if cross_rewards is None else cross_rewards)]
+        self.conditions = list(conditions) if conditions else list(range(10))
+        for r in (self.reward, *cross):
+            r.check_conditions(self.conditions)
+        features = next((r for r in cross if r.has_features), None)
+        self.evaluator = Evaluator(self.reward, cross, features)
+        self.batch_size, self.lr, self.rank, self.target_modules = batch_size, lr, rank, target_modules
+        self.val_samples, self.seed = val_samples, seed
+        self._lora = False
+
+    def configure_model(self) -> None:
+        if not self._lora:
+            with torch.random.fork_rng(devices=[]):  # the adapters' random init depends on the seed only
+                torch.manual_seed(self.seed)
+                add_lora(self.base, self.rank, target_modules=self.target_modules)
+            for r in (self.reward, *self.evaluator.cross):
+                r.load()
+            if self.evaluator.feature_reward is not None:
+                self.evaluator.feature_reward.load()
+            self._lora = True
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.base.net.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.lora_parameters(), lr=self.lr)
+
+    # -- data: the loader only ticks steps; trajectories are drawn in the step ------------------
+    def train_dataloader(self) -> DataLoader:
+        n = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1000)
+        return DataLoader(range(n), batch_size=1)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(ConditionSampleIds(self.conditions, self.val_samples), batch_size=max(self.batch_size, 100),
+                          collate_fn=collate)
+
+    def training_batch(self) -> tuple[list, Noise]:
+        """Conditions and noise of this optimisation step, a function of the step alone, so that a run
+        resumed from a checkpoint redraws exactly the trajectories of the uninterrupted run."""
+        ids = range(self.global_step * self.batch_size, (self.global_step + 1) * self.batch_size)
+        conds = [self.conditions[i % len(self.conditions)] for i in ids]
+        return conds, Noise(self.seed + 1000003, list(ids), self.device)
+
+    # -- validation: the base sampler on fixed ids, the shared evaluator ---------------------
+    def validation_step(self, batch, _):
+        with torch.inference_mode(False), torch.no_grad():
+            out = BaseSampler().sample(self.base, None, batch["conditions"], batch["sample_ids"].clone(), seed=self.seed)
+            self.evaluator.update(out, self.evaluator.rewards(out, batch["conditions"]))
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {k: v for k, v in self.evaluator.compute().items() if not k.startswith("compute/")}
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        self.evaluator.reset()
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:  # the curve, readable offline
+            path = Path(self.trainer.default_root_dir) / "val_metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
+
+    def on_fit_start(self) -> None:
+        curve = Path(self.trainer.default_root_dir) / "val_metrics.jsonl"
+        if self.trainer.is_global_zero and self.global_step == 0 and curve.exists():
+            curve.unlink()  # a fresh run starts a fresh curve; a resumed one appends to it
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / "adapter"
+            self.base.net.save_pretrained(str(path))
+            print(f"LoRA adapter: {path}")
