@@ -19,7 +19,13 @@ from tsf.rewards.base import Reward, build_reward
 from tsf.samplers.base import BaseSampler, Noise
 
 #: LoRA targets per model family (module-name suffixes, as peft matches them)
-LORA_TARGETS = {"ResidualMLPDenoiser": ["inp", "emb", "fc1", "fc2"]}
+LORA_TARGETS = {
+    "ResidualMLPDenoiser": ["inp", "emb", "fc1", "fc2"],
+    # the attention projections of the diffusers models (Stable Diffusion UNets, SD3, FLUX)
+    "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],
+    "SD3Transformer2DModel": ["to_q", "to_k", "to_v", "to_out.0"],
+    "FluxTransformer2DModel": ["to_q", "to_k", "to_v", "to_out.0"],
+}
 
 
 def add_lora(model: EpsDiffusionModel, rank: int = 4, alpha: Optional[float] = None,

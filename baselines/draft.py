@@ -2,7 +2,10 @@
 
 Trajectories of the base kernel with gradients off for all but the last ``K`` steps; loss
 ``-r(x0)``, backpropagated through those steps into the LoRA adapters (gradient
-checkpointing per step). DRaFT-K with ``K = 1`` is the cheapest.
+checkpointing per step). DRaFT-K with ``K = 1`` is the cheapest. DRaFT-LV (``lv_samples > 0``)
+samples the whole chain without gradients, then re-noises ``x0`` to the last grid time
+``lv_samples`` times and denoises one step with gradients, averaging the reward over them
+(a lower-variance estimate of the one-step gradient).
 """
 
 from __future__ import annotations
@@ -18,32 +21,45 @@ class DRaFT(FinetuneModule):
     """DRaFT-K.
 
     Args:
-        truncation: K, the number of final steps the gradient flows through.
+        truncation: K, the number of final steps the gradient flows through (DRaFT-K).
+        lv_samples: DRaFT-LV's number of re-noisings of x0 (0: DRaFT-K).
         grad_clip: gradient-norm clip.
         (the rest as :class:`~baselines.common.FinetuneModule`)
     """
 
-    def __init__(self, *args, truncation: int = 1, grad_clip: float = 1.0, **kwargs) -> None:
+    def __init__(self, *args, truncation: int = 1, lv_samples: int = 0, grad_clip: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if truncation < 1:
             raise ConfigError(f"truncation must be >= 1, got {truncation}")
         if not self.reward.differentiable:
             raise ConfigError(f"DRaFT needs a differentiable reward; {self.reward.name!r} is not")
-        self.truncation, self.grad_clip = int(truncation), grad_clip
+        if lv_samples < 0:
+            raise ConfigError(f"lv_samples must be >= 0, got {lv_samples}")
+        self.truncation, self.lv_samples, self.grad_clip = int(truncation), int(lv_samples), grad_clip
 
     def training_step(self, batch, _):
         model, T = self.base, self.base.num_steps
         conds, noise = self.training_batch()
         c = model.encode_conditions(conds)
         x = model.prior(noise.randn(1, model.sample_shape))
+        K = 0 if self.lv_samples else self.truncation
         for i in range(T):
             z = noise.randn(1, model.sample_shape)
-            if i < T - self.truncation:
+            if i < T - K:
                 with torch.no_grad():
                     x = model.transition(x, i, c).sample(z)
             else:
                 x = checkpoint(lambda xs, i=i, zs=z: model.transition(xs, i, c).sample(zs), x, use_reentrant=False)
-        loss = -self.reward(model.decode(x), conds).mean()
+        if self.lv_samples:
+            abar = model.abar[T - 1]
+            rewards = []
+            for _ in range(self.lv_samples):  # re-noise x0 to the last grid time, denoise one step with gradients
+                x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise.randn(1, model.sample_shape)
+                x0 = model.transition(x_t, T - 1, c).mean
+                rewards.append(self.reward(model.decode(x0), conds))
+            loss = -torch.stack(rewards).mean()
+        else:
+            loss = -self.reward(model.decode(x), conds).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -9,6 +9,10 @@ from tsf.models import DigitsDiffusion
 from tsf.samplers import BaseSampler
 
 
+def draft_lv(*args, **kwargs):
+    return DRaFT(*args, lv_samples=2, **kwargs)
+
+
 def fit(cls, root, steps, ckpt_path=None):
     module = cls(DigitsDiffusion(num_steps=5), batch_size=8, val_samples=20, seed=3)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, every_n_train_steps=1)
@@ -23,7 +27,7 @@ def lora_state(module):
     return {k: v.detach().clone() for k, v in module.base.net.named_parameters() if "lora_" in k}
 
 
-@pytest.mark.parametrize("cls", [DRaFT, DDPO])
+@pytest.mark.parametrize("cls", [DRaFT, draft_lv, DDPO])
 def test_finetuning_changes_the_adapter_only_and_logs_finite_metrics(cls, tmp_path):
     base = {k: v.clone() for k, v in DigitsDiffusion().load().net.state_dict().items()}
     module, trainer = fit(cls, tmp_path, 3)
