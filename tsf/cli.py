@@ -234,33 +234,19 @@ class TsfCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
 
 
+#: ``tsf <tool> ...`` commands that are not LightningCLI subcommands: name -> "module:function"
+TOOLS = {"pretrain": "tsf.pretrain:main", "table": "tsf.report:main", "compare": "tsf.report:compare",
+         "scaling": "tsf.scaling:main", "overopt": "tsf.figures:overopt", "bench": "tsf.bench:main"}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from_sys = argv is None
     argv = sys.argv[1:] if from_sys else list(argv)
-    if argv[:1] == ["pretrain"]:
-        from tsf.pretrain import main as pretrain_main
+    if argv[:1] and argv[0] in TOOLS:  # the argparse tools beside the LightningCLI subcommands
+        import importlib
 
-        return pretrain_main(argv[1:])
-    if argv[:1] == ["table"]:
-        from tsf.report import main as table_main
-
-        return table_main(argv[1:])
-    if argv[:1] == ["bench"]:
-        from tsf.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["overopt"]:
-        from tsf.figures import overopt
-
-        return overopt(argv[1:])
-    if argv[:1] == ["scaling"]:
-        from tsf.scaling import main as scaling_main
-
-        return scaling_main(argv[1:])
-    if argv[:1] == ["compare"]:
-        from tsf.report import compare
-
-        return compare(argv[1:])
+        module, function = TOOLS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     if argv[:1] == ["finetune"]:  # fine-tuning baselines: Lightning fit
         argv = ["fit", *argv[1:]]
         from_sys = False
