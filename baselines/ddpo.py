@@ -11,6 +11,7 @@ the steps, accumulating gradients over them, with the PPO loss
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from typing import Optional
 
 import torch
 
@@ -59,19 +60,24 @@ class DDPO(FinetuneModule):
         clip_range: PPO's ``eps``.
         adv_clip: advantage clip.
         timestep_fraction: fraction of the (stochastic) steps trained on per optimisation step.
+        micro_batch: samples per backward pass (gradients accumulate over samples and timesteps;
+            ``None``: the whole batch at once).
         grad_clip: gradient-norm clip.
         (the rest as :class:`~baselines.common.FinetuneModule`)
     """
 
     def __init__(self, *args, clip_range: float = 1e-4, adv_clip: float = 5.0, timestep_fraction: float = 1.0,
-                 grad_clip: float = 1.0, **kwargs) -> None:
+                 grad_clip: float = 1.0, micro_batch: Optional[int] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not 0 < timestep_fraction <= 1:
             raise ConfigError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
         if self.base.eta != 1.0:
             raise ConfigError("DDPO samples with DDIM eta = 1: set the base model's eta to 1")
+        if micro_batch is not None and micro_batch < 1:
+            raise ConfigError(f"micro_batch must be >= 1, got {micro_batch}")
         self.clip_range, self.adv_clip, self.timestep_fraction, self.grad_clip = (
             clip_range, adv_clip, timestep_fraction, grad_clip)
+        self.micro_batch = micro_batch
         self.stats = PerConditionStats()
         self.automatic_optimization = False
 
@@ -96,13 +102,17 @@ class DDPO(FinetuneModule):
         opt = self.optimizers()
         opt.zero_grad()
         total = 0.0
-        for j in order[:n_train].tolist():
-            tr = model.transition(xs[j], steps[j], c)
-            ratio = torch.exp(mean_log_prob(x_prevs[j], tr.mean, tr.std) - old[j])
-            loss = torch.maximum(-adv * ratio,
-                                 -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).mean() / n_train
-            self.manual_backward(loss)
-            total += float(loss.detach())
+        n, mb = len(conds), self.micro_batch or len(conds)
+        for j in order[:n_train].tolist():  # accumulate over timesteps ...
+            for s in range(0, n, mb):        # ... and over micro-batches of samples
+                rows = slice(s, s + mb)
+                tr = model.transition(xs[j][rows], steps[j], c[rows])
+                ratio = torch.exp(mean_log_prob(x_prevs[j][rows], tr.mean, tr.std) - old[j][rows])
+                a = adv[rows]
+                loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
+                loss = loss / (n * n_train)
+                self.manual_backward(loss)
+                total += float(loss.detach())
         self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         self.log_dict({"train/loss": total, "train/reward": rewards.float().mean()}, prog_bar=True)
