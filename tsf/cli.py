@@ -146,7 +146,10 @@ class TsfTrainer(Trainer):
         if datamodule is None:
             raise ConfigError("tsf sample needs a data module: set data.class_path (e.g. tsf.lightning.SampleIdsDataModule)")
         model.check_conditions(datamodule.sample_conditions())  # before any directory or weight file
-        run_name = run_name or model.run_name(datamodule.seed, self.method_name)
+        if run_name is None:
+            run_name = model.run_name(datamodule.seed, self.method_name)
+            if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+                run_name += f"_{os.environ['WANDB_RUN_ID']}"  # sweep runs differ in more than K and seed
         run_dir = Path(output_dir) / run_name
         if self.is_global_zero:
             prepare_run_dir(run_dir, overwrite)
