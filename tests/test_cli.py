@@ -126,3 +126,57 @@ def test_a_reward_that_is_nan_everywhere_is_a_clear_error(tmp_path, capsys, monk
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "every particle of a group has a non-finite reward" in err and "Traceback" not in err
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    from tsf.lightning.shards import ShardStore
+    from tsf.samplers.base import Sampler
+
+    full = run(tmp_path, name="full")  # 24 samples in batches of 10: 3 shards
+    real_save, saved = ShardStore.save, []
+
+    def crash_after_two(self, batch):
+        if len(saved) == 2:
+            raise RuntimeError("simulated crash")
+        saved.append(batch.sample_ids[0].item())
+        real_save(self, batch)
+
+    monkeypatch.setattr(ShardStore, "save", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, name="cut")
+    monkeypatch.setattr(ShardStore, "save", real_save)
+    assert len(list((tmp_path / "cut" / "shards").glob("*.safetensors"))) == 2
+    with pytest.raises(SystemExit):  # a started run is refused without --resume
+        run(tmp_path, name="cut")
+
+    calls = []
+    real_sample = Sampler.sample
+    monkeypatch.setattr(Sampler, "sample",
+                        lambda self, *a, **k: calls.append(type(self).__name__) or real_sample(self, *a, **k))
+    run(tmp_path, "--resume=true", name="cut")
+    assert calls.count("BestOfN") == 1  # only the batch whose shard was never written
+    same_run_outputs(full, tmp_path / "cut")
+
+
+def same_run_outputs(a_dir, b_dir):
+    a, b = load_samples(a_dir), load_samples(b_dir)
+    for key in ("x0", "images", "sample_id"):
+        assert torch.equal(a[key], b[key]), key
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a_dir, b_dir))
+    assert {k: v for k, v in ma.items() if k != "compute/seconds"} == {k: v for k, v in mb.items() if k != "compute/seconds"}
+
+
+def test_a_corrupt_shard_is_detected_and_redone(tmp_path):
+    full = run(tmp_path, name="full")
+    shards = sorted((full / "shards").glob("*.safetensors"))
+    assert len(shards) == 3
+    shards[1].write_bytes(shards[1].read_bytes()[:-40])  # truncated: the checksum no longer verifies
+    before = {p.name: p.stat().st_mtime_ns for p in shards}
+    import shutil
+
+    shutil.copytree(full, tmp_path / "copy")
+    run(tmp_path, "--resume=true", name="full")
+    after = {p.name: p.stat().st_mtime_ns for p in sorted((full / "shards").glob("*.safetensors"))}
+    assert after[shards[1].name] != before[shards[1].name]  # rewritten
+    assert after[shards[0].name] == before[shards[0].name] and after[shards[2].name] == before[shards[2].name]
+    same_run_outputs(tmp_path / "copy", full)

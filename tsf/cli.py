@@ -28,18 +28,26 @@ RUN_FILES = ("config.yaml", "metrics.json", "samples.pt")
 
 
 # ----------------------------------------------------------------------------- run directory
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a directory that holds another run, unless ``overwrite``."""
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a directory that holds another run, unless ``overwrite`` (start again) or ``resume``
+    (keep its verified shards, sample the rest)."""
+    import shutil
+
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other: choose one")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output path {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES):
+    started = run_dir.is_dir() and (any((run_dir / name).exists() for name in RUN_FILES)
+                                    or any((run_dir / "shards").glob("*.safetensors")))
+    if started and not resume:
         if not overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run; choose another --run_name or --output_dir, "
-                "or pass --overwrite true to replace it"
+                "pass --resume true to finish it, or --overwrite true to replace it"
             )
         for name in (*RUN_FILES, "grid.png"):
             (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "shards", ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -131,6 +139,7 @@ class TsfTrainer(Trainer):
         output_dir: str = "runs",
         run_name: Optional[str] = None,
         overwrite: bool = False,
+        resume: bool = False,
         wandb_project: str = "tsf",
         wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto",
     ) -> dict[str, Any]:
@@ -140,6 +149,7 @@ class TsfTrainer(Trainer):
             output_dir: parent of the run directory.
             run_name: the run directory's name (default: ``<config name>_K<K>_<reward>_seed<seed>``).
             overwrite: replace a run already in the run directory.
+            resume: finish a stopped run: batches whose shards verify are not sampled again.
             wandb_project: Weights & Biases project.
             wandb_mode: ``auto`` is online when an API key is configured, else offline.
         """
@@ -152,7 +162,7 @@ class TsfTrainer(Trainer):
                 run_name += f"_{os.environ['WANDB_RUN_ID']}"  # sweep runs differ in more than K and seed
         run_dir = Path(output_dir) / run_name
         if self.is_global_zero:
-            prepare_run_dir(run_dir, overwrite)
+            prepare_run_dir(run_dir, overwrite, resume)
         self.run_dir = run_dir
         if not self.loggers and wandb_mode != "disabled":
             self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode)]

@@ -22,6 +22,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from tsf.errors import ConfigError
 from tsf.evaluation import Evaluator
+from tsf.lightning.shards import ShardStore
 from tsf.models.base import BaseModel
 from tsf.rewards.base import Reward, build_reward
 from tsf.samplers.base import BaseSampler, Sampler, SampleBatch
@@ -108,6 +109,7 @@ class SamplingModule(L.LightningModule):
         self.collector = SampleCollector(names)
         self.fidelity_samples = int(fidelity_samples)
         self.results: dict[str, Any] = {}
+        self.sampled_batches = 0  # batches sampled in this process (the others came from shards)
 
     def _feature_reward(self, features: Optional[str], cross: list[Reward]) -> Optional[Reward]:
         candidates = {r.name: r for r in [self.reward, *cross]}
@@ -163,11 +165,22 @@ class SamplingModule(L.LightningModule):
         return images
 
     # -- sampling ---------------------------------------------------------------------
+    def shards(self) -> Optional[ShardStore]:
+        """Where batches are written as they finish (the run directory's ``shards/``), if there is one."""
+        run_dir = getattr(self.trainer, "run_dir", None)
+        return ShardStore(Path(run_dir) / "shards") if run_dir is not None else None
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         seed = self.trainer.datamodule.seed
-        with torch.inference_mode(False):  # gradient samplers (DAS, DPS) differentiate inside test_step
-            out = self.sampler.sample(self.base, self.reward, batch["conditions"], batch["sample_ids"].clone(),
-                                      seed=seed)
+        store = self.shards()
+        out = store.load(batch["sample_ids"], self.device) if store is not None else None
+        if out is None:
+            with torch.inference_mode(False):  # gradient samplers (DAS, DPS) differentiate inside test_step
+                out = self.sampler.sample(self.base, self.reward, batch["conditions"], batch["sample_ids"].clone(),
+                                          seed=seed)
+            if store is not None:
+                store.save(out)
+            self.sampled_batches += 1
         rewards = self.evaluator.rewards(out, batch["conditions"])
         self.evaluator.update(out, rewards)
         self.collector.update(out, rewards)

@@ -42,7 +42,7 @@ class SampleBatch:
 # ----------------------------------------------------------------------------- randomness
 def sample_seed(seed: int, sample_id: int) -> int:
     """The seed of sample ``sample_id`` of a run with ``seed`` (well mixed, 63 bits)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample_id)]).generate_state(2, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample_id)]).generate_state(2, np.uint64)[0]) >> 1
 
 
 class Noise:
