@@ -40,24 +40,40 @@ def main(argv=None) -> None:
     print(results_table([d for d in args.run_dirs if (d / "metrics.json").is_file()]))
 
 
+def split_passthrough(argv) -> tuple[list[str], list[str]]:
+    """``(own arguments, arguments after -- for every tsf sample run)``; ``None`` reads ``sys.argv``."""
+    import sys
+
+    argv = list(sys.argv[2:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def run_sample(config: Path, output_dir: Path, *args: str) -> bool:
+    """``tsf sample --config CONFIG --output_dir DIR --overwrite=true ARGS`` in a fresh process; True on success."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(config), f"--output_dir={output_dir}",
+           "--overwrite=true", *args]
+    print("+", " ".join(cmd[2:]), flush=True)
+    return subprocess.run(cmd).returncode == 0
+
+
 def compare(argv=None) -> None:
     """``tsf compare CONFIGS... [--output_dir DIR] [-- extra tsf sample args]``: run every config, print the table."""
-    import subprocess
     import sys
 
     p = argparse.ArgumentParser(prog="tsf compare", description="Run several sampling configs and print one table.")
     p.add_argument("configs", nargs="+", type=Path)
     p.add_argument("--output_dir", default="runs/compare")
-    argv = list(sys.argv[2:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = split_passthrough(argv)
+    args = p.parse_args(own)
     run_dirs = []
     for cfg in args.configs:
         before = set(Path(args.output_dir).glob("*")) if Path(args.output_dir).is_dir() else set()
-        cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(cfg), f"--output_dir={args.output_dir}",
-               "--overwrite=true", *extra]
-        print("+", " ".join(cmd[2:]), flush=True)
-        if subprocess.run(cmd).returncode != 0:
+        if not run_sample(cfg, args.output_dir, *extra):
             sys.exit(f"tsf compare: {cfg} failed; the table needs every run")
         new = sorted(set(Path(args.output_dir).glob("*")) - before) or sorted(
             Path(args.output_dir).glob(f"{cfg.stem}_K*"), key=lambda d: d.stat().st_mtime)[-1:]

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from tsf.report import results_table
+from tsf.report import results_table, run_sample, split_passthrough
 
 
 def _resolve(class_path: str):
@@ -76,17 +75,13 @@ def main(argv=None) -> None:
     p.add_argument("configs", nargs="+", type=Path)
     p.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 500])
     p.add_argument("--output_dir", type=Path, default=Path("runs/scaling"))
-    argv = list(sys.argv[2:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = split_passthrough(argv)
+    args = p.parse_args(own)
     rows, dirs = [], []
     for cfg in args.configs:
         for b in args.budgets:
             name = f"{cfg.stem}_nfe{b}"
-            cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(cfg), f"--output_dir={args.output_dir}",
-                   f"--run_name={name}", "--overwrite=true", *budget_overrides(cfg, b), *extra]
-            print("+", " ".join(cmd[2:]), flush=True)
-            if subprocess.run(cmd).returncode != 0:
+            if not run_sample(cfg, args.output_dir, f"--run_name={name}", *budget_overrides(cfg, b), *extra):
                 sys.exit(f"tsf scaling: {cfg} at budget {b} failed")
             metrics = json.loads((args.output_dir / name / "metrics.json").read_text())
             rows.append({"method": cfg.stem, "budget": b, "metrics": metrics})

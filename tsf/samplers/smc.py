@@ -73,6 +73,12 @@ def resample(logw: Tensor, u: Tensor, method: str) -> Tensor:
 RESAMPLERS = ("systematic", "multinomial", "stratified", "residual")
 
 
+def draw_categorical(logits: Tensor, u: Tensor) -> Tensor:
+    """One index per row of ``logits [B, K]`` drawn from ``softmax(logits)`` by inverse CDF at ``u [B]``."""
+    cdf = torch.softmax(logits.double(), dim=1).cumsum(1)
+    return torch.searchsorted(cdf, u.double()[:, None], right=True).clamp(max=logits.shape[1] - 1)[:, 0]
+
+
 def tempering_schedule(num_steps: int, tempering: str, gamma: float, fraction: float) -> list[float]:
     """``lambda_i`` for grid points ``i = 0 .. T`` (``lambda_T = 1``).
 
@@ -261,11 +267,7 @@ class SMC(Sampler):
         if counts["nonfinite_values"]:
             warnings.warn(f"{counts['nonfinite_values']} particle values were not finite; they got zero weight")
         u = noise.rand(1, dtype=torch.float64)[:, 0]
-        w = torch.softmax(logw, 1)
-        if self.output == "argmax":
-            pick = logw.argmax(1)
-        else:
-            pick = torch.searchsorted(w.cumsum(1), u[:, None], right=True).clamp(max=K - 1)[:, 0]
+        pick = logw.argmax(1) if self.output == "argmax" else draw_categorical(logw, u)
         rows = pick + K * torch.arange(B, device=dev)
         r_final = v.reshape(-1)[rows].float()  # at i = T the value is the reward
         diagnostics = {

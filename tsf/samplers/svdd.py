@@ -16,7 +16,7 @@ import torch
 
 from tsf.errors import ConfigError
 from tsf.samplers.base import Sampler
-from tsf.samplers.smc import NonFiniteRewardError
+from tsf.samplers.smc import NonFiniteRewardError, draw_categorical
 from tsf.samplers.value import ValueFunction, build_value
 
 
@@ -61,12 +61,8 @@ class SVDD(Sampler):
             v = torch.where(torch.isfinite(v), v, -torch.inf)
             if torch.isinf(v).all(1).any():
                 raise NonFiniteRewardError(f"every child of a sample has a non-finite value at step {i + 1} of {T}")
-            u = noise.rand(1, dtype=torch.float64)
-            if self.alpha == 0:
-                pick = v.argmax(1)
-            else:
-                cdf = torch.softmax(v / self.alpha, 1).cumsum(1)
-                pick = torch.searchsorted(cdf, u, right=True).clamp(max=M - 1)[:, 0]
+            u = noise.rand(1, dtype=torch.float64)[:, 0]
+            pick = v.argmax(1) if self.alpha == 0 else draw_categorical(v / self.alpha, u)
             rows = pick + M * torch.arange(B, device=v.device)
             x = children[rows]
             out = None if out_c is None else out_c[rows]
