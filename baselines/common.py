@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from tsf.errors import ConfigError
 from tsf.evaluation import Evaluator
-from tsf.lightning.data import ConditionSampleIds, collate
+from tsf.lightning.data import ConditionSampleIds, ShardSampler, collate
 from tsf.models.diffusion import EpsDiffusionModel
 from tsf.rewards.base import Reward, build_reward
 from tsf.samplers.base import BaseSampler, Noise
@@ -49,7 +49,9 @@ class FinetuneModule(L.LightningModule):
         reward: the reward to maximise (a registered name or a Reward).
         cross_rewards: evaluated on validation samples, never optimised.
         conditions: classes cycled over the training and validation samples.
-        batch_size: trajectories per optimisation step.
+        batch_size: trajectories per optimisation step, over all processes (the global batch): under
+            DDP each of the ``world_size`` ranks draws ``batch_size / world_size`` of them and the
+            gradients are averaged, so that a step equals the single-process step on the same batch.
         lr: AdamW learning rate; ``rank``, ``target_modules``: the LoRA configuration.
         val_samples: fixed (condition, sample id) pairs sampled with the base sampler at each validation.
         seed: seed of the training trajectories (step ``s`` draws from ``(seed + s, id)``) and of validation.
@@ -74,13 +76,15 @@ class FinetuneModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if not self._lora:
-            with torch.random.fork_rng(devices=[]):  # the adapters' random init depends on the seed only
-                torch.manual_seed(self.seed)
-                add_lora(self.base, self.rank, target_modules=self.target_modules)
             for r in (self.reward, *self.evaluator.cross):
                 r.load()
             if self.evaluator.feature_reward is not None:
                 self.evaluator.feature_reward.load()
+            self.base.load()
+            self.requires_grad_(False)  # only the adapters train (and only they are synced under DDP)
+            with torch.random.fork_rng(devices=[]):  # the adapters' random init depends on the seed only
+                torch.manual_seed(self.seed)
+                add_lora(self.base, self.rank, target_modules=self.target_modules)
             self._lora = True
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
@@ -95,15 +99,39 @@ class FinetuneModule(L.LightningModule):
         return DataLoader(range(n), batch_size=1)
 
     def val_dataloader(self) -> DataLoader:
+        rank, world = self.rank_and_world()
         return DataLoader(ConditionSampleIds(self.conditions, self.val_samples), batch_size=max(self.batch_size, 100),
-                          collate_fn=collate)
+                          sampler=ShardSampler(self.val_samples, rank, world), collate_fn=collate)
+
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str) -> None:
+        world = self.rank_and_world()[1]
+        if self.batch_size % world:
+            raise ConfigError(f"batch_size ({self.batch_size}) is the global batch: it must be a multiple of the "
+                              f"number of processes ({world})")
+
+    def global_ids(self) -> list[int]:
+        """The trajectory ids of this optimisation step over all ranks, a function of the step alone, so
+        that a run resumed from a checkpoint redraws exactly the trajectories of the uninterrupted run."""
+        return list(range(self.global_step * self.batch_size, (self.global_step + 1) * self.batch_size))
 
     def training_batch(self) -> tuple[list, Noise]:
-        """Conditions and noise of this optimisation step, a function of the step alone, so that a run
-        resumed from a checkpoint redraws exactly the trajectories of the uninterrupted run."""
-        ids = range(self.global_step * self.batch_size, (self.global_step + 1) * self.batch_size)
+        """This rank's conditions and noise of the step: the global ids ``rank, rank + world, ...``."""
+        rank, world = self.rank_and_world()
+        ids = self.global_ids()[rank::world]
         conds = [self.conditions[i % len(self.conditions)] for i in ids]
-        return conds, Noise(self.seed + 1000003, list(ids), self.device)
+        return conds, Noise(self.seed + 1000003, ids, self.device)
+
+    def gather_global(self, local: torch.Tensor) -> torch.Tensor:
+        """The rows of every rank's ``training_batch`` in global id order (rank ``r`` holds ids ``r::world``)."""
+        world = self.rank_and_world()[1]
+        if world == 1:
+            return local
+        gathered = self.all_gather(local)  # [world, B / world, ...]
+        return gathered.transpose(0, 1).reshape(-1, *local.shape[1:])
 
     # -- validation: the base sampler on fixed ids, the shared evaluator ---------------------
     def validation_step(self, batch, _):
