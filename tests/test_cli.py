@@ -79,8 +79,10 @@ def no_weight_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model.init_args.reward=aesthetics"], "unknown reward 'aesthetics'; known rewards: brightness, compressibility"),
-    (["--model.init_args.cross_rewards=[digit_holdout, pickscore]"], "unknown reward 'pickscore'"),
+    (["--model.init_args.reward=aesthetics"],
+     "unknown reward 'aesthetics'; known rewards: aesthetic, brightness, clip_score, compressibility"),
+    (["--model.init_args.cross_rewards=[digit_holdout, pickscorex]"], "unknown reward 'pickscorex'"),
+    (["--model.init_args.cross_rewards=[digit_holdout, pickscore]"], "scores images against text prompts"),
     (["--model.init_args.sampler=tsf.samplers.SVDDTypo"], "known samplers: base"),
     (["--model.init_args.sampler.init_args.num_particles=0"], "num_particles must be an integer >= 1"),
     (["--data.init_args.conditions=[3, 12]"], "0-9"),

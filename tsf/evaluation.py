@@ -7,12 +7,17 @@ dict of DESIGN.md's metric keys:
 ``target/mean``, ``target/median``, ``target/q90``, ``cross/<reward>/mean``,
 ``diversity/pairwise``, ``diversity/vendi``, ``fidelity/fd`` (when a reference set of
 plain base samples is given), ``compute/nfe``, ``compute/nfe_grad``,
-``compute/reward_calls``, ``compute/reward_grad_calls``, ``compute/seconds`` (per sample).
+``compute/reward_calls``, ``compute/reward_grad_calls``, ``compute/seconds`` (per sample),
+and ``diversity/lpips`` when the LPIPS option is on.
+
+:meth:`Evaluator.per_condition` breaks the same numbers down by condition (prompt):
+target and cross means, and diversity among the samples of each prompt.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -20,6 +25,7 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import _compute_fid
 from torchmetrics.utilities import dim_zero_cat
 
+from tsf.errors import ConfigError
 from tsf.rewards.base import Reward
 from tsf.samplers.base import COMPUTE_KEYS, SampleBatch, chunked
 
@@ -55,6 +61,72 @@ def vendi_score(features: Tensor) -> float:
     return float(torch.exp(-(lam * lam.log()).sum()))
 
 
+LPIPS_NETS = {"alex": ("alexnet", "AlexNet_Weights"), "vgg": ("vgg16", "VGG16_Weights"),
+              "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights")}
+
+
+def lpips_unavailable(net: str) -> Optional[str]:
+    """Why torchmetrics' LPIPS with backbone ``net`` cannot run offline here, or ``None`` if it can.
+
+    It needs torchvision and the backbone's ImageNet weights in torch's hub cache (torchvision
+    downloads them on first use where there is network); the LPIPS heads ship with torchmetrics.
+    """
+    if net not in LPIPS_NETS:
+        return f"unknown LPIPS backbone {net!r}; choose one of {', '.join(LPIPS_NETS)}"
+    from torchmetrics.utilities.imports import _TORCHVISION_AVAILABLE
+
+    if not _TORCHVISION_AVAILABLE:
+        return "LPIPS needs torchvision: `pip install torchvision` (the build matching your torch)"
+    import torchvision
+
+    weights = getattr(torchvision.models, LPIPS_NETS[net][1]).IMAGENET1K_V1
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        return (f"LPIPS backbone weights {path} are missing: download {weights.url} to that path (torch hub "
+                f"cache; TORCH_HOME moves it), or run once with network")
+    return None
+
+
+def lpips_distance(net: str, device: Any = "cpu") -> Callable[[Tensor, Tensor], Tensor]:
+    """Per-pair LPIPS ``d(a, b) -> [P]`` for images in [0, 1], from torchmetrics."""
+    reason = lpips_unavailable(net)
+    if reason is not None:
+        raise ConfigError(reason)
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    metric = LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True,
+                                                   sync_on_compute=False).to(device)  # pairs are per process
+
+    def distance(a: Tensor, b: Tensor) -> Tensor:
+        metric.reset()
+        metric.update(a.float().clamp(0, 1), b.float().clamp(0, 1))
+        return metric.compute().reshape(-1)
+
+    return distance
+
+
+def mean_pairwise_distance(images: Tensor, distance: Callable[[Tensor, Tensor], Tensor], max_pairs: int = 4096,
+                           chunk: int = 64, seed: int = 0) -> float:
+    """Mean ``distance`` over the distinct pairs ``i < j`` of ``images`` (a fixed random subset of
+    ``max_pairs`` of them when there are more)."""
+    n = images.shape[0]
+    if n < 2:
+        return float("nan")
+    i, j = torch.triu_indices(n, n, offset=1)
+    if i.numel() > max_pairs:
+        keep = torch.randperm(i.numel(), generator=torch.Generator().manual_seed(seed))[:max_pairs]
+        i, j = i[keep], j[keep]
+    total = 0.0
+    for k in range(0, i.numel(), chunk):
+        total += float(distance(images[i[k:k + chunk]], images[j[k:k + chunk]]).double().sum())
+    return total / i.numel()
+
+
+def condition_key(condition: Any) -> str:
+    """A condition as a table key: a prompt as is, ``None`` as ``null``, others by ``str``."""
+    return "null" if condition is None else str(condition)
+
+
 class Evaluator(Metric):
     """Target reward, cross-rewards, diversity, fidelity and compute of a set of samples.
 
@@ -64,14 +136,27 @@ class Evaluator(Metric):
         features: a reward with a ``features`` method for diversity and fidelity
             (on digits: the holdout classifier); ``None`` uses the raw samples.
         max_batch: most images in one reward or feature call.
+        lpips: a torchmetrics LPIPS backbone (``alex``, ``vgg``, ``squeeze``) to add
+            ``diversity/lpips``, the mean LPIPS between distinct samples; off by default. Its
+            backbone weights must be available offline (a ConfigError says what to fetch).
+        lpips_size: images are resized (antialiased bilinear) to this square size for LPIPS.
+        lpips_max_pairs: most sample pairs LPIPS compares (a fixed random subset beyond).
     """
 
     full_state_update = False
 
     def __init__(self, target: Reward, cross: Sequence[Reward] = (), features: Optional[Reward] = None,
-                 max_batch: int = 4096, **kwargs: Any) -> None:
+                 max_batch: int = 4096, lpips: Optional[str] = None, lpips_size: int = 256,
+                 lpips_max_pairs: int = 4096, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_batch = max_batch
+        self.lpips = lpips
+        if lpips is not None:
+            reason = lpips_unavailable(lpips)
+            if reason is not None:  # fail before sampling, not after it
+                raise ConfigError(f"diversity/lpips was asked for, but {reason}")
+        self.lpips_size, self.lpips_max_pairs = int(lpips_size), int(lpips_max_pairs)
+        self._lpips_distance: Optional[Callable[[Tensor, Tensor], Tensor]] = None
         self.target = target
         self.cross = torch.nn.ModuleList(cross)
         self.feature_reward = features
@@ -79,6 +164,9 @@ class Evaluator(Metric):
         for i in range(len(self.cross)):
             self.add_state(f"cross_{i}", default=[], dist_reduce_fx="cat")
         self.add_state("features", default=[], dist_reduce_fx="cat")
+        self.add_state("sample_ids", default=[], dist_reduce_fx="cat")
+        if lpips is not None:
+            self.add_state("lpips_images", default=[], dist_reduce_fx="cat")
         for key in COMPUTE_KEYS:
             self.add_state(f"compute_{key}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -112,6 +200,12 @@ class Evaluator(Metric):
         for i, r in enumerate(self.cross):
             getattr(self, f"cross_{i}").append(rewards[r.name])
         self.features.append(self.featurize(images))
+        self.sample_ids.append(batch.sample_ids.to(self.device).long())
+        if self.lpips is not None:
+            x = images.float()
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            x = torch.nn.functional.interpolate(x, size=(self.lpips_size,) * 2, mode="bilinear", antialias=True)
+            self.lpips_images.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
         for key in COMPUTE_KEYS:
             setattr(self, f"compute_{key}", getattr(self, f"compute_{key}") + float(batch.compute.get(key, 0.0)))
         self.count += len(batch)
@@ -129,8 +223,56 @@ class Evaluator(Metric):
             out[f"cross/{r.name}/mean"] = float(dim_zero_cat(getattr(self, f"cross_{i}")).double().mean())
         out["diversity/pairwise"] = pairwise_cosine_distance(feats)
         out["diversity/vendi"] = vendi_score(feats)
+        if self.lpips is not None:
+            out["diversity/lpips"] = self._lpips_diversity(torch.arange(len(target), device=target.device))
         if self.reference is not None:
             out["fidelity/fd"] = frechet_distance(feats.cpu(), self.reference)
         for key in COMPUTE_KEYS:
             out[f"compute/{key}"] = float(getattr(self, f"compute_{key}")) / n
         return out
+
+    def _lpips_diversity(self, rows: Tensor) -> float:
+        if self._lpips_distance is None:
+            self._lpips_distance = lpips_distance(self.lpips, self.device)
+        images = dim_zero_cat(self.lpips_images)[rows.to(self.device)].float() / 255
+        return mean_pairwise_distance(images, self._lpips_distance, self.lpips_max_pairs)
+
+    def per_condition(self, conditions: Sequence[Any]) -> dict[str, dict[str, float]]:
+        """The metrics of each condition's samples: ``{condition: {"count", "target/mean",
+        "target/median", "target/q90", "cross/<reward>/mean", "diversity/pairwise",
+        "diversity/vendi"[, "diversity/lpips"]}}``, conditions in first-use order.
+
+        ``conditions`` are those of the data module, cycled over the sample ids (sample ``i``
+        has ``conditions[i % len(conditions)]``, as :class:`~tsf.lightning.data.SampleIdsDataModule`
+        assigns them); call it before :meth:`reset`. The count-weighted mean of the per-condition
+        ``target/mean`` is the overall ``target/mean``. Diversity here is among the samples of
+        one prompt (the usual text-to-image diversity), not across prompts.
+        """
+        conditions = list(conditions)
+        if not conditions:
+            raise ConfigError("per_condition needs the list of conditions")
+        # synced across processes as compute() is (torchmetrics' own context), restored after
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=self._should_unsync):
+            return self._per_condition(conditions)
+
+    def _per_condition(self, conditions: list) -> dict[str, dict[str, float]]:
+        ids = dim_zero_cat(self.sample_ids).long().cpu()
+        target = dim_zero_cat(self.target_values).double().cpu()
+        cross = [dim_zero_cat(getattr(self, f"cross_{i}")).double().cpu() for i in range(len(self.cross))]
+        feats = dim_zero_cat(self.features).cpu()
+        keys = [condition_key(conditions[int(i) % len(conditions)]) for i in ids]
+        table: dict[str, dict[str, float]] = {}
+        for key in dict.fromkeys(keys):
+            rows = torch.tensor([k == key for k in keys])
+            t = target[rows]
+            row = {"count": float(rows.sum()), "target/mean": float(t.mean()), "target/median": float(t.median()),
+                   "target/q90": float(torch.quantile(t, 0.9))}
+            for r, values in zip(self.cross, cross):
+                row[f"cross/{r.name}/mean"] = float(values[rows].mean())
+            row["diversity/pairwise"] = pairwise_cosine_distance(feats[rows])
+            row["diversity/vendi"] = vendi_score(feats[rows])
+            if self.lpips is not None:
+                row["diversity/lpips"] = self._lpips_diversity(rows.nonzero().reshape(-1))
+            table[key] = row
+        return table

@@ -51,19 +51,29 @@ class SampleIdsDataModule(L.LightningDataModule):
         num_samples: number of outputs N (sample ids ``0 .. N-1``).
         conditions: conditions cycled over the sample ids (a digit class, a prompt, or ``null``
             for none).
+        prompts: instead of ``conditions``, a prompt set: a shipped set's name (``animals``), a
+            text file (one prompt per line) or ``hf:<dataset>[:<split>[:<column>]]``
+            (see :func:`tsf.data.prompts.load_prompts`).
         seed: the run seed; sample ``i`` draws its noise from ``(seed, i)``.
         batch_size: outputs per ``sampler.sample`` call (particles multiply it); results do
             not depend on it.
     """
 
     def __init__(self, num_samples: int = 64, conditions: Optional[list[Any]] = None, seed: int = 0,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, prompts: Optional[str] = None) -> None:
         super().__init__()
         if num_samples < 1:
             raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if prompts is not None and conditions:
+            raise ConfigError("give data.conditions or data.prompts, not both")
         self.num_samples = int(num_samples)
+        self.prompts = prompts
+        if prompts is not None:
+            from tsf.data.prompts import load_prompts
+
+            conditions = load_prompts(prompts)
         self.conditions = list(conditions) if conditions else [None]
         self.seed = int(seed)
         self.batch_size = int(batch_size)

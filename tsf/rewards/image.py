@@ -1,4 +1,4 @@
-"""Image statistics rewards: ``compressibility`` (DDPO/SVDD) and ``brightness``."""
+"""Image statistics rewards: ``compressibility`` and ``incompressibility`` (DDPO/SVDD), ``brightness``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ class Compressibility(Reward):
             Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="JPEG", quality=self.quality)
             sizes.append(buf.tell() / 1000.0)
         return -torch.tensor(np.asarray(sizes), dtype=torch.float32, device=images.device)
+
+
+@REWARDS.register("incompressibility")
+class Incompressibility(Compressibility):
+    """The JPEG size in kB at ``quality`` (DDPO's incompressibility): minus :class:`Compressibility`."""
+
+    name = "incompressibility"
+
+    def forward(self, images: Tensor, conditions: Optional[Sequence[Any]] = None) -> Tensor:
+        return -super().forward(images, conditions)
 
 
 @REWARDS.register("brightness")

@@ -1,0 +1,1 @@
+"""Data shipped with tsf: prompt sets (:mod:`tsf.data.prompts`)."""
