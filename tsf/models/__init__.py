@@ -5,5 +5,7 @@ from tsf.models.diffusion import EpsDiffusionModel
 from tsf.models.digits import DigitsDiffusion, DigitsFlow
 from tsf.models.flow import FlowModel
 from tsf.models.gmm import GaussianMixture, GaussianMixtureFlow
+from tsf.models.pipelines import Flux, StableDiffusion, StableDiffusion3
 
-__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion", "GaussianMixture", "FlowModel", "GaussianMixtureFlow", "DigitsFlow"]
+__all__ = ["BaseModel", "Transition", "EpsDiffusionModel", "DigitsDiffusion", "GaussianMixture", "FlowModel", "GaussianMixtureFlow", "DigitsFlow",
+           "StableDiffusion", "StableDiffusion3", "Flux"]

@@ -38,18 +38,21 @@ class EpsDiffusionModel(BaseModel):
         guidance_scale: classifier-free guidance weight ``w`` (1 = plain conditional model).
         num_classes: classes of the conditioning; ``None`` for an unconditional model.
             Class ``num_classes`` is the null (unconditional) label.
+        prediction_type: what the network predicts: ``epsilon`` or ``v_prediction`` (SD 2.x 768);
+            a v prediction is turned into eps at the call, ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        scheduler_config: dict,
+        net: Optional[nn.Module],
+        scheduler_config: Optional[dict],
         scheduler: Literal["ddim", "ddpm"] = "ddim",
         num_steps: int = 50,
         eta: float = 1.0,
         guidance_scale: float = 1.0,
         num_classes: Optional[int] = None,
         sample_shape: tuple[int, ...] = (1, 8, 8),
+        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
     ) -> None:
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -60,16 +63,24 @@ class EpsDiffusionModel(BaseModel):
             raise ConfigError(f"eta must be >= 0, got {eta}")
         if scheduler == "ddpm" and eta != 1.0:
             raise ConfigError("the DDPM scheduler is DDIM with eta = 1; use scheduler: ddim to set eta")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"unknown prediction_type {prediction_type!r}; known: epsilon, v_prediction")
         self.net = net
         self.scheduler_name = scheduler
-        self.scheduler = SCHEDULERS[scheduler](**{"clip_sample": False, **scheduler_config})
-        self.scheduler.set_timesteps(num_steps)
         self.num_steps = num_steps
         self.eta = float(eta)
         self.guidance_scale = float(guidance_scale)
         self.num_classes = num_classes
         self.sample_shape = tuple(sample_shape)
+        self.prediction_type = prediction_type
+        if scheduler_config is not None:
+            self.set_schedule(scheduler_config)
 
+    def set_schedule(self, scheduler_config: dict) -> None:
+        """Build the diffusers scheduler and the grid's ``abar`` (a latent model calls it once its
+        scheduler config is read, in ``load``)."""
+        self.scheduler = SCHEDULERS[self.scheduler_name](**{"clip_sample": False, **scheduler_config})
+        self.scheduler.set_timesteps(self.num_steps)
         timesteps = self.scheduler.timesteps.long()
         # the next grid point (diffusers' step uses t - num_train // T, which is the same point when T
         # divides num_train_timesteps and skips part of the grid otherwise, e.g. "trailing" with T = 400)
@@ -99,11 +110,28 @@ class EpsDiffusionModel(BaseModel):
     def forward(self, x: Tensor, i: int, c: Tensor) -> Tensor:
         t = self.timesteps[i].expand(x.shape[0])
         w = self.guidance_scale
-        if w == 1.0 or self.num_classes is None:
-            return self.net(x, t, c)
-        null = torch.full_like(c, self.num_classes)
-        eps_c, eps_u = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, null])).chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+        if w == 1.0 or not self.guided:
+            out = self.denoise(x, t, c)
+        else:  # classifier-free guidance: every row paired with its own unconditional twin
+            out_c, out_u = self.denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, self.null(c)])).chunk(2)
+            out = out_u + w * (out_c - out_u)
+        if self.prediction_type == "v_prediction":
+            abar = self.abar[i]
+            out = abar.sqrt() * out + (1 - abar).sqrt() * x
+        return out
+
+    @property
+    def guided(self) -> bool:
+        """Whether the conditioning has a null condition for classifier-free guidance."""
+        return self.num_classes is not None
+
+    def null(self, c: Tensor) -> Tensor:
+        """The null (unconditional) conditions of rows ``c``."""
+        return torch.full_like(c, self.num_classes)
+
+    def denoise(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        """The network's raw prediction at timesteps ``t`` (one call)."""
+        return self.net(x, t, c)
 
     def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
         abar = self.abar[i]

@@ -81,6 +81,7 @@ class FlowModel(BaseModel):
         num_classes: classes of the conditioning (``None``: unconditional); class ``num_classes``
             is the null label.
         sample_shape: shape of one sample.
+        shift: time shift of the grid (SD3: 3; 1 = none), see :meth:`set_grid`.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class FlowModel(BaseModel):
         time_grid: Optional[Literal["uniform", "reference"]] = None,
         num_classes: Optional[int] = None,
         sample_shape: Sequence[int] = (1, 8, 8),
+        shift: float = 1.0,
     ) -> None:
         super().__init__()
         if num_steps < 1:
@@ -104,28 +106,34 @@ class FlowModel(BaseModel):
         if diffusion_norm < 0:
             raise ConfigError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
         time_grid = time_grid or "uniform"
-        k = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-        if time_grid == "uniform":
-            grid = 1 - k
-        elif time_grid == "reference":
-            grid = torch.sqrt(1 - k**2)
-        else:
+        if time_grid not in ("uniform", "reference"):
             raise ConfigError(f"unknown time_grid {time_grid!r}; known: uniform, reference")
+        if shift <= 0:
+            raise ConfigError(f"shift must be > 0, got {shift}")
         self.net = net
         self.num_steps = int(num_steps)
         self.interpolant, self.diffusion, self.diffusion_norm = interpolant, diffusion, float(diffusion_norm)
         self.time_grid = time_grid
         self.num_classes = num_classes
         self.sample_shape = tuple(sample_shape)
-        sched = (vp_schedule if interpolant == "vp" else linear_schedule)(grid)
+        self.set_grid(shift)
+
+    def set_grid(self, shift: float = 1.0) -> None:
+        """The time grid ``s_0 = 1 > ... > s_T = 0`` and its schedule; ``shift`` warps it as SD3's and
+        FLUX's schedulers do, ``s -> shift s / (1 + (shift - 1) s)`` (more steps near the noise)."""
+        k = torch.arange(self.num_steps + 1, dtype=torch.float64) / self.num_steps
+        grid = 1 - k if self.time_grid == "uniform" else torch.sqrt(1 - k**2)
+        grid = shift * grid / (1 + (shift - 1) * grid)
+        self.shift = float(shift)
+        sched = (vp_schedule if self.interpolant == "vp" else linear_schedule)(grid)
         for key, val in sched.items():
             self.register_buffer(f"_{key}", val, persistent=False)
         self.register_buffer("_grid", grid, persistent=False)
-        self.register_buffer("_g", diffusion_coefficient(diffusion, self.diffusion_norm, grid), persistent=False)
+        self.register_buffer("_g", diffusion_coefficient(self.diffusion, self.diffusion_norm, grid), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"num_steps={self.num_steps}, interpolant={self.interpolant}, diffusion={self.diffusion}, "
-                f"diffusion_norm={self.diffusion_norm}, time_grid={self.time_grid}")
+                f"diffusion_norm={self.diffusion_norm}, time_grid={self.time_grid}, shift={self.shift}")
 
     @property
     def is_stochastic(self) -> bool:
@@ -142,9 +150,13 @@ class FlowModel(BaseModel):
         """The velocity of the sampled interpolant at grid point ``i`` (one network call)."""
         t = self._coef("t", i, x).expand(x.shape[0])
         if self.interpolant == "linear":
-            return self.net(x, t, c)
+            return self.velocity(x, t, c)
         cc, c_dot, t_dot = self._coef("c", i, x), self._coef("c_dot", i, x), self._coef("t_dot", i, x)
-        return (c_dot / cc) * x + cc * t_dot * self.net(x / cc, t, c)
+        return (c_dot / cc) * x + cc * t_dot * self.velocity(x / cc, t, c)
+
+    def velocity(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        """The network's velocity ``u_t(x)`` on the linear path, ``t`` in [0, 1] per row (one call)."""
+        return self.net(x, t, c)
 
     def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
         a, s, ad, sd = (self._coef(k, i, x) for k in ("alpha", "sigma", "alpha_dot", "sigma_dot"))
