@@ -48,7 +48,9 @@ class FinetuneModule(L.LightningModule):
         base: the diffusion model to fine-tune (its denoiser gets LoRA adapters).
         reward: the reward to maximise (a registered name or a Reward).
         cross_rewards: evaluated on validation samples, never optimised.
-        conditions: classes cycled over the training and validation samples.
+        conditions: classes (or prompts) cycled over the training and validation samples.
+        prompts: instead of ``conditions``, a prompt set: a shipped set's name (``animals``) or a text
+            file (:func:`tsf.data.prompts.load_prompts`).
         batch_size: trajectories per optimisation step, over all processes (the global batch): under
             DDP each of the ``world_size`` ranks draws ``batch_size / world_size`` of them and the
             gradients are averaged, so that a step equals the single-process step on the same batch.
@@ -60,8 +62,14 @@ class FinetuneModule(L.LightningModule):
     def __init__(self, base: EpsDiffusionModel, reward: Union[str, Reward] = "digit",
                  cross_rewards: Optional[list[Union[str, Reward]]] = None, conditions: Optional[list[Any]] = None,
                  batch_size: int = 32, lr: float = 3e-4, rank: int = 4, target_modules: Optional[list[str]] = None,
-                 val_samples: int = 200, seed: int = 0) -> None:
+                 val_samples: int = 200, seed: int = 0, prompts: Optional[str] = None) -> None:
         super().__init__()
+        if prompts is not None:
+            if conditions:
+                raise ConfigError("give conditions or prompts, not both")
+            from tsf.data.prompts import load_prompts
+
+            conditions = load_prompts(prompts)
         self.base = base
         self.reward = build_reward(reward)
         cross = [build_reward(r) for r in (["digit_holdout"] if cross_rewards is None else cross_rewards)]

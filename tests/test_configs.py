@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tsf.cli import load_samples, main
 
@@ -13,7 +14,8 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_validates(path, capsys):
-    command = "fit" if path.stem == "value" or path.parent.name == "finetune" else "sample"
+    model = yaml.safe_load(path.read_text())["model"]["class_path"]
+    command = "fit" if model.startswith("baselines.") or model.endswith("ValueModule") else "sample"
     with pytest.raises(SystemExit) as e:
         main([command, "--config", str(path), "--print_config"])
     assert e.value.code in (0, None)

@@ -102,6 +102,10 @@ class BaseModel(LazyLoadModule):
         return repr(self)
 
     # -- conditions -----------------------------------------------------------------
+    def check_conditions(self, conditions: Sequence[Any]) -> None:
+        """Raise a :class:`~tsf.errors.ConfigError` for conditions the model cannot take (reads no weights)."""
+        self.encode_conditions(conditions)
+
     def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
         """Map a list of per-sample conditions (a class, a prompt, None) to a per-row tensor."""
         return torch.zeros(len(conditions), device=self.device)

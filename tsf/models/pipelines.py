@@ -159,6 +159,9 @@ class _Pipeline:
         out = fn(*(t.to(self.torch_dtype) if torch.is_floating_point(t) else t for t in tensors))
         return out.float()
 
+    def check_conditions(self, conditions: Sequence[Any]) -> None:
+        as_prompts(conditions)
+
     def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
         idx = self.prompts.lookup(as_prompts(conditions), self.encode_prompts)
         return torch.tensor(idx, dtype=torch.long, device=self.device)
