@@ -21,7 +21,7 @@ def _byte_chars() -> list[str]:
     return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
-def clip_tokenizer(path: Path):
+def clip_tokenizer(path: Path, model_max_length: int = 16):
     """A CLIPTokenizer (byte-level vocabulary, ids < 514) saved to ``path`` and loaded back."""
     from transformers import CLIPTokenizer
 
@@ -31,7 +31,7 @@ def clip_tokenizer(path: Path):
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=model_max_length)
     tok.save_pretrained(str(path))
     return CLIPTokenizer.from_pretrained(str(path))
 

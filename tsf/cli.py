@@ -249,7 +249,7 @@ class TsfCLI(LightningCLI):
 
 #: ``tsf <tool> ...`` commands that are not LightningCLI subcommands: name -> "module:function"
 TOOLS = {"pretrain": "tsf.pretrain:main", "table": "tsf.report:main", "compare": "tsf.report:compare",
-         "scaling": "tsf.scaling:main", "overopt": "tsf.figures:overopt", "bench": "tsf.bench:main"}
+         "scaling": "tsf.scaling:main", "overopt": "tsf.figures:overopt", "bench": "tsf.bench:main", "figures": "tsf.figures:main"}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

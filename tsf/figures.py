@@ -1,56 +1,548 @@
 """Paper figures from run directories.
 
+``tsf figures RUN_DIRS... --out DIR``: the paper's figures, PDF and PNG each, from the run directories
+that ``tsf sample``, ``tsf compare`` and ``tsf scaling`` write (and the ``val_metrics.jsonl`` curves of
+``tsf finetune``): reward against NFE (scaling curves with bootstrap confidence bands), target against
+cross-reward (the over-optimisation frontier), diversity against target (and both side by side), sample
+grids of every method on the same sample ids, and SMC diagnostics (ESS and resampling over the steps).
+One colour per method in every figure; sizes for a two-column paper.
+
 ``tsf overopt``: the over-optimisation figure of the DAS paper on digits. It fine-tunes DDPO and
 DRaFT (``configs/finetune/``), runs the test-time samplers of ``configs/overopt/`` on the same base
 model, reward, evaluator, sample ids and seed, and plots target reward against cross-reward and
-against diversity: the fine-tuning curves over training steps, the samplers as points.
+diversity against target: the fine-tuning curves over training steps, the samplers as points.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
 
-COLORS = {"base": "black", "best_of_n": "tab:blue", "svdd_pm": "tab:orange", "das_k4": "tab:green",
-          "das_k16": "tab:olive", "draft": "tab:red", "ddpo": "tab:purple"}
+import numpy as np
+import yaml
+
+from tsf.errors import ConfigError
+
+SINGLE_COLUMN, FULL_WIDTH = 3.3, 7.0  # inches, a two-column paper
+TARGET, DIVERSITY = "target/mean", "diversity/pairwise"
+
+#: one colour per method label, in every figure of every tool (labels not listed get the FALLBACK colours)
+COLORS = {
+    "base": "black", "best_of_n": "tab:blue", "svdd_pm": "tab:orange", "svdd_mc": "tab:brown",
+    "smc": "tab:pink", "tds": "tab:gray", "fk": "tab:cyan", "das": "#006d2c", "dps": "#8c6d31",
+    "das_k4": "tab:green", "das_k16": "tab:olive", "draft": "tab:red", "ddpo": "tab:purple",
+    "ode_bon": "#393b79", "sde_bon": "#6b6ecf", "svdd_linear": "#e6550d", "svdd_vp": "#fdae6b",
+    "rbf_linear": "#843c39", "rbf_vp": "#d6616b", "das_vp": "#31a354",
+}
+FALLBACK = ["#5254a3", "#8ca252", "#bd9e39", "#ad494a", "#a55194", "#3182bd", "#756bb1", "#636363", "#637939",
+            "#7b4173", "#e7ba52", "#6baed6", "#ce6dbd", "#9c9ede", "#b5cf6b", "#e7969c"]  # none of COLORS
 
 
-def read_curve(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "val_metrics.jsonl").read_text().splitlines() if line]
+def method_colors(labels: Iterable[str]) -> dict[str, str]:
+    """The colour of every method label: its fixed colour in :data:`COLORS`, else the next unused
+    :data:`FALLBACK` colour in sorted label order (so one set of labels always gets the same colours)."""
+    from matplotlib.colors import to_hex
+
+    labels = sorted(set(labels))
+    colors = {m: to_hex(COLORS[m]) for m in labels if m in COLORS}
+    for j, m in enumerate(m for m in labels if m not in colors):
+        colors[m] = FALLBACK[j % len(FALLBACK)]
+    return colors
 
 
-def overoptimisation_figure(curves: dict[str, list[dict]], points: dict[str, dict], out: Path) -> None:
+# ----------------------------------------------------------------------------- run directories
+def method_label(run_dir: Path) -> str:
+    """A run directory's method: its name without the budget, K, reward and seed suffixes
+    (``svdd_vp_nfe200`` and ``das_k4_K4_digit_seed0`` give ``svdd_vp`` and ``das_k4``;
+    ``finetune_draft`` gives ``draft``)."""
+    name = Path(run_dir).name
+    name = re.sub(r"^finetune_", "", name)
+    name = re.sub(r"_K\d+(_.*)?$", "", name)
+    return re.sub(r"_nfe\d+$", "", name) or name
+
+
+@dataclass
+class Run:
+    """One run directory: a sampling run (``metrics.json``) or a fine-tuning curve (``val_metrics.jsonl``)."""
+
+    path: Optional[Path]              # None for a run given as numbers only
+    label: str
+    sampler: str                      # the sampler's (or fine-tuning module's) class name
+    metrics: dict[str, float]         # metrics.json, or the last validation row of a fine-tuning run
+    curve: list[dict] = field(default_factory=list)  # fine-tuning validation rows over steps
+
+    @property
+    def is_finetune(self) -> bool:
+        return bool(self.curve)
+
+    @property
+    def nfe(self) -> float:
+        return float(self.metrics.get("compute/nfe", float("nan")))
+
+    @cached_property
+    def samples(self) -> Optional[dict[str, Any]]:
+        """``samples.pt`` (tensors only), or ``None``."""
+        import torch
+
+        path = self.path / "samples.pt" if self.path is not None else None
+        return torch.load(path, weights_only=True, map_location="cpu") if path and path.is_file() else None
+
+    @cached_property
+    def diagnostics(self) -> Optional[dict[str, Any]]:
+        """``diagnostics.pt`` (SMC: ``sample_id``, ``log_z``, ``ess_fraction``, ``resampled``), or ``None``."""
+        import torch
+
+        path = self.path / "diagnostics.pt" if self.path is not None else None
+        return torch.load(path, weights_only=True, map_location="cpu") if path and path.is_file() else None
+
+    def cross_keys(self) -> list[str]:
+        return sorted(k for k in self.metrics if k.startswith("cross/") and k.endswith("/mean"))
+
+    def per_sample(self, key: str) -> Optional[np.ndarray]:
+        """Per-sample values behind the mean metric ``key`` (``target/mean``, ``cross/<r>/mean``) from samples.pt."""
+        rewards = (self.samples or {}).get("rewards") or {}
+        if key == TARGET:
+            cross = {k.split("/")[1] for k in self.cross_keys()}
+            name = next((n for n in rewards if n not in cross), None)
+        else:
+            name = key.split("/")[1] if key.startswith("cross/") else None
+        return None if name not in rewards else rewards[name].double().numpy()
+
+
+def _sampler_name(config: dict) -> str:
+    init = (config.get("model") or {}).get("init_args") or {}
+    path = (init.get("sampler") or {}).get("class_path") or (config.get("model") or {}).get("class_path") or "?"
+    return str(path).rsplit(".", 1)[-1]
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run directory; :class:`ConfigError` when it holds neither kind of run."""
+    d = Path(run_dir)
+    config = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
+    if (d / "metrics.json").is_file():
+        return Run(d, method_label(d), _sampler_name(config), json.loads((d / "metrics.json").read_text()))
+    if (d / "val_metrics.jsonl").is_file():
+        curve = [json.loads(line) for line in (d / "val_metrics.jsonl").read_text().splitlines() if line.strip()]
+        if curve:
+            return Run(d, method_label(d), _sampler_name(config) if config else "fine-tuning", curve[-1], curve)
+    raise ConfigError(f"{d} is not a run directory (no metrics.json or val_metrics.jsonl)")
+
+
+def load_runs(run_dirs: Iterable[Path], note: Callable[[str], None] = print) -> list[Run]:
+    """Every readable run (others are noted and left out); a label that two sampler classes share
+    gets the class name appended, so that different methods never share a curve or a colour."""
+    runs = []
+    for d in run_dirs:
+        try:
+            runs.append(load_run(d))
+        except ConfigError as err:
+            if Path(d).is_dir():
+                note(f"note: {err}; left out")
+    by_label: dict[str, set[str]] = {}
+    for r in runs:
+        by_label.setdefault(r.label, set()).add(r.sampler)
+    for r in runs:
+        if len(by_label[r.label]) > 1:
+            r.label = f"{r.label} ({r.sampler})"
+    return runs
+
+
+def by_method(runs: Iterable[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by method label (sorted), each group in increasing NFE."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    return {m: sorted(groups[m], key=lambda r: r.nfe) for m in sorted(groups)}
+
+
+# ----------------------------------------------------------------------------- statistics
+def bootstrap_ci(values, num_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values`` (fixed seed: reproducible)."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(num_resamples, x.size))].mean(1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+@dataclass
+class Series:
+    """One method's points in one panel: x, y and (where per-sample values exist) y's confidence band."""
+
+    label: str
+    x: np.ndarray
+    y: np.ndarray
+    y_lo: Optional[np.ndarray] = None
+    y_hi: Optional[np.ndarray] = None
+    x_lo: Optional[np.ndarray] = None
+    x_hi: Optional[np.ndarray] = None
+
+
+def _ci(runs: list[Run], key: str, ci: dict) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    values = [r.per_sample(key) for r in runs]
+    if any(v is None or not len(v) for v in values):
+        return None, None
+    lo, hi = zip(*(bootstrap_ci(v, **ci) for v in values))
+    return np.array(lo), np.array(hi)
+
+
+def series(runs: list[Run], x_key: str, y_key: str, ci: Optional[dict] = None) -> Series:
+    """The points of one method's runs, with bootstrap intervals of every per-sample mean metric."""
+    ci = ci or {}
+    x = np.array([r.nfe if x_key == "compute/nfe" else r.metrics[x_key] for r in runs], dtype=float)
+    y = np.array([r.metrics[y_key] for r in runs], dtype=float)
+    y_lo, y_hi = _ci(runs, y_key, ci)
+    x_lo, x_hi = _ci(runs, x_key, ci) if x_key != "compute/nfe" else (None, None)
+    return Series(runs[0].label, x, y, y_lo, y_hi, x_lo, x_hi)
+
+
+def scaling_series(runs: list[Run], key: str = TARGET, ci: Optional[dict] = None) -> dict[str, Series]:
+    """Per method, ``key`` against NFE per sample with its bootstrap band (sampling runs that have ``key``)."""
+    sampling = [r for r in runs if not r.is_finetune and key in r.metrics and np.isfinite(r.nfe)]
+    return {m: series(group, "compute/nfe", key, ci) for m, group in by_method(sampling).items()}
+
+
+# ----------------------------------------------------------------------------- drawing
+class MissingInput(Exception):
+    """A figure's inputs are absent from every run: the figure is skipped with a note."""
+
+
+def style():
+    """Small fonts and thin lines for a two-column paper."""
     import matplotlib
 
     matplotlib.use("Agg")
+    return matplotlib.rc_context({
+        "font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labelsize": 6, "ytick.labelsize": 6,
+        "legend.fontsize": 6, "lines.linewidth": 1.0, "lines.markersize": 3, "axes.linewidth": 0.6,
+        "legend.frameon": False, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
+    })
+
+
+def tag(artists, label: str) -> None:
+    """Mark artists as drawing ``label`` (their gid), so that a method's colour can be checked in any figure."""
+    for a in artists if isinstance(artists, (list, tuple)) else [artists]:
+        if a is not None:
+            a.set_gid(label)
+
+
+def draw(ax, s: Series, color: str, legend: str, band: bool = True, marker: str = "o", **line) -> None:
+    """A method in one panel: a line with a shaded band, or a single point with error bars."""
+    if len(s.x) == 1 or not band:
+        xerr = None if s.x_lo is None else np.abs(np.stack([s.x - s.x_lo, s.x_hi - s.x]))
+        yerr = None if s.y_lo is None else np.abs(np.stack([s.y - s.y_lo, s.y_hi - s.y]))
+        fmt = marker if len(s.x) == 1 else f"{marker}-"
+        c = ax.errorbar(s.x, s.y, xerr=xerr, yerr=yerr, fmt=fmt, color=color, label=legend, elinewidth=0.6,
+                        capsize=1.5, zorder=3, **line)
+        tag([c.lines[0], *c.lines[1], *c.lines[2]], s.label)
+        return
+    (ln,) = ax.plot(s.x, s.y, marker=marker, color=color, label=legend, **line)
+    tag(ln, s.label)
+    if s.y_lo is not None:
+        tag(ax.fill_between(s.x, s.y_lo, s.y_hi, color=color, alpha=0.2, linewidth=0), s.label)
+
+
+def log_nfe_axis(ax, nfe: Iterable[float]) -> None:
+    """Log-scale NFE axis, ticked at the runs' NFE values when they are few, else at 1-2-5 steps."""
+    import matplotlib.ticker as mt
+
+    ax.set_xscale("log")
+    values = sorted({round(float(v), 1) for v in nfe})
+    ax.xaxis.set_major_locator(mt.FixedLocator(values) if len(values) <= 6 else mt.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(mt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(mt.NullFormatter())
+    ax.set_xlabel("NFE per sample")
+
+
+def legend_below(fig, axes) -> None:
+    """One legend for the figure, under the panels (every method once)."""
+    handles = {}
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                   ncols=min(len(handles), 6 if fig.get_figwidth() > SINGLE_COLUMN else 3), handlelength=1.6,
+                   columnspacing=1.0)
+
+
+def metric_label(key: str) -> str:
+    if key == TARGET:
+        return "target reward (mean)"
+    if key.startswith("cross/"):
+        return f"cross-reward {key.split('/')[1]} (mean)"
+    return {"diversity/pairwise": "diversity (pairwise)", "diversity/vendi": "diversity (Vendi)"}.get(key, key)
+
+
+# ----------------------------------------------------------------------------- the figures
+def scaling_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
+    """Target reward against NFE per sample (log scale) with bootstrap bands; cross-reward (banded too)
+    and diversity beside it where the runs have them."""
     import matplotlib.pyplot as plt
 
-    cross = next(k for k in next(iter(points.values())) if k.startswith("cross/"))
-    fig, axes = plt.subplots(1, 2, figsize=(7.0, 2.9))
-    for ax, (key, label) in zip(axes, [(cross, "cross-reward (independent classifier)"),
-                                       ("diversity/pairwise", "diversity (pairwise)")]):
-        for name, rows in curves.items():
-            ax.plot([r[key] for r in rows], [r["target/mean"] for r in rows], marker=".", ms=4,
-                    color=COLORS.get(name), label=f"{name} (fine-tuning steps)")
-            ax.annotate(str(rows[-1]["step"]), (rows[-1][key], rows[-1]["target/mean"]), fontsize=6)
-        for name, m in points.items():
-            ax.scatter(m[key], m["target/mean"], marker="*", s=70, color=COLORS.get(name), label=name, zorder=3)
-        ax.set_xlabel(label, fontsize=8)
-        ax.set_ylabel("target reward (mean)", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
+    sampling = [r for r in runs if not r.is_finetune and TARGET in r.metrics]
+    if not sampling:
+        raise MissingInput("no sampling run with target/mean")
+    keys = [TARGET] + [k for k in sampling[0].cross_keys() if all(k in r.metrics for r in sampling)]
+    keys += [DIVERSITY] if all(DIVERSITY in r.metrics for r in sampling) else []
+    fig, axes = plt.subplots(1, len(keys), figsize=(FULL_WIDTH if len(keys) > 1 else SINGLE_COLUMN, 2.3),
+                             layout="constrained", squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for m, s in scaling_series(sampling, key, ci).items():
+            draw(ax, s, colors[m], m)
+        log_nfe_axis(ax, (r.nfe for r in sampling))
+        ax.set_title(metric_label(key))
+    axes[0, 0].set_ylabel(f"mean ({100 * (ci or {}).get('level', 0.95):g}% bootstrap band)")
+    legend_below(fig, axes)
+    return fig
+
+
+def tradeoff(ax, runs: list[Run], colors: dict[str, str], x_key: str, y_key: str, ci: Optional[dict]) -> None:
+    """``y_key`` against ``x_key``: each sampling method's runs in NFE order (a point when there is one),
+    each fine-tuning run as its validation curve over steps, the last step annotated."""
+    for m, group in by_method(r for r in runs if x_key in r.metrics and y_key in r.metrics).items():
+        sampling = [r for r in group if not r.is_finetune]
+        if sampling:
+            draw(ax, series(sampling, x_key, y_key, ci), colors[m], m, band=False)
+        for r in (r for r in group if r.is_finetune):
+            rows = [row for row in r.curve if x_key in row and y_key in row]
+            (ln,) = ax.plot([row[x_key] for row in rows], [row[y_key] for row in rows], marker=".", ls="--",
+                            color=colors[m], label=f"{m} (fine-tuning)")
+            tag(ln, m)
+            ax.annotate(f"step {rows[-1]['step']}", (rows[-1][x_key], rows[-1][y_key]), fontsize=5,
+                        xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel(metric_label(x_key))
+    ax.set_ylabel(metric_label(y_key))
+
+
+def _cross_key(runs: list[Run]) -> str:
+    keys = sorted({k for r in runs for k in r.cross_keys()})
+    if not keys:
+        raise MissingInput("no run has a cross-reward (cross_rewards: [] or not evaluated)")
+    return keys[0]
+
+
+def _with(runs: list[Run], *keys: str) -> list[Run]:
+    return [r for r in runs if all(k in r.metrics for k in keys)]
+
+
+def frontier_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
+    """Target reward against cross-reward: the over-optimisation frontier (single column)."""
+    import matplotlib.pyplot as plt
+
+    cross = _cross_key(runs)
+    fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.9), layout="constrained")
+    tradeoff(ax, _with(runs, cross, TARGET), colors, cross, TARGET, ci)
+    legend_below(fig, [ax])
+    return fig
+
+
+def diversity_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
+    """Diversity against target reward (single column)."""
+    import matplotlib.pyplot as plt
+
+    if not _with(runs, DIVERSITY, TARGET):
+        raise MissingInput(f"no run has {DIVERSITY}")
+    fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.9), layout="constrained")
+    tradeoff(ax, _with(runs, DIVERSITY, TARGET), colors, TARGET, DIVERSITY, ci)
+    legend_below(fig, [ax])
+    return fig
+
+
+def overoptimisation_panels(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
+    """The frontier and diversity against target side by side (full width): the README's figure."""
+    import matplotlib.pyplot as plt
+
+    cross = _cross_key(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.7), layout="constrained")
+    tradeoff(axes[0], _with(runs, cross, TARGET), colors, cross, TARGET, ci)
+    tradeoff(axes[1], _with(runs, DIVERSITY, TARGET), colors, TARGET, DIVERSITY, ci)
+    legend_below(fig, axes)
+    return fig
+
+
+def grid_rows(runs: list[Run], num_samples: int, note: Callable[[str], None] = print):
+    """``(ids, [(method, run, images [n, C, H, W])])``: per method its largest-NFE run with images,
+    showing the first ``num_samples`` sample ids that every such run has."""
+    import torch
+
+    chosen = [g[-1] for g in by_method(r for r in runs if r.samples is not None and "images" in r.samples).values()]
+    if not chosen:
+        raise MissingInput("no run has images")
+    shape = tuple(chosen[0].samples["images"].shape[1:])
+    for r in [r for r in chosen if tuple(r.samples["images"].shape[1:]) != shape]:
+        note(f"note: grids: {r.path} has images of another shape; left out")
+        chosen.remove(r)
+    common = set.intersection(*(set(r.samples["sample_id"].tolist()) for r in chosen))
+    if not common:
+        raise MissingInput("the runs with images share no sample id")
+    ids = torch.tensor(sorted(common)[:num_samples])
+    rows = []
+    for r in chosen:
+        pos = torch.searchsorted(r.samples["sample_id"], ids)
+        rows.append((r.label, r, r.samples["images"][pos]))
+    return ids, rows
+
+
+def grids_figure(runs: list[Run], colors: dict[str, str], num_samples: int = 10,
+                 note: Callable[[str], None] = print):
+    """One row per method (its largest-NFE run), the same sample ids in every row (full width)."""
+    import matplotlib.pyplot as plt
+
+    ids, rows = grid_rows(runs, num_samples, note)
+    C, H, W = rows[0][2].shape[1:]
+    n = len(ids)
+    height = FULL_WIDTH * 0.82 / n * H / W
+    fig, axes = plt.subplots(len(rows), 1, figsize=(FULL_WIDTH, 0.25 + len(rows) * (height + 0.06)),
+                             layout="constrained", squeeze=False)
+    for ax, (m, r, images) in zip(axes[:, 0], rows):
+        pad = np.full((C, H, 1), 255, dtype=np.uint8)
+        strip = np.concatenate([a for im in images.numpy() for a in (im, pad)][:-1], axis=2)
+        ax.imshow(strip[0] if C == 1 else strip.transpose(1, 2, 0), cmap="gray" if C == 1 else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([(j + 0.5) * (W + 1) - 1 for j in range(n)] if ax is axes[0, 0] else [])
+        if ax is axes[0, 0]:
+            ax.set_xticklabels([f"id {i}" for i in ids.tolist()])
+            ax.xaxis.set_ticks_position("top")
+        ax.set_yticks([])
+        nfe = f"\nNFE {r.nfe:.0f}" if np.isfinite(r.nfe) else ""
+        label = ax.set_ylabel(f"{m}{nfe}", rotation=0, ha="right", va="center", color=colors[m])
+        tag(label, m)
+        for spine in ax.spines.values():
+            spine.set_color(colors[m])
+    return fig
+
+
+def smc_figure(runs: list[Run], colors: dict[str, str]):
+    """ESS / K (mean over samples, 10-90% band) and the fraction of samples resampled at each step (full width)."""
+    import matplotlib.pyplot as plt
+
+    smc = [r for r in runs if r.diagnostics is not None]
+    if not smc:
+        raise MissingInput("no run has diagnostics.pt (SMC-family samplers write it)")
+    fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.2), layout="constrained")
+    for m, group in by_method(smc).items():
+        for j, r in enumerate(group):
+            ess = r.diagnostics["ess_fraction"].double().numpy()
+            steps = np.arange(1, ess.shape[1] + 1)
+            legend = m if len(group) == 1 else f"{m}, NFE {r.nfe:.0f}"
+            ls = ["-", "--", ":", "-."][j % 4]
+            (ln,) = axes[0].plot(steps, ess.mean(0), color=colors[m], ls=ls, label=legend)
+            q10, q90 = np.quantile(ess, [0.1, 0.9], axis=0)
+            tag([ln, axes[0].fill_between(steps, q10, q90, color=colors[m], alpha=0.15, linewidth=0)], m)
+            (ln,) = axes[1].plot(steps, r.diagnostics["resampled"].double().mean(0).numpy(), color=colors[m],
+                                 ls=ls, marker=".", label=legend)
+            tag(ln, m)
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_ylabel("ESS / K (mean, 10-90% band)")
+    axes[1].set_ylim(-0.03, 1.03)
+    axes[1].set_ylabel("fraction of samples resampled")
+    for ax in axes:
+        ax.set_xlabel("sampling step")
+    legend_below(fig, axes)
+    return fig
+
+
+FIGURES = ("scaling", "frontier", "diversity", "overoptimisation", "grids", "smc_diagnostics")
+
+
+def build(name: str, runs: list[Run], colors: dict[str, str], ci: dict, grid_samples: int, note):
+    """The named figure (a matplotlib Figure); :class:`MissingInput` when the runs lack its inputs."""
+    if name == "scaling":
+        return scaling_figure(runs, colors, ci)
+    if name == "frontier":
+        return frontier_figure(runs, colors, ci)
+    if name == "diversity":
+        return diversity_figure(runs, colors, ci)
+    if name == "overoptimisation":
+        return overoptimisation_panels(runs, colors, ci)
+    if name == "grids":
+        return grids_figure(runs, colors, grid_samples, note)
+    if name == "smc_diagnostics":
+        return smc_figure(runs, colors)
+    raise ConfigError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+
+
+def save_figure(fig, out: Path, formats: Iterable[str] = ("png", "pdf"), dpi: int = 200) -> list[Path]:
+    """``out.png`` and ``out.pdf`` (``out`` without suffix; or the given ``formats``); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(out.with_suffix(f".{ext}"), dpi=150)
+    paths = [out.with_name(f"{out.name}.{ext}") for ext in formats]
+    for p in paths:
+        fig.savefig(p, dpi=dpi)
     plt.close(fig)
+    return paths
+
+
+def make_figures(runs: list[Run], out: Path, only: Optional[Iterable[str]] = None, prefix: str = "",
+                 ci: Optional[dict] = None, grid_samples: int = 10, formats: Iterable[str] = ("png", "pdf"),
+                 dpi: int = 200, note: Callable[[str], None] = print) -> list[Path]:
+    """Every figure (or those in ``only``) into ``out/<prefix><name>.{png,pdf}``; returns the files written.
+    A figure whose inputs no run has is skipped with a note."""
+    colors = method_colors(r.label for r in runs)
+    written = []
+    with style():
+        for name in only or FIGURES:
+            try:
+                fig = build(name, runs, colors, ci or {}, grid_samples, note)
+            except MissingInput as why:
+                note(f"note: {name} skipped: {why}")
+                continue
+            written += save_figure(fig, Path(out) / f"{prefix}{name}", formats, dpi)
+    return written
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="tsf figures", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("run_dirs", nargs="*", type=Path, help="run directories (others, e.g. files of a glob, are ignored)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the figures")
+    p.add_argument("--only", nargs="+", choices=FIGURES, default=None, help="draw only these figures")
+    p.add_argument("--prefix", default="", help="prepended to every file name (e.g. digits_flow_)")
+    p.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (matplotlib's)")
+    p.add_argument("--dpi", type=int, default=200, help="resolution of the raster formats")
+    p.add_argument("--grid_samples", type=int, default=10, help="sample ids per grid row")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence bands")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the bands")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = p.parse_args(argv)
+    if not 0 < args.level < 1 or args.bootstrap < 1:
+        p.error("--level must be in (0, 1) and --bootstrap >= 1")
+    for d in args.run_dirs:
+        if not d.exists():
+            print(f"note: {d} does not exist; left out")
+    runs = load_runs(d for d in args.run_dirs if d.is_dir())
+    if not runs:
+        sys.exit("tsf figures: error: no run directory (metrics.json or val_metrics.jsonl) among the arguments")
+    ci = {"num_resamples": args.bootstrap, "level": args.level, "seed": args.seed}
+    written = make_figures(runs, args.out, args.only, args.prefix, ci, args.grid_samples, args.formats, args.dpi)
+    print(f"{len(runs)} runs, {len(by_method(runs))} methods; wrote:")
+    print("\n".join(f"  {p}" for p in written))
+
+
+# ----------------------------------------------------------------------------- tsf overopt
+def overoptimisation_figure(curves: dict[str, list[dict]], points: dict[str, dict], out: Path) -> list[Path]:
+    """The over-optimisation figure from numbers alone: fine-tuning ``curves`` (validation rows with
+    ``step``) and sampler ``points`` (metrics) by method; writes ``out.png`` and ``out.pdf``."""
+    runs = [Run(None, m, "fine-tuning", rows[-1], rows) for m, rows in curves.items()]
+    runs += [Run(None, m, "sampler", metrics) for m, metrics in points.items()]
+    with style():
+        return save_figure(overoptimisation_panels(runs, method_colors(r.label for r in runs)), out)
 
 
 def overopt(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="tsf overopt", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="tsf overopt", description=__doc__.split("\n\n")[2].replace("\n", " "))
     p.add_argument("--output_dir", type=Path, default=Path("runs/overopt"))
     p.add_argument("--figure", type=Path, default=None, help="figure path without suffix (default: OUTPUT_DIR/overoptimisation)")
     p.add_argument("--skip_runs", action="store_true", help="only redraw from existing run directories")
@@ -65,16 +557,14 @@ def overopt(argv=None) -> None:
                str(args.output_dir), "--", "--wandb_mode=disabled"]
         if subprocess.run(cmd).returncode:
             sys.exit("tsf overopt: the samplers failed")
-    curves = {m: read_curve(Path(f"runs/finetune_{m}")) for m in ("draft", "ddpo")}
-    points = {}
-    for d in sorted(args.output_dir.glob("*_K*")):
-        points[d.name.split("_K")[0]] = json.loads((d / "metrics.json").read_text())
+    runs = load_runs([*sorted(args.output_dir.glob("*_K*")), *(Path(f"runs/finetune_{m}") for m in ("draft", "ddpo"))])
     fig = args.figure or args.output_dir / "overoptimisation"
-    overoptimisation_figure(curves, points, fig)
-    cross = next(k for k in next(iter(points.values())) if k.startswith("cross/"))
+    with style():
+        save_figure(overoptimisation_panels(runs, method_colors(r.label for r in runs)), fig)
+    cross = _cross_key(runs)
     lines = ["| method | target mean | cross mean | diversity pairwise | vendi | fd |", "|---|---|---|---|---|---|"]
-    rows = [(n, m) for n, m in points.items()] + [(f"{n} step {c[-1]['step']}", c[-1]) for n, c in curves.items()]
-    for name, m in rows:
+    for r in runs:
+        name, m = (f"{r.label} step {r.metrics['step']}", r.metrics) if r.is_finetune else (r.label, r.metrics)
         lines.append(f"| {name} | {m['target/mean']:.3f} | {m[cross]:.3f} | {m['diversity/pairwise']:.3f} | "
                      f"{m['diversity/vendi']:.2f} | {m.get('fidelity/fd', float('nan')):.2f} |")
     print("\n".join(lines))

@@ -3,8 +3,9 @@
 Each config runs once per budget, with its sampler's size set by the sampler's own
 ``for_budget`` (Best-of-N and SMC: ``N = B / T``; SVDD: ``M = (B - 1) / (T - 1)``; RBF: its
 budget), so that every point of a curve spends the same NFE per sample as the others at
-that budget. The figure (PNG and PDF) plots target reward, cross-reward and diversity
-against the NFE counted per sample.
+that budget. The figure (PNG and PDF; ``tsf figures`` draws the same from the run directories)
+plots target reward, cross-reward and diversity against the NFE counted per sample, with
+bootstrap confidence bands.
 """
 
 from __future__ import annotations
@@ -39,35 +40,13 @@ def budget_overrides(config: Path, budget: int) -> list[str]:
     return [f"--model.init_args.sampler.init_args.{k}={v}" for k, v in sampler_cls.for_budget(budget, steps).items()]
 
 
-def plot(rows: list[dict], out: Path) -> None:
-    import matplotlib
+def plot(run_dirs: list[Path], out: Path) -> list[Path]:
+    """The scaling figure of :mod:`tsf.figures` (bootstrap bands, the shared method colours) at ``out.{png,pdf}``."""
+    from tsf.figures import load_runs, method_colors, save_figure, scaling_figure, style
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = sorted({r["method"] for r in rows})
-    cross = next((k for k in rows[0]["metrics"] if k.startswith("cross/")), None)
-    panels = [("target/mean", "target reward (mean)"), ("diversity/pairwise", "diversity (pairwise)")]
-    if cross:
-        panels.insert(1, (cross, f"cross-reward {cross.split('/')[1]} (mean)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.8))
-    colors = plt.get_cmap("tab10")
-    for ax, (key, label) in zip(axes, panels):
-        for j, m in enumerate(methods):
-            pts = sorted((r["metrics"]["compute/nfe"], r["metrics"][key]) for r in rows if r["method"] == m)
-            ax.plot(*zip(*pts), marker="o", ms=3, color=colors(j % 10), label=m)
-        ax.set_xscale("log")
-        ticks = sorted({r["budget"] for r in rows})
-        ax.minorticks_off()
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.set_xlabel("NFE per sample (counted)")
-        ax.set_title(label, fontsize=9)
-        ax.tick_params(labelsize=8)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out.with_suffix(f".{ext}"), dpi=150)
-    plt.close(fig)
+    runs = load_runs(run_dirs)
+    with style():
+        return save_figure(scaling_figure(runs, method_colors(r.label for r in runs)), out)
 
 
 def main(argv=None) -> None:
@@ -89,6 +68,6 @@ def main(argv=None) -> None:
     table = results_table(dirs)
     (args.output_dir / "scaling.md").write_text(table + "\n")
     (args.output_dir / "scaling.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, args.output_dir / "scaling")
+    plot(dirs, args.output_dir / "scaling")
     print(table)
     print(f"figure: {args.output_dir / 'scaling.png'} (and .pdf)")

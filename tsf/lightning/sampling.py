@@ -71,6 +71,41 @@ class SampleCollector(Metric):
         return out
 
 
+class DiagnosticsCollector(Metric):
+    """Collects the sampler's per-sample diagnostics (SMC: ``log_z [B]``, ``ess_fraction [B, T]``,
+    ``resampled [B, T]``) from every process, rows aligned with the batch's sample ids."""
+
+    full_state_update = False
+    #: diagnostics with one row per output sample that go into the run directory's ``diagnostics.pt``
+    KEYS = ("log_z", "ess_fraction", "resampled")
+
+    def __init__(self) -> None:
+        super().__init__()
+        for key in ("sample_id", *self.KEYS):
+            self.add_state(key, default=[], dist_reduce_fx="cat")
+
+    def update(self, batch: SampleBatch) -> None:  # type: ignore[override]
+        diagnostics = batch.diagnostics or {}
+        if not all(torch.is_tensor(diagnostics.get(k)) for k in self.KEYS):
+            return  # a sampler without them, or a batch restored from a shard
+        self.sample_id.append(batch.sample_ids.to(self.device))
+        for key in self.KEYS:
+            # gloo gathers no bool tensors: flags travel as float and come back as bool
+            getattr(self, key).append(diagnostics[key].to(self.device, torch.float32))
+
+    def compute(self) -> Optional[dict[str, Tensor]]:
+        """``{"sample_id": [N], key: [N, ...]}`` sorted by sample id, or ``None`` when nothing was collected."""
+        ids = dim_zero_cat(self.sample_id) if len(self.sample_id) else None
+        if ids is None or not ids.numel():
+            return None
+        order = ids.argsort()
+        out = {"sample_id": ids[order].long().cpu()}
+        for key in self.KEYS:
+            out[key] = dim_zero_cat(getattr(self, key))[order].cpu()
+        out["resampled"] = out["resampled"].bool()
+        return out
+
+
 class SamplingModule(L.LightningModule):
     """Sample with a test-time sampler and judge the samples with the shared evaluator.
 
@@ -107,6 +142,7 @@ class SamplingModule(L.LightningModule):
         feature_reward = self._feature_reward(features, cross)
         self.evaluator = Evaluator(self.reward, cross, feature_reward)
         self.collector = SampleCollector(names)
+        self.diagnostics = DiagnosticsCollector()
         self.fidelity_samples = int(fidelity_samples)
         self.results: dict[str, Any] = {}
         self.sampled_batches = 0  # batches sampled in this process (the others came from shards)
@@ -125,7 +161,7 @@ class SamplingModule(L.LightningModule):
     # -- lifecycle --------------------------------------------------------------------
     def check_conditions(self, conditions: list) -> None:
         """Refuse conditions the base model or a reward cannot take (reads no weight file)."""
-        self.base.encode_conditions(conditions)
+        self.base.check_conditions(conditions)
         for r in [self.reward, *self.evaluator.cross]:
             r.check_conditions(conditions)
 
@@ -184,12 +220,34 @@ class SamplingModule(L.LightningModule):
         rewards = self.evaluator.rewards(out, batch["conditions"])
         self.evaluator.update(out, rewards)
         self.collector.update(out, rewards)
+        self.diagnostics.update(out)
 
     def on_test_epoch_end(self) -> None:
         metrics = self.evaluator.compute()
-        self.results = {"metrics": metrics, "samples": self.collector.compute(),
-                        "conditions": self._conditions}
+        samples = self.collector.compute()
+        diagnostics = self.diagnostics.compute()
+        self.results = {"metrics": metrics, "samples": samples, "conditions": self._conditions}
+        if diagnostics is not None:
+            self.results["diagnostics"] = diagnostics
+        self.write_diagnostics(diagnostics, samples["sample_id"])
         # already synced by torchmetrics: log as is (self.log's sync_dist mis-averages uneven shards)
         self.log_dict(metrics, sync_dist=False, rank_zero_only=True)
         self.evaluator.reset()
         self.collector.reset()
+        self.diagnostics.reset()
+
+    def write_diagnostics(self, diagnostics: Optional[dict[str, Tensor]], sample_ids: Tensor) -> None:
+        """Rank 0 writes ``diagnostics.pt`` into the run directory when every sample has diagnostics
+        (a stale file from an overwritten run is removed)."""
+        run_dir = getattr(self.trainer, "run_dir", None)
+        if run_dir is None or not self.trainer.is_global_zero:
+            return
+        path = Path(run_dir) / "diagnostics.pt"
+        path.unlink(missing_ok=True)
+        if diagnostics is None:
+            return
+        if not torch.equal(diagnostics["sample_id"], sample_ids):
+            print(f"tsf: {path.name} not written: {len(diagnostics['sample_id'])} of {len(sample_ids)} samples "
+                  "have diagnostics (batches restored from shards carry none)")
+            return
+        torch.save(diagnostics, path)

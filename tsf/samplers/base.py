@@ -26,7 +26,9 @@ COMPUTE_KEYS = ("nfe", "nfe_grad", "reward_calls", "reward_grad_calls", "seconds
 
 @dataclass
 class SampleBatch:
-    """``B`` final samples. ``compute`` holds totals over the batch (divide by ``B`` for per sample)."""
+    """``B`` final samples. ``compute`` holds totals over the batch (divide by ``B`` for per sample);
+    ``diagnostics`` are the sampler's own (SMC: ``log_z``, ``ess_fraction``, ``resampled``), tensors
+    with one row per output in the order of ``sample_ids``."""
 
     x0: Tensor
     sample_ids: Tensor

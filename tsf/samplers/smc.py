@@ -15,8 +15,9 @@ Each step from ``x_t`` to ``x_prev``:
    every per-particle quantity with the particles: state, cached model output, value,
    gradient and accumulated potential.
 
-``log Z`` (the estimate of ``log E_p[exp(r(x0) / alpha)]``), per-step ESS and resampling
-counts are in the diagnostics.
+``log Z`` (the estimate of ``log E_p[exp(r(x0) / alpha)]``) and, per output and per step, the ESS
+(``ess``, and ``ess_fraction = ESS / K`` in (0, 1]) and whether the group was resampled after that
+step (``resampled``; never after the last) are in the diagnostics, one row per output.
 """
 
 from __future__ import annotations
@@ -262,6 +263,8 @@ class SMC(Sampler):
                     v, log_g, stat, dead = (t.gather(1, idx) for t in (v, log_g, stat, dead))
                     logw = torch.where(do[:, None], torch.full_like(logw, -math.log(K)), logw)
                 resampled.append(do)
+            else:
+                resampled.append(torch.zeros(B, dtype=torch.bool, device=dev))  # the output is chosen instead
             x = x_new
 
         if counts["nonfinite_values"]:
@@ -270,10 +273,12 @@ class SMC(Sampler):
         pick = logw.argmax(1) if self.output == "argmax" else draw_categorical(logw, u)
         rows = pick + K * torch.arange(B, device=dev)
         r_final = v.reshape(-1)[rows].float()  # at i = T the value is the reward
+        ess = torch.stack(ess_trace, 1).cpu()  # [B, T]: after each step's reweighting
         diagnostics = {
             "log_z": log_z.float().cpu(),
-            "ess": torch.stack(ess_trace, 1).cpu(),
-            "resampled": (torch.stack(resampled, 1).cpu() if resampled else torch.zeros(B, 0, dtype=torch.bool)),
+            "ess": ess,
+            "ess_fraction": ess / K,
+            "resampled": torch.stack(resampled, 1).cpu(),  # [B, T], aligned with ess
             **counts,
         }
         if self.output == "all":
