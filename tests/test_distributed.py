@@ -23,6 +23,8 @@ def sample(tmp_path, name, *extra):
            f"--run_name={name}", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+    if "--trainer.devices=2" in extra:  # each rank reports its own progress
+        assert "[rank 0/2] 3/3 batches" in res.stderr and "[rank 1/2] 3/3 batches" in res.stderr, res.stderr[-2000:]
     return tmp_path / name
 
 

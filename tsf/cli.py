@@ -72,6 +72,8 @@ def save_grid(images: torch.Tensor, path: Path, max_images: int = 64, scale: int
 
 def write_run_dir(run_dir: Path, results: dict[str, Any]) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(results["metrics"], indent=2, sort_keys=True))
+    if len(results.get("per_condition", {})) > 1:  # the per-prompt (per-class) breakdown
+        (run_dir / "per_condition.json").write_text(json.dumps(results["per_condition"], indent=2))
     samples = {k: results["samples"][k] for k in ("x0", "images", "sample_id", "rewards") if k in results["samples"]}
     torch.save(samples, run_dir / "samples.pt")
     if "images" in samples:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -221,12 +222,27 @@ class SamplingModule(L.LightningModule):
         self.evaluator.update(out, rewards)
         self.collector.update(out, rewards)
         self.diagnostics.update(out)
+        self.report_rank_progress(batch_idx)
+
+    def report_rank_progress(self, batch_idx: int) -> None:
+        """Under several processes, each rank prints its own progress (the bar shows rank 0's only)
+        about ten times per run, one line each, readable in SLURM logs."""
+        trainer = self.trainer
+        if trainer.world_size == 1:
+            return
+        total = trainer.num_test_batches[0] if trainer.num_test_batches else 0
+        done = batch_idx + 1
+        if total and (done == total or done % max(1, total // 10) == 0):
+            print(f"[rank {trainer.global_rank}/{trainer.world_size}] {done}/{total} batches", file=sys.stderr,
+                  flush=True)
 
     def on_test_epoch_end(self) -> None:
         metrics = self.evaluator.compute()
         samples = self.collector.compute()
         diagnostics = self.diagnostics.compute()
-        self.results = {"metrics": metrics, "samples": samples, "conditions": self._conditions}
+        per_condition = self.evaluator.per_condition(self._conditions)
+        self.results = {"metrics": metrics, "samples": samples, "conditions": self._conditions,
+                        "per_condition": {str(c): m for c, m in per_condition.items()}}
         if diagnostics is not None:
             self.results["diagnostics"] = diagnostics
         self.write_diagnostics(diagnostics, samples["sample_id"])
