@@ -98,22 +98,25 @@ class RBF(Sampler):
                                          [conds_n[j] for j in chain.tolist()], 1.0)
                 v = torch.where(torch.isfinite(v), v.double(), -math.inf)
                 rem -= take
-                start = 0
-                for j, k in zip(chain.unique_consecutive().tolist(), take[take > 0].tolist()):
-                    vj = v[start:start + k]
-                    better = (vj > r_star[j]).nonzero()
-                    if len(better):
-                        a = start + int(better[0])
-                        done[j] = True
-                        new_x[j], new_r[j] = children[a], v[a]
-                        if out_c is not None:
-                            new_out[j] = out_c[a]
-                    b = start + int(vj.argmax())
-                    if v[b] > best_v[j]:
-                        best_v[j], best_x[j] = v[b], children[b]
-                        if out_c is not None:
-                            best_out[j] = out_c[b]
-                    start += k
+                # per chain, in draw order: the first child that beats r* (accepted) and the first best child
+                idx, none = torch.arange(len(v), device=v.device), len(v)
+                unset = torch.full((B * N,), none, device=v.device)
+                beats = v > r_star[chain_d]
+                first = unset.scatter_reduce(0, chain_d[beats], idx[beats], "amin")
+                hit = first < none
+                a = first[hit]
+                new_x[hit], new_r[hit] = children[a], v[a]
+                if out_c is not None:
+                    new_out[hit] = out_c[a]
+                done |= hit.cpu()
+                top_v = torch.full_like(best_v, -math.inf).scatter_reduce(0, chain_d, v, "amax")
+                top = v == top_v[chain_d]
+                b = unset.scatter_reduce(0, chain_d[top], idx[top], "amin")
+                up = (b < none) & (top_v > best_v)
+                b = b[up]
+                best_v[up], best_x[up] = v[b], children[b]
+                if out_c is not None:
+                    best_out[up] = out_c[b]
             accepted_steps += int(done.sum())
             # chains that found no better child take the best one (the SVDD rule); their quota resets
             fallback = ~done

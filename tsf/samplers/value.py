@@ -91,6 +91,8 @@ class LearnedValue(ValueFunction):
         if i == model.num_steps:
             return reward(model.decode(x), conditions), None
         self.load()
+        if next(self.net.parameters()).device != x.device:  # a sampler is no nn.Module: follow the states
+            self.net.to(x.device)
         t = model.timesteps[i].expand(x.shape[0])
         null = self.net.config["num_classes"]
         labels = torch.tensor([null if k is None else int(k) for k in conditions], device=x.device)
