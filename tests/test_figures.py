@@ -168,3 +168,56 @@ def test_two_processes_write_the_one_process_diagnostics(tmp_path):
     assert two["sample_id"].tolist() == list(range(23))
     for k in one:
         assert torch.equal(one[k], two[k]), k
+
+
+class FakeWandbRun:
+    def __init__(self, name, summary, history=(), config=None):
+        self.name, self.summary, self._history, self.config = name, summary, list(history), config or {}
+
+    def history(self, pandas=False):
+        return self._history
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs = runs
+
+    def runs(self, project):
+        if project != "lab/tsf":
+            raise ValueError(f"project {project} not found")
+        return self._runs
+
+
+def test_runs_of_a_wandb_project_are_drawn_from_their_metrics(run_dirs, tmp_path, monkeypatch, capsys):
+    import wandb
+
+    from tsf.figures import main as figures_main
+
+    m = {"target/mean": 0.4, "cross/digit_holdout/mean": 0.3, "diversity/pairwise": 1.1, "compute/nfe": 400.0}
+    fake = FakeApi([
+        FakeWandbRun("das_K8_digit_seed0", {**m, "_step": 3},
+                     config={"model": {"init_args": {"sampler": {"class_path": "tsf.samplers.SMC"}}}}),
+        FakeWandbRun("das_K16_digit_seed0", {**m, "target/mean": 0.5, "compute/nfe": 800.0}),
+        FakeWandbRun("finetune_ddpo", {"val/target/mean": 0.2},
+                     [{"_step": 50, "val/target/mean": 0.1, "val/cross/digit_holdout/mean": 0.0,
+                       "val/diversity/pairwise": 1.0}, {"_step": 60, "train/loss": 1.0},
+                      {"_step": 100, "val/target/mean": 0.2, "val/cross/digit_holdout/mean": 0.05,
+                       "val/diversity/pairwise": 0.9}]),
+        FakeWandbRun("crashed", {"_runtime": 3}),
+    ])
+    monkeypatch.setattr(wandb, "Api", lambda **kw: fake)
+    figures_main([str(run_dirs["bon2"]), "--wandb_project", "lab/tsf", "--out", str(tmp_path), "--only",
+                  "scaling", "frontier", "--formats", "png"])
+    out = capsys.readouterr().out
+    assert "wandb run 'crashed' has no target/mean" in out
+    assert "4 runs, 3 methods" in out  # best_of_n (dir), das (2 wandb runs, one without its config), ddpo
+    assert (tmp_path / "scaling.png").is_file() and (tmp_path / "frontier.png").is_file()
+    from tsf.figures import wandb_runs
+
+    runs = {(r.label, r.nfe): r for r in wandb_runs("lab/tsf", api=fake, note=lambda s: None)}
+    ddpo = next(r for (label, _), r in runs.items() if label == "ddpo")
+    assert [row["step"] for row in ddpo.curve] == [50, 100] and ddpo.is_finetune
+    das = runs[("das", 400.0)]
+    assert das.sampler == "SMC" and das.samples is None  # numbers only: no bands, no grids
+    with pytest.raises(SystemExit, match="cannot read the wandb project 'lab/other'"):
+        figures_main(["--wandb_project", "lab/other", "--out", str(tmp_path)])

@@ -136,8 +136,7 @@ def load_run(run_dir: Path) -> Run:
 
 
 def load_runs(run_dirs: Iterable[Path], note: Callable[[str], None] = print) -> list[Run]:
-    """Every readable run (others are noted and left out); a label that two sampler classes share
-    gets the class name appended, so that different methods never share a curve or a colour."""
+    """Every readable run (others are noted and left out), labelled by :func:`distinct_labels`."""
     runs = []
     for d in run_dirs:
         try:
@@ -145,11 +144,49 @@ def load_runs(run_dirs: Iterable[Path], note: Callable[[str], None] = print) -> 
         except ConfigError as err:
             if Path(d).is_dir():
                 note(f"note: {err}; left out")
+    return distinct_labels(runs)
+
+
+def wandb_runs(project: str, note: Callable[[str], None] = print, api=None) -> list[Run]:
+    """The runs of a wandb project (``entity/project``) as numbers only: their summary metrics (a
+    sampling run's ``target/mean`` ...) or, for fine-tuning runs, their ``val/...`` history as a curve.
+    wandb keeps no ``samples.pt``, so these runs get no bootstrap bands, grids or SMC diagnostics."""
+    try:
+        if api is None:
+            import wandb
+
+            api = wandb.Api(timeout=30)
+        found = list(api.runs(project))
+    except Exception as err:  # no network, no login, no such project
+        raise ConfigError(f"cannot read the wandb project {project!r} ({type(err).__name__}: {str(err)[:200]}); "
+                          "reading a project needs network and `wandb login` (offline, pass run directories)") from err
+    runs = []
+    for r in found:
+        numbers = {k: float(v) for k, v in dict(r.summary).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_")}
+        sampler = _sampler_name(r.config if isinstance(r.config, dict) else {})
+        label = method_label(Path(r.name))
+        if TARGET in numbers:
+            runs.append(Run(None, label, sampler, numbers))
+        elif f"val/{TARGET}" in numbers:
+            curve = [{"step": row.get("trainer/global_step", row.get("_step")),
+                      **{k[4:]: v for k, v in row.items() if k.startswith("val/") and v is not None}}
+                     for row in r.history(pandas=False) if row.get(f"val/{TARGET}") is not None]
+            if curve:
+                runs.append(Run(None, label, sampler if sampler != "?" else "fine-tuning", curve[-1], curve))
+        else:
+            note(f"note: wandb run {r.name!r} has no {TARGET} or val/{TARGET}; left out")
+    return runs
+
+
+def distinct_labels(runs: list[Run]) -> list[Run]:
+    """A label that two sampler classes share gets the class name appended, so that different
+    methods never share a curve or a colour."""
     by_label: dict[str, set[str]] = {}
+    for r in runs:  # an unknown sampler ("?", a wandb run without its config) conflicts with none
+        by_label.setdefault(r.label, set()).update({r.sampler} - {"?"})
     for r in runs:
-        by_label.setdefault(r.label, set()).add(r.sampler)
-    for r in runs:
-        if len(by_label[r.label]) > 1:
+        if len(by_label[r.label]) > 1 and r.sampler != "?":
             r.label = f"{r.label} ({r.sampler})"
     return runs
 
@@ -516,6 +553,8 @@ def main(argv=None) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence bands")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the bands")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--wandb_project", default=None,
+                   help="also draw the runs of this wandb project (entity/project; needs network and a login)")
     args = p.parse_args(argv)
     if not 0 < args.level < 1 or args.bootstrap < 1:
         p.error("--level must be in (0, 1) and --bootstrap >= 1")
@@ -523,6 +562,11 @@ def main(argv=None) -> None:
         if not d.exists():
             print(f"note: {d} does not exist; left out")
     runs = load_runs(d for d in args.run_dirs if d.is_dir())
+    if args.wandb_project:
+        try:
+            runs = distinct_labels(runs + wandb_runs(args.wandb_project))
+        except ConfigError as err:
+            sys.exit(f"tsf figures: error: {err}")
     if not runs:
         sys.exit("tsf figures: error: no run directory (metrics.json or val_metrics.jsonl) among the arguments")
     ci = {"num_resamples": args.bootstrap, "level": args.level, "seed": args.seed}

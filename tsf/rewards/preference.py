@@ -104,9 +104,8 @@ class HPSv2(_TextImageReward):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # never unpickle arbitrary objects: ask for a tensors-only copy instead
             raise ConfigError(f"{what}: {path} holds more than tensors and tsf loads weights only "
-                              "(weights_only=True). Save its state_dict once with torch.save(torch.load(path, "
-                              "weights_only=False)['state_dict'], 'hps_state_dict.pt') in a trusted session and "
-                              "point `checkpoint` at the copy.") from e
+                              "(weights_only=True). In a trusted session, load it once without weights_only, save its "
+                              "'state_dict' entry alone with torch.save, and point `checkpoint` at that copy.") from e
         model.load_state_dict(state.get("state_dict", state))
         self.model = model.to(device=self._anchor.device, dtype=self.dtype).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer("ViT-H-14")
