@@ -142,3 +142,28 @@ def test_real_model_config_writes_a_complete_run_directory(pipelines, tiny_clip,
         assert m["compute/nfe_grad"] > 0  # DAS: gradients through the denoiser, the VAE and the CLIP reward
     s = load_samples(run)
     assert s["images"].shape == (3, 3, 16, 16) and s["sample_id"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", ["draft", "ddpo"])
+def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_clip, tmp_path, method):
+    from tsf.cli import main
+
+    base = "--model.init_args.base.init_args"
+    main(["finetune", "--config", str(ROOT / f"configs/sd15/{method}.yaml"), f"{base}.pretrained={pipelines['sd15']}",
+          f"{base}.num_steps=3", f"{base}.height=16", f"{base}.width=16", f"{base}.dtype=float32",
+          f"--model.init_args.reward.init_args.model={tiny_clip}",
+          f"--model.init_args.reward.init_args.head={tiny_clip / 'head.pth'}",
+          f"--model.init_args.cross_rewards=[{{class_path: tsf.rewards.ClipScore, init_args: {{model: {tiny_clip}}}}}]",
+          "--model.init_args.batch_size=2", "--model.init_args.val_samples=2", "--trainer.max_steps=2",
+          "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
+          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+          *(["--model.init_args.micro_batch=1"] if method == "ddpo" else [])])
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    lora = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())  # B starts at zero: it trained
+    assert (tmp_path / "val_metrics.jsonl").read_text().count("target/mean") == 1
+    # the adapter loads back onto the model through the `adapter` option, as the configs' header says
+    m = StableDiffusion(pretrained=str(pipelines["sd15"]), num_steps=2, adapter=str(tmp_path / "adapter")).load()
+    assert isinstance(m.net, PeftModel)
