@@ -145,6 +145,8 @@ class _Pipeline:
 
             denoiser = PeftModel.from_pretrained(denoiser, self.adapter)
         self._pipe = pipe
+        if self.torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its pipeline upcasts it the same way)
         self.vae = pipe.vae  # submodules, so that .to(device) moves them with the denoiser
         self.text_encoders = nn.ModuleList([getattr(pipe, n) for n in ("text_encoder", "text_encoder_2",
                                                                         "text_encoder_3") if getattr(pipe, n, None)])
