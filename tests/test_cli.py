@@ -182,3 +182,13 @@ def test_a_corrupt_shard_is_detected_and_redone(tmp_path):
     assert after[shards[1].name] != before[shards[1].name]  # rewritten
     assert after[shards[0].name] == before[shards[0].name] and after[shards[2].name] == before[shards[2].name]
     same_run_outputs(tmp_path / "copy", full)
+
+
+def test_a_run_that_failed_before_any_batch_runs_again_with_the_same_command(tmp_path, capsys):
+    bad = "--model.init_args.reward=aesthetic"  # no head weights given: fails when it loads
+    with pytest.raises(SystemExit):
+        run(tmp_path, bad)
+    assert (tmp_path / "run" / "config.yaml").is_file()  # it got as far as writing its config
+    capsys.readouterr()
+    run(tmp_path)  # the corrected command: no --overwrite needed, nothing was lost
+    assert "target/mean" in json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -37,7 +37,9 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> Non
         raise ConfigError("--overwrite and --resume contradict each other: choose one")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output path {run_dir} exists and is not a directory")
-    started = run_dir.is_dir() and (any((run_dir / name).exists() for name in RUN_FILES)
+    # a run that wrote only its config (it failed before any batch, e.g. on a bad model path) holds nothing
+    # to lose: the same command runs again
+    started = run_dir.is_dir() and (any((run_dir / name).exists() for name in RUN_FILES if name != "config.yaml")
                                     or any((run_dir / "shards").glob("*.safetensors")))
     if started and not resume:
         if not overwrite:
