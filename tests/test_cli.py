@@ -1,6 +1,7 @@
 """`tsf sample` as a user runs it: run directory, determinism, wandb, and clear errors."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,10 +131,12 @@ def test_a_reward_that_is_nan_everywhere_is_a_clear_error(tmp_path, capsys, monk
     assert "every particle of a group has a non-finite reward" in err and "Traceback" not in err
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,sampler", [("best_of_n", "BestOfN"), ("smc", "SMC")])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, method, sampler):
     from tsf.lightning.shards import ShardStore
     from tsf.samplers.base import Sampler
 
+    monkeypatch.setattr(sys.modules[__name__], "CONFIG", str(ROOT / f"configs/digits/{method}.yaml"))
     full = run(tmp_path, name="full")  # 24 samples in batches of 10: 3 shards
     real_save, saved = ShardStore.save, []
 
@@ -156,8 +159,11 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     monkeypatch.setattr(Sampler, "sample",
                         lambda self, *a, **k: calls.append(type(self).__name__) or real_sample(self, *a, **k))
     run(tmp_path, "--resume=true", name="cut")
-    assert calls.count("BestOfN") == 1  # only the batch whose shard was never written
+    assert calls.count(sampler) == 1  # only the batch whose shard was never written
     same_run_outputs(full, tmp_path / "cut")
+    if method == "smc":  # the diagnostics travel in the shards: the resumed run writes the same file
+        a, b = (torch.load(d / "diagnostics.pt", weights_only=True) for d in (full, tmp_path / "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def same_run_outputs(a_dir, b_dir):

@@ -264,6 +264,6 @@ class SamplingModule(L.LightningModule):
             return
         if not torch.equal(diagnostics["sample_id"], sample_ids):
             print(f"tsf: {path.name} not written: {len(diagnostics['sample_id'])} of {len(sample_ids)} samples "
-                  "have diagnostics (batches restored from shards carry none)")
+                  "have diagnostics")
             return
         torch.save(diagnostics, path)

@@ -1,7 +1,7 @@
 """Results written in shards as batches finish, so that a stopped run resumes where it was.
 
-A shard holds one batch's final samples (``x0``, float ``images``), their sample ids and the
-batch's counted compute; it is written atomically (temporary file, then rename) with a
+A shard holds one batch's final samples (``x0``, float ``images``), their sample ids, the
+sampler's per-sample diagnostics (SMC's ESS and resampling flags) and the batch's counted compute; it is written atomically (temporary file, then rename) with a
 SHA-256 of its tensors in the metadata. On resume a shard whose ids match the batch and
 whose checksum verifies is used instead of sampling again; a missing, partial or corrupt
 shard is redone, never silently used.
@@ -41,6 +41,9 @@ class ShardStore:
         tensors = {"x0": batch.x0.float().cpu().contiguous(), "sample_id": batch.sample_ids.cpu().contiguous()}
         if batch.images is not None:
             tensors["images"] = batch.images.float().cpu().contiguous()
+        for key, value in (batch.diagnostics or {}).items():  # per-sample diagnostics (SMC's ESS, ...)
+            if torch.is_tensor(value) and value.dim() and len(value) == len(batch.sample_ids):
+                tensors[f"diagnostics/{key}"] = value.cpu().contiguous()
         meta = {"sha256": _digest(tensors), "compute": json.dumps(batch.compute)}
         path = self.path(batch.sample_ids)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +68,7 @@ class ShardStore:
         if not ok:
             path.unlink(missing_ok=True)
             return None
+        diagnostics = {k.split("/", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("diagnostics/")}
         return SampleBatch(x0=tensors["x0"].to(device), sample_ids=tensors["sample_id"],
                            images=tensors["images"].to(device) if "images" in tensors else None,
-                           compute=json.loads(meta["compute"]))
+                           compute=json.loads(meta["compute"]), diagnostics=diagnostics or None)
