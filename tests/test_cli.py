@@ -198,3 +198,14 @@ def test_a_run_that_failed_before_any_batch_runs_again_with_the_same_command(tmp
     capsys.readouterr()
     run(tmp_path)  # the corrected command: no --overwrite needed, nothing was lost
     assert "target/mean" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_lpips_diversity_is_a_config_option_refused_clearly_when_unavailable(tmp_path, capsys):
+    from tsf.evaluation import lpips_unavailable
+
+    reason = lpips_unavailable("alex")
+    if reason is None:
+        pytest.skip("LPIPS is available here: nothing to refuse")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--model.init_args.lpips=alex")
+    assert e.value.code == 2 and "diversity/lpips was asked for" in capsys.readouterr().err

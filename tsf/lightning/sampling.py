@@ -121,6 +121,8 @@ class SamplingModule(L.LightningModule):
             (default: the first cross-reward that has features; else raw samples).
         fidelity_samples: size of the cached reference set of plain base samples for
             ``fidelity/fd`` (0 disables it).
+        lpips: a torchmetrics LPIPS backbone (``alex``, ``vgg``, ``squeeze``) to add
+            ``diversity/lpips`` (off by default; needs torchvision and the backbone's weights).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class SamplingModule(L.LightningModule):
         cross_rewards: Optional[list[Union[str, Reward]]] = None,
         features: Optional[str] = None,
         fidelity_samples: int = 1000,
+        lpips: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.base = base
@@ -141,7 +144,7 @@ class SamplingModule(L.LightningModule):
         if len(set(names)) != len(names):
             raise ConfigError(f"reward names must be distinct, got {names}")
         feature_reward = self._feature_reward(features, cross)
-        self.evaluator = Evaluator(self.reward, cross, feature_reward)
+        self.evaluator = Evaluator(self.reward, cross, feature_reward, lpips=lpips)
         self.collector = SampleCollector(names)
         self.diagnostics = DiagnosticsCollector()
         self.fidelity_samples = int(fidelity_samples)
