@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tsf.errors import ConfigError
+from tsf.loading import resolve_dtype
 from tsf.models.diffusion import EpsDiffusionModel
 from tsf.models.flow import FlowModel
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class PromptTable(nn.Module):
@@ -94,8 +94,7 @@ class _Pipeline:
     def _init_pipeline(self, pretrained: str, dtype: str, decode_batch: int, gradient_checkpointing: bool,
                        adapter: Optional[str], variant: Optional[str], height: Optional[int],
                        width: Optional[int], negative_prompt: str) -> None:
-        if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        resolve_dtype(dtype)
         if decode_batch < 1:
             raise ConfigError(f"decode_batch must be >= 1, got {decode_batch}")
         for name, v in (("height", height), ("width", width)):
@@ -109,7 +108,7 @@ class _Pipeline:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
+        return resolve_dtype(self.dtype_name)
 
     def load_pipeline(self):
         """``DiffusionPipeline.from_pretrained(pretrained)``: a hub name or a local directory."""

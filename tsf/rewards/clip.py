@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tsf.errors import ConfigError
+from tsf.loading import resolve_dtype
 from tsf.rewards.base import REWARDS, Reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -151,13 +152,6 @@ def processor_config(source: str, field: str, what: str, hub_default: str) -> di
     return cfg
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
 
 
 # -- rewards ---------------------------------------------------------------------------------
@@ -183,7 +177,7 @@ class ClipReward(Reward):
         super().__init__()
         self.model_name = model or self.default_model
         self.processor_name = processor or self._default_processor_for(self.model_name)
-        self.dtype = _dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         if interpolation not in (None, "bicubic", "bilinear"):
             raise ConfigError(f"interpolation must be bicubic or bilinear, got {interpolation!r}")
         self.interpolation = interpolation

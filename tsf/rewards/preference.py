@@ -19,7 +19,8 @@ from torch.nn import functional as F
 
 from tsf.errors import ConfigError
 from tsf.rewards.base import REWARDS, Reward
-from tsf.rewards.clip import ImageSpec, _dtype, preprocess
+from tsf.loading import resolve_dtype
+from tsf.rewards.clip import ImageSpec, preprocess
 
 
 def _checkpoint_path(path: str, what: str, hint: str) -> str:
@@ -35,7 +36,7 @@ class _TextImageReward(Reward):
 
     def __init__(self, dtype: str = "float32", name: Optional[str] = None) -> None:
         super().__init__()
-        self.dtype = _dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         if name:
             self.name = name
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
