@@ -49,25 +49,32 @@ def sample_seed(seed: int, sample_id: int) -> int:
 
 class Noise:
     """One generator per output sample: all noise of sample ``i`` comes from its own stream,
-    so results do not depend on batch size, chunking or the number of processes."""
+    so results do not depend on batch size, chunking or the number of processes.
+
+    The generators are CPU generators whatever the device (the diffusers habit): a draw is one
+    CPU call per sample and one copy to the device, rather than a kernel launch per sample, and
+    sample ``i`` gets the same noise on a CPU and on a GPU.
+    """
 
     def __init__(self, seed: int, sample_ids: Sequence[int], device: torch.device) -> None:
         self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(sample_seed(seed, int(i))) for i in sample_ids]
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in sample_ids]
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
 
     def randn(self, k: int, shape: Sequence[int], dtype=torch.float32) -> Tensor:
         """Standard normal ``[B * k, *shape]`` (group-major)."""
-        return torch.cat([torch.randn((k, *shape), generator=g, device=self.device, dtype=dtype)
-                          for g in self.generators])
+        return self._to_device(torch.cat([torch.randn((k, *shape), generator=g, dtype=dtype) for g in self.generators]))
 
     def randn_counts(self, counts: Sequence[int], shape: Sequence[int], dtype=torch.float32) -> Tensor:
         """Standard normal rows, ``counts[b]`` of them from sample ``b``'s stream, concatenated."""
-        return torch.cat([torch.randn((int(k), *shape), generator=g, device=self.device, dtype=dtype)
-                          for g, k in zip(self.generators, counts)])
+        return self._to_device(torch.cat([torch.randn((int(k), *shape), generator=g, dtype=dtype)
+                                          for g, k in zip(self.generators, counts)]))
 
     def rand(self, k: int, dtype=torch.float32) -> Tensor:
         """Uniform ``[B, k]``."""
-        return torch.stack([torch.rand(k, generator=g, device=self.device, dtype=dtype) for g in self.generators])
+        return self._to_device(torch.stack([torch.rand(k, generator=g, dtype=dtype) for g in self.generators]))
 
 
 # ----------------------------------------------------------------------------- compute
