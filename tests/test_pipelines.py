@@ -15,7 +15,8 @@ from tsf.samplers.base import BaseSampler, Noise
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a cat", "a dog"]
-FAMILIES = {"sd15": StableDiffusion, "sdxl": StableDiffusion, "sd3": StableDiffusion3, "flux": Flux}
+FAMILIES = {"sd15": StableDiffusion, "sd2v": StableDiffusion, "sdxl": StableDiffusion, "sd3": StableDiffusion3,
+            "flux": Flux}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def diffusers_images(pipelines, kind, m, noise, guidance):
     pipe = m._pipe
     T = m.num_steps
     kw = dict(prompt=PROMPTS, num_inference_steps=T, guidance_scale=guidance, output_type="pt")
-    if kind in ("sd15", "sdxl"):  # tsf's kernel is DDIM's whatever scheduler the checkpoint names
+    if kind in ("sd15", "sd2v", "sdxl"):  # tsf's kernel is DDIM's whatever scheduler the checkpoint names
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         kw.update(latents=noise, eta=0.0)
     else:  # the flows: the uniform grid s_k = 1 - k / T, shifted by the scheduler as tsf shifts it
@@ -53,7 +54,7 @@ def diffusers_images(pipelines, kind, m, noise, guidance):
 def test_deterministic_sampling_equals_the_diffusers_pipeline(pipelines, kind):
     # DDIM with eta = 0 and the flows' ODE are the pipelines' own samplers: the same images
     guidance = 1.0 if kind == "flux" else 5.0
-    m = model(pipelines, kind, **({"eta": 0.0} if kind in ("sd15", "sdxl") else {"diffusion": "none"}),
+    m = model(pipelines, kind, **({"eta": 0.0} if kind in ("sd15", "sd2v", "sdxl") else {"diffusion": "none"}),
               guidance_scale=guidance)
     out = BaseSampler().sample(m, None, PROMPTS, range(2), seed=3)
     noise = Noise(3, range(2), m.device).randn(1, m.sample_shape)  # the prior draw of each sample id

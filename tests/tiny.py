@@ -95,8 +95,8 @@ def _vae(latent_channels: int = 4, **kw):
 
 
 def tiny_pipeline(kind: str, path: Path, seed: int = 0) -> Path:
-    """Build a tiny random ``sd15`` / ``sdxl`` / ``sd3`` / ``flux`` pipeline (16 px images, 2 px latents
-    per side after the VAE's x2 downsampling... 8 px latents), save it to ``path``, return ``path``."""
+    """Build a tiny random ``sd15`` / ``sd2v`` (v prediction) / ``sdxl`` / ``sd3`` / ``flux`` pipeline (16 px
+    images, 8 px latents), save it to ``path``, return ``path``."""
     import torch
     from diffusers import (DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                            FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
@@ -104,13 +104,14 @@ def tiny_pipeline(kind: str, path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     path = Path(path)
-    if kind == "sd15":
+    if kind in ("sd15", "sd2v"):  # sd2v: the SD 2.x 768 layout, a v-prediction UNet
         unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
                                     out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                     norm_num_groups=8, attention_head_dim=4)
         sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+                              set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction" if kind == "sd2v" else "epsilon")
         pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_clip_text(), tokenizer=clip_tokenizer(path / "_tok"),
                                        unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
