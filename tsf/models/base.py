@@ -51,6 +51,13 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return lp.flatten(1).sum(1)
 
 
+def classifier_free_guidance(fn, x: Tensor, t: Tensor, c: Tensor, c_null: Tensor, w: float) -> Tensor:
+    """``out_u + w (out_c - out_u)`` from one call of ``fn(x, t, c)`` on the rows ``[x; x]`` with
+    conditions ``[c; c_null]``: every row paired with its own unconditional twin."""
+    out_c, out_u = fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c_null])).chunk(2)
+    return out_u + w * (out_c - out_u)
+
+
 def class_labels(conditions: Sequence[Any], num_classes: Optional[int], device) -> Tensor:
     """Class labels of per-sample conditions; ``None`` (or an unconditional model) is the null label
     ``num_classes``; a class outside ``0 .. num_classes - 1`` is a :class:`~tsf.errors.ConfigError`."""

@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
-from tsf.models.base import BaseModel, Transition, class_labels
+from tsf.models.base import BaseModel, Transition, class_labels, classifier_free_guidance
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -112,9 +112,8 @@ class EpsDiffusionModel(BaseModel):
         w = self.guidance_scale
         if w == 1.0 or not self.guided:
             out = self.denoise(x, t, c)
-        else:  # classifier-free guidance: every row paired with its own unconditional twin
-            out_c, out_u = self.denoise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, self.null(c)])).chunk(2)
-            out = out_u + w * (out_c - out_u)
+        else:
+            out = classifier_free_guidance(self.denoise, x, t, c, self.null(c), w)
         if self.prediction_type == "v_prediction":
             abar = self.abar[i]
             out = abar.sqrt() * out + (1 - abar).sqrt() * x

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tsf.errors import ConfigError
 from tsf.loading import resolve_dtype
+from tsf.models.base import classifier_free_guidance
 from tsf.models.diffusion import EpsDiffusionModel
 from tsf.models.flow import FlowModel
 
@@ -163,6 +164,15 @@ class _Pipeline:
     def check_conditions(self, conditions: Sequence[Any]) -> None:
         as_prompts(conditions)
 
+    def paired(self, name: str, c: Tensor) -> Tensor:
+        """The ``name`` encodings of rows ``c``. Under classifier-free guidance the rows come as
+        ``[c; c]`` (see :func:`~tsf.models.base.classifier_free_guidance`): the first half gets the
+        prompts' encodings, the second half, their unconditional twins, the ``neg_<name>`` ones."""
+        if self.guidance_scale == 1.0:
+            return self.prompts.get(name, c)
+        n = len(c) // 2
+        return torch.cat([self.prompts.get(name, c[:n]), self.prompts.get(f"neg_{name}", c[n:])])
+
     def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
         idx = self.prompts.lookup(as_prompts(conditions), self.encode_prompts)
         return torch.tensor(idx, dtype=torch.long, device=self.device)
@@ -262,17 +272,10 @@ class StableDiffusion(_Pipeline, EpsDiffusionModel):
         return {"emb": emb, "neg_emb": neg_emb, "pooled": pooled, "neg_pooled": neg_pooled}
 
     def denoise(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        guided = self.guidance_scale != 1.0
-        n = len(c) // 2 if guided else len(c)
-        # rows [0, n): conditional; with guidance rows [n, 2n) the same prompts' unconditional twins
-        emb = self.prompts.get("emb", c[:n])
-        if guided:
-            emb = torch.cat([emb, self.prompts.get("neg_emb", c[n:])])
+        emb = self.paired("emb", c)
         kwargs = {}
         if self.xl:
-            pooled = self.prompts.get("pooled", c[:n])
-            if guided:
-                pooled = torch.cat([pooled, self.prompts.get("neg_pooled", c[n:])])
+            pooled = self.paired("pooled", c)
             h, w = self.image_hw
             proj = self._pipe.text_encoder_2.config.projection_dim
             time_ids = self._pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=emb.dtype,
@@ -307,13 +310,11 @@ class _FlowPipeline(_Pipeline, FlowModel):
         pipe = self.load_pipeline()
         net = pipe.transformer
         self.net = self.attach(pipe, net)
-        h, w = self.image_size(pipe, net.config.sample_size if self.native_size is None else self.native_size)
+        h, w = self.image_size(pipe, pipe.default_sample_size)  # SD3: the transformer's; FLUX.1: 128
         self.image_hw = (h, w)
         f = pipe.vae_scale_factor
         self.sample_shape = (pipe.vae.config.latent_channels, h // f, w // f)
         self.set_grid(self.shift_option if self.shift_option is not None else self.scheduler_shift(pipe))
-
-    native_size: Optional[int] = None
 
     def scheduler_shift(self, pipe) -> float:
         """The scheduler's time shift: its ``shift``, or with dynamic shifting FLUX's resolution rule
@@ -363,20 +364,14 @@ class StableDiffusion3(_FlowPipeline):
         return {"emb": emb, "neg_emb": neg_emb, "pooled": pooled, "neg_pooled": neg_pooled}
 
     def velocity(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        w = self.guidance_scale
-        if w != 1.0:  # every row with its own conditional and unconditional embeddings, one call
-            u_c, u_u = self._velocity(torch.cat([x, x]), torch.cat([t, t]), c, c, neg=True).chunk(2)
-            return u_u + w * (u_c - u_u)
-        return self._velocity(x, t, c, None, neg=False)
+        if self.guidance_scale == 1.0:
+            return self._velocity(x, t, c)
+        return classifier_free_guidance(self._velocity, x, t, c, c, self.guidance_scale)
 
-    def _velocity(self, x: Tensor, t: Tensor, c: Tensor, c_neg: Optional[Tensor], neg: bool) -> Tensor:
-        emb, pooled = self.prompts.get("emb", c), self.prompts.get("pooled", c)
-        if neg:
-            emb = torch.cat([emb, self.prompts.get("neg_emb", c_neg)])
-            pooled = torch.cat([pooled, self.prompts.get("neg_pooled", c_neg)])
+    def _velocity(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         fn = lambda xs, ts, e, p: self.net(hidden_states=xs, timestep=ts, encoder_hidden_states=e,  # noqa: E731
                                            pooled_projections=p).sample
-        return self._denoiser_call(fn, x, t * 1000, emb, pooled)
+        return self._denoiser_call(fn, x, t * 1000, self.paired("emb", c), self.paired("pooled", c))
 
 
 class Flux(_FlowPipeline):
@@ -408,17 +403,9 @@ class Flux(_FlowPipeline):
                          guidance_scale, None, height, width, dtype, decode_batch, gradient_checkpointing, adapter,
                          variant, max_sequence_length)
 
-    native_size = 128  # FLUX.1's default 1024 px = 128 latent px (the transformer config has no sample size)
-
     def _load(self) -> None:
         super()._load()
         pipe = self._pipe
-        if self.height is None and self.width is None and hasattr(pipe, "default_sample_size"):
-            h = w = pipe.default_sample_size * pipe.vae_scale_factor
-            self.image_hw = (h, w)
-            f = pipe.vae_scale_factor
-            self.sample_shape = (pipe.vae.config.latent_channels, h // f, w // f)
-            self.set_grid(self.shift_option if self.shift_option is not None else self.scheduler_shift(pipe))
         _, lh, lw = self.sample_shape
         if lh % 2 or lw % 2:
             raise ConfigError(f"FLUX packs 2x2 latent patches: height and width must be multiples of "
