@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 
+from tsf.data.prompts import conditions_or_prompts
 from tsf.errors import ConfigError
 from tsf.evaluation import Evaluator
 from tsf.lightning.data import ConditionSampleIds, ShardSampler, collate
@@ -64,12 +65,7 @@ class FinetuneModule(L.LightningModule):
                  batch_size: int = 32, lr: float = 3e-4, rank: int = 4, target_modules: Optional[list[str]] = None,
                  val_samples: int = 200, seed: int = 0, prompts: Optional[str] = None) -> None:
         super().__init__()
-        if prompts is not None:
-            if conditions:
-                raise ConfigError("give conditions or prompts, not both")
-            from tsf.data.prompts import load_prompts
-
-            conditions = load_prompts(prompts)
+        conditions = conditions_or_prompts(conditions, prompts)
         self.base = base
         self.reward = build_reward(reward)
         cross = [build_reward(r) for r in (["digit_holdout"] if cross_rewards is None else cross_rewards)]
@@ -126,12 +122,15 @@ class FinetuneModule(L.LightningModule):
         that a run resumed from a checkpoint redraws exactly the trajectories of the uninterrupted run."""
         return list(range(self.global_step * self.batch_size, (self.global_step + 1) * self.batch_size))
 
+    def conditions_of(self, ids: list[int]) -> list:
+        """The condition of each trajectory id (the conditions cycled over the ids)."""
+        return [self.conditions[i % len(self.conditions)] for i in ids]
+
     def training_batch(self) -> tuple[list, Noise]:
         """This rank's conditions and noise of the step: the global ids ``rank, rank + world, ...``."""
         rank, world = self.rank_and_world()
         ids = self.global_ids()[rank::world]
-        conds = [self.conditions[i % len(self.conditions)] for i in ids]
-        return conds, Noise(self.seed + 1000003, ids, self.device)
+        return self.conditions_of(ids), Noise(self.seed + 1000003, ids, self.device)
 
     def gather_global(self, local: torch.Tensor) -> torch.Tensor:
         """The rows of every rank's ``training_batch`` in global id order (rank ``r`` holds ids ``r::world``)."""

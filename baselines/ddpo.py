@@ -98,9 +98,7 @@ class DDPO(FinetuneModule):
             rewards = self.reward(model.decode(x), conds)
         # the statistics see the whole global batch (every rank's rewards), each rank keeps its own rows
         rank, world = self.rank_and_world()
-        all_ids = self.global_ids()
-        all_conds = [self.conditions[i % len(self.conditions)] for i in all_ids]
-        all_adv = self.stats.advantages(all_conds, self.gather_global(rewards.float()))
+        all_adv = self.stats.advantages(self.conditions_of(self.global_ids()), self.gather_global(rewards.float()))
         adv = all_adv[rank::world].clamp(-self.adv_clip, self.adv_clip)
         n_train = max(1, round(self.timestep_fraction * len(steps)))
         order = torch.randperm(len(steps), generator=torch.Generator().manual_seed(self.seed + self.global_step))

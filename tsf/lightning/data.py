@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tsf.data.prompts import conditions_or_prompts
 from tsf.errors import ConfigError
 
 
@@ -66,14 +67,9 @@ class SampleIdsDataModule(L.LightningDataModule):
             raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if prompts is not None and conditions:
-            raise ConfigError("give data.conditions or data.prompts, not both")
         self.num_samples = int(num_samples)
         self.prompts = prompts
-        if prompts is not None:
-            from tsf.data.prompts import load_prompts
-
-            conditions = load_prompts(prompts)
+        conditions = conditions_or_prompts(conditions, prompts)
         self.conditions = list(conditions) if conditions else [None]
         self.seed = int(seed)
         self.batch_size = int(batch_size)

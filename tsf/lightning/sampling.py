@@ -88,7 +88,7 @@ class DiagnosticsCollector(Metric):
     def update(self, batch: SampleBatch) -> None:  # type: ignore[override]
         diagnostics = batch.diagnostics or {}
         if not all(torch.is_tensor(diagnostics.get(k)) for k in self.KEYS):
-            return  # a sampler without them, or a batch restored from a shard
+            return  # a sampler without them
         self.sample_id.append(batch.sample_ids.to(self.device))
         for key in self.KEYS:
             # gloo gathers no bool tensors: flags travel as float and come back as bool

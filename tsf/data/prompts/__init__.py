@@ -83,3 +83,13 @@ def load_prompts(spec: Union[str, os.PathLike, Sequence[str]]) -> list[str]:
         return read_prompt_file(path)
     raise ConfigError(f"prompts {spec!r}: not a shipped prompt set ({', '.join(shipped_sets())}), not an existing "
                       f"file, and not a dataset ({HF_PREFIX}<name>[:<split>[:<column>]])")
+
+
+def conditions_or_prompts(conditions: Optional[Sequence], prompts: Optional[str]) -> Optional[list]:
+    """A config's conditions: its ``conditions`` or, instead, the prompt set ``prompts`` names
+    (:func:`load_prompts`); both given is a :class:`~tsf.errors.ConfigError`."""
+    if prompts is None:
+        return None if conditions is None else list(conditions)
+    if conditions:
+        raise ConfigError("give conditions or prompts, not both")
+    return load_prompts(prompts)
