@@ -86,21 +86,22 @@ class Run:
     def nfe(self) -> float:
         return float(self.metrics.get("compute/nfe", float("nan")))
 
-    @cached_property
-    def samples(self) -> Optional[dict[str, Any]]:
-        """``samples.pt`` (tensors only), or ``None``."""
+    def _tensors(self, name: str) -> Optional[dict[str, Any]]:
+        """The run directory's file ``name`` (tensors only: no arbitrary pickle), or ``None``."""
         import torch
 
-        path = self.path / "samples.pt" if self.path is not None else None
+        path = self.path / name if self.path is not None else None
         return torch.load(path, weights_only=True, map_location="cpu") if path and path.is_file() else None
+
+    @cached_property
+    def samples(self) -> Optional[dict[str, Any]]:
+        """``samples.pt``, or ``None``."""
+        return self._tensors("samples.pt")
 
     @cached_property
     def diagnostics(self) -> Optional[dict[str, Any]]:
         """``diagnostics.pt`` (SMC: ``sample_id``, ``log_z``, ``ess_fraction``, ``resampled``), or ``None``."""
-        import torch
-
-        path = self.path / "diagnostics.pt" if self.path is not None else None
-        return torch.load(path, weights_only=True, map_location="cpu") if path and path.is_file() else None
+        return self._tensors("diagnostics.pt")
 
     def cross_keys(self) -> list[str]:
         return sorted(k for k in self.metrics if k.startswith("cross/") and k.endswith("/mean"))
@@ -373,27 +374,26 @@ def _with(runs: list[Run], *keys: str) -> list[Run]:
     return [r for r in runs if all(k in r.metrics for k in keys)]
 
 
-def frontier_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
-    """Target reward against cross-reward: the over-optimisation frontier (single column)."""
+def tradeoff_figure(runs: list[Run], colors: dict[str, str], x_key: str, y_key: str, ci: Optional[dict] = None):
+    """``y_key`` against ``x_key`` in one single-column panel (see :func:`tradeoff`)."""
     import matplotlib.pyplot as plt
 
-    cross = _cross_key(runs)
     fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.9), layout="constrained")
-    tradeoff(ax, _with(runs, cross, TARGET), colors, cross, TARGET, ci)
+    tradeoff(ax, _with(runs, x_key, y_key), colors, x_key, y_key, ci)
     legend_below(fig, [ax])
     return fig
+
+
+def frontier_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
+    """Target reward against cross-reward: the over-optimisation frontier (single column)."""
+    return tradeoff_figure(runs, colors, _cross_key(runs), TARGET, ci)
 
 
 def diversity_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
     """Diversity against target reward (single column)."""
-    import matplotlib.pyplot as plt
-
     if not _with(runs, DIVERSITY, TARGET):
         raise MissingInput(f"no run has {DIVERSITY}")
-    fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.9), layout="constrained")
-    tradeoff(ax, _with(runs, DIVERSITY, TARGET), colors, TARGET, DIVERSITY, ci)
-    legend_below(fig, [ax])
-    return fig
+    return tradeoff_figure(runs, colors, TARGET, DIVERSITY, ci)
 
 
 def overoptimisation_panels(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
@@ -581,6 +581,11 @@ def overoptimisation_figure(curves: dict[str, list[dict]], points: dict[str, dic
     ``step``) and sampler ``points`` (metrics) by method; writes ``out.png`` and ``out.pdf``."""
     runs = [Run(None, m, "fine-tuning", rows[-1], rows) for m, rows in curves.items()]
     runs += [Run(None, m, "sampler", metrics) for m, metrics in points.items()]
+    return save_overoptimisation(runs, out)
+
+
+def save_overoptimisation(runs: list[Run], out: Path) -> list[Path]:
+    """The over-optimisation panels of ``runs`` to ``out.png`` and ``out.pdf``."""
     with style():
         return save_figure(overoptimisation_panels(runs, method_colors(r.label for r in runs)), out)
 
@@ -603,8 +608,7 @@ def overopt(argv=None) -> None:
             sys.exit("tsf overopt: the samplers failed")
     runs = load_runs([*sorted(args.output_dir.glob("*_K*")), *(Path(f"runs/finetune_{m}") for m in ("draft", "ddpo"))])
     fig = args.figure or args.output_dir / "overoptimisation"
-    with style():
-        save_figure(overoptimisation_panels(runs, method_colors(r.label for r in runs)), fig)
+    save_overoptimisation(runs, fig)
     cross = _cross_key(runs)
     lines = ["| method | target mean | cross mean | diversity pairwise | vendi | fd |", "|---|---|---|---|---|---|"]
     for r in runs:
