@@ -185,10 +185,7 @@ def setup(key: str, k: Optional[int], device: str, steps: Optional[int] = None) 
             notes.append("untrained value network (no trained checkpoint here; same cost per call)")
     model = build(base).load().to(device)
     reward = build_reward(init["reward"]).load().to(device)
-    sampler = build(sampler_spec)
-    value_fn = getattr(sampler, "value_fn", None)
-    if value_fn is not None:  # a learned value's network (a sampler is no nn.Module: nothing else moves it)
-        value_fn.to(device)
+    sampler = build(sampler_spec)  # a learned value's network follows the states' device by itself
     data = cfg["data"]["init_args"]
     return Setup(key, label, rel, model, reward, sampler, list(data["conditions"]), int(data["batch_size"]), notes)
 
