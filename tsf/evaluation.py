@@ -212,23 +212,27 @@ class Evaluator(Metric):
 
     def compute(self) -> dict[str, float]:
         target = dim_zero_cat(self.target_values).double()
+        cross = [dim_zero_cat(getattr(self, f"cross_{i}")).double() for i in range(len(self.cross))]
         feats = dim_zero_cat(self.features)
         n = max(float(self.count), 1.0)
-        out = {
-            "target/mean": float(target.mean()),
-            "target/median": float(target.median()),
-            "target/q90": float(torch.quantile(target, 0.9)),
-        }
-        for i, r in enumerate(self.cross):
-            out[f"cross/{r.name}/mean"] = float(dim_zero_cat(getattr(self, f"cross_{i}")).double().mean())
-        out["diversity/pairwise"] = pairwise_cosine_distance(feats)
-        out["diversity/vendi"] = vendi_score(feats)
-        if self.lpips is not None:
-            out["diversity/lpips"] = self._lpips_diversity(torch.arange(len(target), device=target.device))
+        out = self._sample_metrics(target, cross, feats, torch.arange(len(target), device=target.device))
         if self.reference is not None:
             out["fidelity/fd"] = frechet_distance(feats.cpu(), self.reference)
         for key in COMPUTE_KEYS:
             out[f"compute/{key}"] = float(getattr(self, f"compute_{key}")) / n
+        return out
+
+    def _sample_metrics(self, target: Tensor, cross: list[Tensor], feats: Tensor, rows: Tensor) -> dict[str, float]:
+        """Target statistics, cross-reward means and diversity of the samples ``rows`` (indices)."""
+        t = target[rows]
+        out = {"target/mean": float(t.mean()), "target/median": float(t.median()),
+               "target/q90": float(torch.quantile(t, 0.9))}
+        for r, values in zip(self.cross, cross):
+            out[f"cross/{r.name}/mean"] = float(values[rows].mean())
+        out["diversity/pairwise"] = pairwise_cosine_distance(feats[rows])
+        out["diversity/vendi"] = vendi_score(feats[rows])
+        if self.lpips is not None:
+            out["diversity/lpips"] = self._lpips_diversity(rows)
         return out
 
     def _lpips_diversity(self, rows: Tensor) -> float:
@@ -264,15 +268,6 @@ class Evaluator(Metric):
         keys = [condition_key(conditions[int(i) % len(conditions)]) for i in ids]
         table: dict[str, dict[str, float]] = {}
         for key in dict.fromkeys(keys):
-            rows = torch.tensor([k == key for k in keys])
-            t = target[rows]
-            row = {"count": float(rows.sum()), "target/mean": float(t.mean()), "target/median": float(t.median()),
-                   "target/q90": float(torch.quantile(t, 0.9))}
-            for r, values in zip(self.cross, cross):
-                row[f"cross/{r.name}/mean"] = float(values[rows].mean())
-            row["diversity/pairwise"] = pairwise_cosine_distance(feats[rows])
-            row["diversity/vendi"] = vendi_score(feats[rows])
-            if self.lpips is not None:
-                row["diversity/lpips"] = self._lpips_diversity(rows.nonzero().reshape(-1))
-            table[key] = row
+            rows = torch.tensor([k == key for k in keys]).nonzero().reshape(-1)
+            table[key] = {"count": float(len(rows)), **self._sample_metrics(target, cross, feats, rows)}
         return table
