@@ -155,6 +155,14 @@ def processor_config(source: str, field: str, what: str, hub_default: str) -> di
 
 
 # -- rewards ---------------------------------------------------------------------------------
+def check_prompts(reward: str, conditions: Sequence[Any]) -> None:
+    """A text-image reward's conditions must be prompts; otherwise a ConfigError saying where to set them."""
+    bad = [c for c in conditions if not isinstance(c, str)]
+    if bad:
+        raise ConfigError(f"reward {reward!r} scores images against text prompts; got condition {bad[0]!r} "
+                          "(set data.prompts or data.conditions to prompts)")
+
+
 class ClipReward(Reward):
     """A reward on a transformers ``CLIPModel`` (image tower; text tower when ``uses_text``).
 
@@ -212,10 +220,8 @@ class ClipReward(Reward):
                                              self.default_processor or self.default_model)
 
     def check_conditions(self, conditions: Sequence[Any]) -> None:
-        if self.uses_text and any(not isinstance(c, str) for c in conditions):
-            bad = next(c for c in conditions if not isinstance(c, str))
-            raise ConfigError(f"reward {self.name!r} scores images against text prompts; got condition {bad!r} "
-                              "(set data.prompts or data.conditions to prompts)")
+        if self.uses_text:
+            check_prompts(self.name, conditions)
 
     # the model's pieces
     def pixel_values(self, images: Tensor) -> Tensor:

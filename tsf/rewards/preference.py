@@ -18,9 +18,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from tsf.errors import ConfigError
-from tsf.rewards.base import REWARDS, Reward
 from tsf.loading import resolve_dtype
-from tsf.rewards.clip import ImageSpec, preprocess
+from tsf.rewards.base import REWARDS, Reward
+from tsf.rewards.clip import ImageSpec, check_prompts, preprocess
 
 
 def _checkpoint_path(path: str, what: str, hint: str) -> str:
@@ -42,10 +42,7 @@ class _TextImageReward(Reward):
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
     def check_conditions(self, conditions: Sequence[Any]) -> None:
-        bad = [c for c in conditions if not isinstance(c, str)]
-        if bad:
-            raise ConfigError(f"reward {self.name!r} scores images against text prompts; got condition {bad[0]!r} "
-                              "(set data.prompts or data.conditions to prompts)")
+        check_prompts(self.name, conditions)
 
     def pixel_values(self, images: Tensor) -> Tensor:
         """The one preprocessing, with or without gradients."""
