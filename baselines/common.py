@@ -73,7 +73,7 @@ class FinetuneModule(L.LightningModule):
         for r in (self.reward, *cross):
             r.check_conditions(self.conditions)
         features = next((r for r in cross if r.has_features), None)
-        self.evaluator = Evaluator(self.reward, cross, features)
+        self.evaluator = Evaluator(self.reward, cross, features, min_rows=base.min_rows)
         self.batch_size, self.lr, self.rank, self.target_modules = batch_size, lr, rank, target_modules
         self.val_samples, self.seed = val_samples, seed
         self._lora = False

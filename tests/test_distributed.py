@@ -38,6 +38,9 @@ def test_two_processes_give_the_one_process_samples_and_metrics(tmp_path):
         assert torch.equal(a["rewards"][k], b["rewards"][k])
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert ma.keys() == mb.keys()
+    # wall time, and the rows really computed: the padding of a batch-invariant model's short chunks
+    # depends on how the samples were batched (the method's counts, nfe and reward_calls, do not)
+    batching = {"compute/seconds", "compute/model_rows", "compute/decode_rows", "compute/reward_rows"}
     for k in ma:
-        if k != "compute/seconds":  # wall time
+        if k not in batching:
             assert abs(ma[k] - mb[k]) <= 1e-6 * max(1.0, abs(ma[k])), (k, ma[k], mb[k])

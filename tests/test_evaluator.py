@@ -52,7 +52,8 @@ def test_evaluator_keys_and_per_sample_compute():
     m = ev.compute()
     assert set(m) == {"target/mean", "target/median", "target/q90", "cross/half/mean", "diversity/pairwise",
                       "diversity/vendi", "fidelity/fd", "compute/nfe", "compute/nfe_grad", "compute/reward_calls",
-                      "compute/reward_grad_calls", "compute/seconds"}
+                      "compute/reward_grad_calls", "compute/model_rows", "compute/decode_rows", "compute/reward_rows",
+                      "compute/seconds"}
     assert m["compute/nfe"] == 50.0 and m["compute/reward_calls"] == 8.0 and m["compute/nfe_grad"] == 0.0
     assert abs(m["cross/half/mean"] - m["target/mean"] / 2) < 1e-6
     assert m["target/q90"] >= m["target/median"]

@@ -10,7 +10,7 @@ import torch
 from tiny import tiny_pipeline
 from tsf.models import Flux, StableDiffusion, StableDiffusion3
 from tsf.rewards import build_reward
-from tsf.samplers import BestOfN
+from tsf.samplers import SMC, SVDD, BestOfN
 from tsf.samplers.base import BaseSampler, Noise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,70 @@ def test_cfg_batch_of_prompts_equals_each_prompt_alone(pipelines, kind):
     # and the prompts matter: the two samples of the same noise differ with the prompt
     swapped = BestOfN(num_particles=2).sample(m, reward, PROMPTS[::-1], [5, 9])
     assert not torch.allclose(swapped.x0, both.x0, atol=1e-3)
+
+
+class RowCounter:
+    """Rows through a module's forward (a hook), and rows through a model's ``decode``."""
+
+    def __init__(self, unet, m):
+        self.unet, self.m, self.rows, self.decoded = unet, m, 0, 0
+
+    def __enter__(self):
+        def hook(module, args, kwargs, out):
+            self.rows += (args[0] if args else kwargs["sample"]).shape[0]
+
+        self.handle = self.unet.register_forward_hook(hook, with_kwargs=True)
+        decode = self.m.vae.decode
+
+        def counted(z, *a, **k):
+            self.decoded += z.shape[0]
+            return decode(z, *a, **k)
+
+        self.m.vae.decode = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        del self.m.vae.decode
+
+
+# (sampler, UNet rows per output, VAE rows per output) at T steps with guidance (2 rows per evaluation)
+METHOD_ROWS = {
+    "base": (lambda: BaseSampler(), lambda T: 2 * T, lambda T: 1),
+    "best_of_n": (lambda: BestOfN(num_particles=3), lambda T: 2 * 3 * T, lambda T: 3 + 1),
+    "svdd_pm": (lambda: SVDD(num_particles=3), lambda T: 2 * (1 + 3 * (T - 1)), lambda T: 3 * T + 1),
+    "das": (lambda: SMC(num_particles=3, proposal="gradient", tempering="fraction", grad_batch=1),
+            lambda T: 2 * 3 * T, lambda T: 3 * (T + 1) + 1),
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_ROWS))
+def test_a_real_pipeline_computes_only_the_rows_the_method_needs(pipelines, method):
+    """A hook on the UNet's forward: exactly the method's rows (no padding), and tsf's row counters agree;
+    with batch_invariant the calls are padded, the counted NFE unchanged."""
+    make, unet_rows, vae_rows = METHOD_ROWS[method]
+    reward = build_reward("brightness")
+    for invariant in (False, True):
+        m = model(pipelines, "sd15", guidance_scale=4.0, batch_invariant=invariant).load()
+        T = m.num_steps
+        with RowCounter(m._pipe.unet, m) as counted:
+            out = make().sample(m, reward, PROMPTS, range(2), seed=1)
+        n = len(PROMPTS)
+        if not invariant:
+            assert counted.rows == n * unet_rows(T) and counted.decoded == n * vae_rows(T), (counted.rows, counted.decoded)
+            exact = out.compute
+        assert out.compute["model_rows"] == counted.rows and out.compute["decode_rows"] == counted.decoded
+        assert out.compute["nfe"] == n * unet_rows(T) / 2 == exact["nfe"]  # padding is never NFE
+    assert counted.rows > exact["model_rows"]  # batch_invariant pads the calls on fewer than 16 rows
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+def test_batch_invariant_pipelines_give_the_same_bits_whatever_the_batch(pipelines, kind):
+    m = model(pipelines, kind, guidance_scale=4.0, batch_invariant=True)
+    both = SVDD(num_particles=2).sample(m, build_reward("brightness"), PROMPTS, [5, 9])
+    for j, (prompt, sid) in enumerate(zip(PROMPTS, [5, 9])):
+        alone = SVDD(num_particles=2).sample(m, build_reward("brightness"), [prompt], [sid])
+        assert torch.equal(both.x0[j:j + 1], alone.x0)
 
 
 def test_prompts_are_encoded_once(pipelines):

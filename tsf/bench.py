@@ -18,6 +18,13 @@
   every millisecond from ``/proc/self/statm``) above its resident set just before sampling. Side by
   side: the same runs with one gradient chunk for all particles (``grad_batch = samples x K``),
   the memory that chunking saves.
+* ``tsf bench pipeline``: seconds per image of tsf's sampler on a diffusers Stable Diffusion 1.x / 2.x
+  folder (or hub name), any reward and any sampler config, and with ``--diffusers``, of diffusers'
+  own ``StableDiffusionPipeline.__call__`` (DDIM, the same steps, eta and guidance) side by side in
+  the same process, alternating which goes first. The work really done is counted by hooks of its
+  own (UNet forwards and their rows, CFG doubling included, and the rows that built a graph; VAE
+  decode rows; reward rows), beside tsf's own ``SampleBatch.compute``; peak RSS of the timed runs
+  (``VmHWM``, reset through ``/proc/self/clear_refs``) and the mean reward of the images.
 
 Each prints a markdown table and the machine it ran on, and writes JSON with ``--json PATH``.
 """
@@ -25,6 +32,7 @@ Each prints a markdown table and the machine it ran on, and writes JSON with ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
@@ -482,6 +490,348 @@ def memory(args) -> dict:
     return {"benchmark": "memory", "device": device, "machine": info, "rows": rows}
 
 
+# ----------------------------------------------------------------------------- pipeline
+PIPELINE_PROMPTS = ("a photo of a cat", "a painting of a horse")
+
+
+def _import(path: str) -> Any:
+    from tsf.errors import ConfigError
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"cannot import {path!r} ({type(e).__name__}: {e})") from e
+
+
+def _json_args(text: str, flag: str) -> dict:
+    from tsf.errors import ConfigError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r} ({e})") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
+def pipeline_reward(spec: str, init_args: Optional[dict] = None):
+    """A registered reward name, or the class_path of a :class:`tsf.rewards.Reward` subclass, with ``init_args``."""
+    import tsf.rewards  # noqa: F401  (registers the rewards)
+    from tsf.errors import ConfigError
+    from tsf.rewards import REWARDS, Reward, build_reward
+
+    init_args = {k: build(v) for k, v in (init_args or {}).items()}
+    if spec in REWARDS:
+        return build_reward(REWARDS.build(spec, **init_args))
+    if "." not in spec:
+        REWARDS.check(spec)  # an unknown name: the error lists the known ones
+    cls = _import(spec)
+    if not (isinstance(cls, type) and issubclass(cls, Reward)):
+        raise ConfigError(f"--reward {spec!r} is not a tsf.rewards.Reward subclass")
+    return build_reward(cls(**init_args))
+
+
+def pipeline_sampler(spec: str, init_args: Optional[dict] = None):
+    """A sampler from a YAML config (its ``model.init_args.sampler``), a class_path or a registered
+    name, its init args updated with ``init_args``."""
+    import yaml
+
+    import tsf.samplers  # noqa: F401  (registers the samplers)
+    from tsf.errors import ConfigError
+    from tsf.samplers import SAMPLERS, Sampler
+
+    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+        cfg = yaml.safe_load(config_path(spec).read_text())
+        try:
+            sampler_spec = cfg["model"]["init_args"]["sampler"]
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{spec} has no model.init_args.sampler") from e
+    else:
+        sampler_spec = spec
+    if isinstance(sampler_spec, str):
+        sampler_spec = {"class_path": sampler_spec}
+    path, base_args = sampler_spec["class_path"], dict(sampler_spec.get("init_args") or {})
+    cls = _import(path) if "." in path else SAMPLERS.get(path)
+    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+        raise ConfigError(f"--sampler {spec!r} is not a tsf.samplers.Sampler subclass")
+    return cls(**{k: build(v) for k, v in {**base_args, **(init_args or {})}.items()})
+
+
+def find_unet(net: Any) -> Any:
+    """The ``UNet2DConditionModel`` inside ``net`` (itself, or under a peft wrapper); else ``net``."""
+    from diffusers import UNet2DConditionModel
+
+    for m in net.modules():
+        if isinstance(m, UNet2DConditionModel):
+            return m
+    return net
+
+
+def _first_tensor(x: Any) -> Any:
+    import torch
+
+    if torch.is_tensor(x):
+        return x
+    if hasattr(x, "sample") and torch.is_tensor(x.sample):  # diffusers' UNet / decoder outputs
+        return x.sample
+    if isinstance(x, (tuple, list)) and x:
+        return _first_tensor(x[0])
+    return None
+
+
+class WorkCounter:
+    """The work really done, by its own hooks (a cross-check of tsf's ComputeCounter): UNet forward
+    calls, their rows (the batch of the sample input: classifier-free guidance doubles them) and the
+    rows whose output requires grad; VAE decode calls and rows (a wrapper of ``vae.decode``, restored
+    on exit); reward forward calls, rows and gradient rows."""
+
+    KEYS = ("unet_calls", "unet_rows", "unet_grad_rows", "decode_calls", "decode_rows", "reward_calls",
+            "reward_rows", "reward_grad_rows")
+
+    def __init__(self, unet: Any, vae: Any, reward: Any = None) -> None:
+        self.unet, self.vae, self.reward = unet, vae, reward
+        self.counts = dict.fromkeys(self.KEYS, 0)
+
+    def _hook(self, prefix: str, input_name: str) -> Callable:
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get(input_name)
+            rows = int(x.shape[0]) if hasattr(x, "shape") else len(x)
+            out = _first_tensor(output)
+            self.counts[f"{prefix}_calls"] += 1
+            self.counts[f"{prefix}_rows"] += rows
+            self.counts[f"{prefix}_grad_rows"] += rows if out is not None and out.requires_grad else 0
+
+        return hook
+
+    def __enter__(self) -> "WorkCounter":
+        self._handles = [self.unet.register_forward_hook(self._hook("unet", "sample"), with_kwargs=True)]
+        if self.reward is not None:
+            self._handles.append(self.reward.register_forward_hook(self._hook("reward", "images"), with_kwargs=True))
+        vae, counts = self.vae, self.counts
+        self._own_decode = vae.__dict__.get("decode")  # an instance attribute already there, put back on exit
+        decode = vae.decode
+
+        def counted_decode(z, *args, **kwargs):
+            counts["decode_calls"] += 1
+            counts["decode_rows"] += int(z.shape[0])
+            return decode(z, *args, **kwargs)
+
+        vae.decode = counted_decode
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        if self._own_decode is not None:
+            self.vae.decode = self._own_decode
+        else:
+            del self.vae.decode
+
+
+def _proc_status_mb(key: str) -> Optional[float]:
+    """``VmHWM`` / ``VmRSS`` of this process in MB, or None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (``5`` to ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Implementation:
+    """One side of ``tsf bench pipeline``: ``call(sample_ids) -> (images, rewards or None, compute or None)``."""
+
+    name: str
+    call: Callable[[list], tuple]
+    counter: WorkCounter
+    rss_after_load_mb: Optional[float] = None
+    times: list = field(default_factory=list)            # seconds per image, one per timed run
+    compute: dict = field(default_factory=dict)          # tsf's own counters, summed over the timed runs
+    rewards: list = field(default_factory=list)          # reward of every image of the timed runs
+    peak_rss_mb: list = field(default_factory=list)      # VmHWM after each timed run (None: not measurable)
+    peak_cuda_mb: list = field(default_factory=list)
+
+
+def measure_pipeline(impl: Implementation, ids: list, prompts: list, reward: Any, device: str,
+                     timed: bool) -> None:
+    """One run of ``impl`` on ``prompts`` (sample ids ``ids``); a timed one is counted and recorded."""
+    import torch
+
+    gc.collect()
+    sync(device)
+    reset = timed and reset_peak_rss()
+    if timed and device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+    with (impl.counter if timed else contextlib.nullcontext()):
+        sync(device)
+        t0 = time.perf_counter()
+        images, rewards, compute = impl.call(ids)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    if not timed:
+        return
+    impl.times.append(seconds / len(prompts))
+    impl.peak_rss_mb.append(_proc_status_mb("VmHWM") if reset else None)
+    if device.startswith("cuda"):
+        impl.peak_cuda_mb.append(torch.cuda.max_memory_allocated(torch.device(device)) / 2**20)
+    for k, v in (compute or {}).items():
+        impl.compute[k] = impl.compute.get(k, 0.0) + float(v)
+    if rewards is None:  # scored here, outside the counters and the clock
+        with torch.no_grad():
+            rewards = reward(images, prompts)
+    impl.rewards.extend(float(v) for v in rewards.detach().float().cpu().reshape(-1))
+
+
+def _opt_max(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def pipeline_row(impl: Implementation, n: int, runs: int) -> dict:
+    images = n * runs
+    return {
+        "implementation": impl.name,
+        "seconds_per_image": statistics.median(impl.times),
+        "seconds_per_image_min": min(impl.times), "seconds_per_image_max": max(impl.times),
+        "seconds_per_image_runs": impl.times,
+        "counts_per_image": {k: v / images for k, v in impl.counter.counts.items()},
+        "counts_total": dict(impl.counter.counts),
+        "compute_per_image": {k: v / images for k, v in impl.compute.items()} if impl.compute else None,
+        "rss_after_load_mb": impl.rss_after_load_mb,
+        "peak_rss_mb": _opt_max(impl.peak_rss_mb), "peak_rss_mb_runs": impl.peak_rss_mb,
+        "peak_cuda_mb": _opt_max(impl.peak_cuda_mb),
+        "reward_mean": statistics.fmean(impl.rewards) if impl.rewards else None,
+        "images": images,
+    }
+
+
+def _num(v: Optional[float], fmt: str = ".4g") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def pipeline(args) -> dict:
+    import warnings
+
+    import torch
+
+    from tsf.errors import ConfigError
+    from tsf.loading import resolve_dtype
+    from tsf.models import StableDiffusion
+    from tsf.samplers.base import sample_seed
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    for flag in ("runs", "steps"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1")
+    if args.warmup < 0:
+        raise ConfigError("--warmup must be >= 0")
+    device = args.device or default_device()
+    info = machine(device)
+    progress(machine_line(info))
+    prompts, n = list(args.prompts), len(args.prompts)
+    reward_args = _json_args(args.reward_args, "--reward_args")
+    sampler_args = _json_args(args.sampler_args, "--sampler_args")
+
+    progress(f"tsf: loading {args.pretrained}")
+    model = StableDiffusion(pretrained=args.pretrained, num_steps=args.steps, eta=args.eta,
+                            guidance_scale=args.guidance, dtype=args.dtype).load().to(device)
+    reward = pipeline_reward(args.reward, reward_args).load().to(device)
+    sampler = pipeline_sampler(args.sampler, sampler_args)
+    progress(f"tsf: {sampler!r}, reward {type(reward).__name__}")
+
+    def tsf_call(ids):
+        out = sampler.sample(model, reward, prompts, ids, seed=args.seed)
+        return out.images, out.rewards, out.compute
+
+    impls = [Implementation("tsf", tsf_call, WorkCounter(find_unet(model.net), model.vae, reward),
+                            rss_after_load_mb=_proc_status_mb("VmRSS"))]
+    if args.diffusers:
+        import diffusers
+
+        from tsf.models.pipelines import _quiet_loading
+
+        progress(f"diffusers: loading {args.pretrained}")
+        with warnings.catch_warnings(), _quiet_loading():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                args.pretrained, safety_checker=None, requires_safety_checker=False,
+                torch_dtype=resolve_dtype(args.dtype))
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+
+        def diffusers_call(ids):
+            gens = [torch.Generator().manual_seed(sample_seed(args.seed, i)) for i in ids]
+            out = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+                       output_type="pt", generator=gens)
+            return out.images.float(), None, None
+
+        impls.append(Implementation("diffusers", diffusers_call, WorkCounter(pipe.unet, pipe.vae, reward),
+                                    rss_after_load_mb=_proc_status_mb("VmRSS")))
+
+    def ids_of(run: int) -> list:
+        return list(range(run * n, (run + 1) * n))
+
+    for w in range(args.warmup):  # sample ids after the timed runs' ones
+        for impl in impls:
+            progress(f"  warm-up {w + 1}/{args.warmup}: {impl.name}")
+            measure_pipeline(impl, ids_of(args.runs + w), prompts, reward, device, timed=False)
+    for r in range(args.runs):
+        order = impls if r % 2 == 0 else impls[::-1]  # alternate which goes first
+        for impl in order:
+            measure_pipeline(impl, ids_of(r), prompts, reward, device, timed=True)
+        progress(f"  run {r + 1}/{args.runs}: " + ", ".join(f"{i.name} {i.times[-1]:.3f} s/image" for i in impls))
+    rows = [pipeline_row(impl, n, args.runs) for impl in impls]
+    by_name = {row["implementation"]: row for row in rows}
+    ratio = (by_name["tsf"]["seconds_per_image"] / by_name["diffusers"]["seconds_per_image"]
+             if "diffusers" in by_name else None)
+
+    print(f"\nPipeline: {args.pretrained}, T = {args.steps}, eta = {args.eta}, guidance {args.guidance}, "
+          f"{args.dtype}, {n} prompts, {args.runs} runs after {args.warmup} warm-up; tsf: {sampler!r}, "
+          f"reward {type(reward).__name__}")
+    print(machine_line(info))
+    print("\n| implementation | s/image (median, min-max) | UNet calls (rows) / image | UNet grad rows / image | "
+          "VAE decode rows / image | reward rows / image | peak RSS MB | reward mean |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        c = row["counts_per_image"]
+        print(f"| {row['implementation']} | {row['seconds_per_image']:.4g} ({row['seconds_per_image_min']:.4g}-"
+              f"{row['seconds_per_image_max']:.4g}) | {c['unet_calls']:.4g} ({c['unet_rows']:.4g}) | "
+              f"{c['unet_grad_rows']:.4g} | {c['decode_rows']:.4g} | {c['reward_rows']:.4g} | "
+              f"{_num(row['peak_rss_mb'], '.0f')} | {_num(row['reward_mean'])} |")
+    compute = by_name["tsf"]["compute_per_image"] or {}
+    print("\ntsf's own compute counters, per image: " + ", ".join(f"{k} {v:.4g}" for k, v in compute.items()))
+    if device.startswith("cuda"):
+        print("peak CUDA memory MB: " + ", ".join(f"{r['implementation']} {_num(r['peak_cuda_mb'], '.0f')}"
+                                                 for r in rows))
+    if ratio is not None:
+        print(f"\ntsf / diffusers time per image: {ratio:.3f}")
+    return {"benchmark": "pipeline", "machine": info,
+            "settings": {"pretrained": args.pretrained, "reward": args.reward, "reward_args": reward_args,
+                         "sampler": args.sampler, "sampler_args": sampler_args, "prompts": prompts,
+                         "steps": args.steps, "eta": args.eta, "guidance": args.guidance, "dtype": args.dtype,
+                         "runs": args.runs, "warmup": args.warmup, "seed": args.seed, "threads": args.threads,
+                         "diffusers": args.diffusers, "device": device},
+            "sampler_repr": repr(sampler), "reward_class": f"{type(reward).__module__}.{type(reward).__qualname__}",
+            "rows": rows, "ratio_tsf_to_diffusers": ratio}
+
+
 # ----------------------------------------------------------------------------- command line
 def run(argv=None) -> dict:
     """Run one benchmark (the command-line arguments of ``tsf bench``) and return its results."""
@@ -520,8 +870,31 @@ def run(argv=None) -> dict:
     m.add_argument("--steps", type=int, default=10)
     common(m, "also write the rows to this file")
 
+    q = sub.add_parser("pipeline", help="seconds per image of tsf's sampler (and diffusers' pipeline) on a "
+                                        "Stable Diffusion 1.x / 2.x checkpoint, with the work counted")
+    q.add_argument("--pretrained", required=True, help="a diffusers SD 1.x / 2.x folder or hub name")
+    q.add_argument("--reward", default="brightness",
+                   help="a registered reward name (aesthetic, ...) or the class_path pkg.mod.Class of a "
+                        "tsf.rewards.Reward subclass (default: brightness)")
+    q.add_argument("--reward_args", default="{}", help="the reward's init args, JSON")
+    q.add_argument("--sampler", default="tsf.samplers.BaseSampler",
+                   help="a YAML config (its model.init_args.sampler), a class_path (tsf.samplers.SMC) or a "
+                        "registered sampler name (default: tsf.samplers.BaseSampler)")
+    q.add_argument("--sampler_args", default="{}", help="the sampler's init args, JSON (over the config's)")
+    q.add_argument("--prompts", nargs="+", default=list(PIPELINE_PROMPTS), help="one image per prompt per run")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--eta", type=float, default=1.0)
+    q.add_argument("--guidance", type=float, default=5.0)
+    q.add_argument("--dtype", default="float32", help="weights' precision of both (float16 on GPUs)")
+    q.add_argument("--runs", type=int, default=3, help="timed runs of each (medians)")
+    q.add_argument("--warmup", type=int, default=1, help="untimed runs of each first")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    q.add_argument("--diffusers", action="store_true", help="also time diffusers' StableDiffusionPipeline")
+    common(q)
+
     args = p.parse_args(argv)
-    result = {"overhead": overhead, "throughput": throughput, "memory": memory}[args.what](args)
+    result = {"overhead": overhead, "throughput": throughput, "memory": memory, "pipeline": pipeline}[args.what](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -141,15 +141,18 @@ class Evaluator(Metric):
             backbone weights must be available offline (a ConfigError says what to fetch).
         lpips_size: images are resized (antialiased bilinear) to this square size for LPIPS.
         lpips_max_pairs: most sample pairs LPIPS compares (a fixed random subset beyond).
+        min_rows: reward and feature calls on fewer rows are padded to this many (the base model's
+            :attr:`~tsf.models.base.BaseModel.min_rows`: a batch-invariant model's samples get rewards
+            that do not depend on the batch either).
     """
 
     full_state_update = False
 
     def __init__(self, target: Reward, cross: Sequence[Reward] = (), features: Optional[Reward] = None,
                  max_batch: int = 4096, lpips: Optional[str] = None, lpips_size: int = 256,
-                 lpips_max_pairs: int = 4096, **kwargs: Any) -> None:
+                 lpips_max_pairs: int = 4096, min_rows: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.max_batch = max_batch
+        self.max_batch, self.min_rows = max_batch, int(min_rows)
         self.lpips = lpips
         if lpips is not None:
             reason = lpips_unavailable(lpips)
@@ -179,7 +182,7 @@ class Evaluator(Metric):
     def featurize(self, images: Tensor) -> Tensor:
         if self.feature_reward is None:
             return images.flatten(1).float()
-        return chunked(self.feature_reward.features, self.max_batch, images).float()
+        return chunked(self.feature_reward.features, self.max_batch, images, min_rows=self.min_rows).float()
 
     def set_reference(self, images: Tensor) -> None:
         """Plain base-model samples that ``fidelity/fd`` compares against."""
@@ -189,7 +192,7 @@ class Evaluator(Metric):
     def rewards(self, batch: SampleBatch, conditions: Sequence[Any]) -> dict[str, Tensor]:
         """Target and cross rewards of a batch's samples, by reward name (the input of :meth:`update`)."""
         images = batch.images if batch.images is not None else batch.x0
-        return {r.name: chunked(r, self.max_batch, images, list(conditions)).float()
+        return {r.name: chunked(r, self.max_batch, images, list(conditions), min_rows=self.min_rows).float()
                 for r in [self.target, *self.cross]}
 
     @torch.no_grad()

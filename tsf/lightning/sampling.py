@@ -144,7 +144,7 @@ class SamplingModule(L.LightningModule):
         if len(set(names)) != len(names):
             raise ConfigError(f"reward names must be distinct, got {names}")
         feature_reward = self._feature_reward(features, cross)
-        self.evaluator = Evaluator(self.reward, cross, feature_reward, lpips=lpips)
+        self.evaluator = Evaluator(self.reward, cross, feature_reward, lpips=lpips, min_rows=base.min_rows)
         self.collector = SampleCollector(names)
         self.diagnostics = DiagnosticsCollector()
         self.fidelity_samples = int(fidelity_samples)

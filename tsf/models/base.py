@@ -17,6 +17,11 @@ from torch import Tensor, nn
 
 from tsf.loading import LazyLoadModule
 
+#: Rows a call is padded to on a batch-invariant model (:attr:`BaseModel.batch_invariant`): CPU BLAS
+#: kernels take another path below 16 rows, which changes the last bits of every row, so without the
+#: padding a sample would depend on the batch it was drawn in.
+MIN_ROWS = 16
+
 
 @dataclass
 class Transition:
@@ -41,6 +46,12 @@ class Transition:
     @staticmethod
     def cat(parts: Sequence["Transition"]) -> "Transition":
         return Transition(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Transition)))
+
+
+def constant_std(s: float, like: Tensor) -> Tensor:
+    """A kernel's standard deviation ``s``, the same for every row: ``[N, 1, ...]`` against ``like``."""
+    ones = (1,) * (like.dim() - 1)
+    return torch.full((1, *ones), s, dtype=like.dtype, device=like.device).expand(like.shape[0], *ones)
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -90,6 +101,23 @@ class BaseModel(LazyLoadModule):
     num_steps: int
     #: whether :meth:`decode` returns images
     has_images: bool = True
+    #: whether samplers pad every network, decoder and reward call on fewer than :data:`MIN_ROWS`
+    #: rows up to that many (the padding is computed, then dropped, and never counted as NFE), so
+    #: that a sample's result is bitwise the same whatever batch, chunk or process it is drawn in.
+    #: On by default only for the small models (digits, mixtures), where it costs almost nothing;
+    #: a real pipeline computes only the rows the method needs unless its ``batch_invariant`` is set.
+    batch_invariant: bool = False
+
+    @property
+    def min_rows(self) -> int:
+        """Rows below which a call is padded (1: never)."""
+        return MIN_ROWS if self.batch_invariant else 1
+
+    def network(self) -> Optional[nn.Module]:
+        """The module whose forward is one network evaluation (the denoiser; ``compute/model_rows``
+        counts the rows it sees, classifier-free guidance's doubled rows and any padding included)."""
+        net = getattr(self, "net", None)
+        return net if isinstance(net, nn.Module) else None
 
     @property
     def is_stochastic(self) -> bool:

@@ -14,6 +14,7 @@ against the schedulers' own ``step``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Sequence
 
 import torch
@@ -21,7 +22,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
-from tsf.models.base import BaseModel, Transition, class_labels, classifier_free_guidance
+from tsf.models.base import BaseModel, Transition, class_labels, classifier_free_guidance, constant_std
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -40,6 +41,8 @@ class EpsDiffusionModel(BaseModel):
             Class ``num_classes`` is the null (unconditional) label.
         prediction_type: what the network predicts: ``epsilon`` or ``v_prediction`` (SD 2.x 768);
             a v prediction is turned into eps at the call, ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``.
+        batch_invariant: pad every call on fewer than 16 rows to 16, so that a sample is bitwise the same
+            whatever batch or process draws it (costs the padded rows; see ``BaseModel.batch_invariant``).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class EpsDiffusionModel(BaseModel):
         num_classes: Optional[int] = None,
         sample_shape: tuple[int, ...] = (1, 8, 8),
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+        batch_invariant: bool = False,
     ) -> None:
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -73,6 +77,7 @@ class EpsDiffusionModel(BaseModel):
         self.num_classes = num_classes
         self.sample_shape = tuple(sample_shape)
         self.prediction_type = prediction_type
+        self.batch_invariant = bool(batch_invariant)
         if scheduler_config is not None:
             self.set_schedule(scheduler_config)
 
@@ -91,6 +96,15 @@ class EpsDiffusionModel(BaseModel):
         self.register_buffer("timesteps", timesteps, persistent=False)
         self.register_buffer("abar", abar[timesteps].float(), persistent=False)
         self.register_buffer("abar_prev", abar_prev.float(), persistent=False)
+        self._kernel = [self._kernel_scalars(i) for i in range(self.num_steps)]
+
+    def _kernel_scalars(self, i: int) -> tuple[float, float, float, float, float]:
+        """The kernel's scalars at grid point ``i``, once per grid point (Python floats, float64 algebra):
+        ``x0_hat = a x - b eps``, ``mu = c x0_hat + d eps``, std ``s``."""
+        abar, prev = float(self.abar[i]), float(self.abar_prev[i])
+        s = self.eta * math.sqrt(max((1 - prev) / (1 - abar) * (1 - abar / prev), 0.0))
+        return (1 / math.sqrt(abar), math.sqrt((1 - abar) / abar), math.sqrt(prev),
+                math.sqrt(max(1 - prev - s * s, 0.0)), s)
 
     def extra_repr(self) -> str:
         return (
@@ -133,13 +147,11 @@ class EpsDiffusionModel(BaseModel):
         return self.net(x, t, c)
 
     def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
-        abar = self.abar[i]
-        return (x - (1 - abar).sqrt() * self.eps(output)) / abar.sqrt()
+        a, b = self._kernel[i][:2]
+        return torch.sub(x * a, self.eps(output), alpha=b)
 
     def step_std(self, i: int) -> Tensor:
-        abar, abar_prev = self.abar[i], self.abar_prev[i]
-        var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
-        return self.eta * var.clamp(min=0).sqrt()
+        return torch.tensor(self._kernel[i][4], device=self.abar.device)
 
     def eps(self, output: Tensor) -> Tensor:
         """The eps prediction inside a model output (the output itself here)."""
@@ -149,11 +161,9 @@ class EpsDiffusionModel(BaseModel):
         output = self(x, i, c) if output is None else output
         eps = self.eps(output)
         x0 = self.x0_hat(x, i, output)
-        s = self.step_std(i)
-        abar_prev = self.abar_prev[i]
-        mean = abar_prev.sqrt() * x0 + (1 - abar_prev - s**2).clamp(min=0).sqrt() * eps
-        std = s.reshape(1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
-        return Transition(mean=mean, std=std, x0_hat=x0, output=output)
+        _, _, c_x0, c_eps, s = self._kernel[i]
+        mean = torch.add(x0 * c_x0, eps, alpha=c_eps)
+        return Transition(mean=mean, std=constant_std(s, x), x0_hat=x0, output=output)
 
     def decode(self, x0: Tensor) -> Tensor:
         return ((x0 + 1) / 2).clamp(0, 1)

@@ -222,6 +222,8 @@ class DigitsDiffusion(EpsDiffusionModel):
         guidance_scale: classifier-free guidance weight for class conditions.
         conditional: condition the denoiser on the sample's class (``False``: the null label, i.e.
             the unconditional model, whatever the data module's conditions are).
+        batch_invariant: pad calls on fewer than 16 rows (default on: cheap here, and what makes a sample
+            bitwise independent of its batch and of the number of processes).
     """
 
     def __init__(
@@ -233,6 +235,7 @@ class DigitsDiffusion(EpsDiffusionModel):
         guidance_scale: float = 1.0,
         conditional: bool = False,
         adapter: Optional[str] = None,
+        batch_invariant: bool = True,
     ) -> None:
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"adapter {adapter!r} is not a LoRA adapter directory (no adapter_config.json); "
@@ -240,7 +243,8 @@ class DigitsDiffusion(EpsDiffusionModel):
         self.weights, self.adapter = weights, adapter
         net = build_network(weights)  # reads only the header: architecture, no weights
         super().__init__(net, SCHEDULER_CONFIG, scheduler=scheduler, num_steps=num_steps, eta=eta,
-                         guidance_scale=guidance_scale, num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE)
+                         guidance_scale=guidance_scale, num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE,
+                         batch_invariant=batch_invariant)
         self.conditional = conditional
 
     def _load(self) -> None:
@@ -277,15 +281,18 @@ class DigitsFlow(FlowModel):
         weights: shipped name or path of a ``.safetensors`` file from ``tsf pretrain digits_flow``.
         num_steps, interpolant, diffusion, diffusion_norm, time_grid: see :class:`~tsf.models.flow.FlowModel`.
         conditional: condition on the sample's class (``False``: the unconditional model).
+        batch_invariant: pad calls on fewer than 16 rows (default on: cheap here, and what makes a sample
+            bitwise independent of its batch and of the number of processes).
     """
 
     def __init__(self, weights: str = FLOW, num_steps: int = 10, interpolant: Literal["linear", "vp"] = "linear",
                  diffusion: Literal["square", "linear", "constant", "none"] = "square", diffusion_norm: float = 3.0,
-                 time_grid: Optional[Literal["uniform", "reference"]] = None, conditional: bool = False) -> None:
+                 time_grid: Optional[Literal["uniform", "reference"]] = None, conditional: bool = False,
+                 batch_invariant: bool = True) -> None:
         self.weights = weights
         super().__init__(_ScaledTime(build_network(weights)), num_steps=num_steps, interpolant=interpolant,
                          diffusion=diffusion, diffusion_norm=diffusion_norm, time_grid=time_grid,
-                         num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE)
+                         num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE, batch_invariant=batch_invariant)
         self.conditional = conditional
 
     def _load(self) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
-from tsf.models.base import BaseModel, Transition, class_labels
+from tsf.models.base import BaseModel, Transition, class_labels, constant_std
 
 B_MIN, B_MAX = 0.1, 20.0
 DIFFUSIONS = ("square", "linear", "constant", "none")
@@ -82,6 +82,8 @@ class FlowModel(BaseModel):
             is the null label.
         sample_shape: shape of one sample.
         shift: time shift of the grid (SD3: 3; 1 = none), see :meth:`set_grid`.
+        batch_invariant: pad every call on fewer than 16 rows to 16, so that a sample is bitwise the same
+            whatever batch or process draws it (costs the padded rows; see ``BaseModel.batch_invariant``).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class FlowModel(BaseModel):
         num_classes: Optional[int] = None,
         sample_shape: Sequence[int] = (1, 8, 8),
         shift: float = 1.0,
+        batch_invariant: bool = False,
     ) -> None:
         super().__init__()
         if num_steps < 1:
@@ -116,6 +119,7 @@ class FlowModel(BaseModel):
         self.time_grid = time_grid
         self.num_classes = num_classes
         self.sample_shape = tuple(sample_shape)
+        self.batch_invariant = bool(batch_invariant)
         self.set_grid(shift)
 
     def set_grid(self, shift: float = 1.0) -> None:
@@ -130,6 +134,24 @@ class FlowModel(BaseModel):
             self.register_buffer(f"_{key}", val, persistent=False)
         self.register_buffer("_grid", grid, persistent=False)
         self.register_buffer("_g", diffusion_coefficient(self.diffusion, self.diffusion_norm, grid), persistent=False)
+        self._kernel = self._kernel_scalars()
+
+    def _kernel_scalars(self) -> dict[str, list[float]]:
+        """The kernel's scalars per grid point, once per grid (float64 algebra, as Python floats):
+        ``x0_hat = x0_u u - x0_x x``, ``score = sc_u u - sc_x x``, the Euler-Maruyama mean
+        ``mu = mu_x x + mu_u u`` and std; ``t``, ``c``, ``c_dot``, ``t_dot`` of the interpolant."""
+        a, s, ad, sd = self._alpha, self._sigma, self._alpha_dot, self._sigma_dot
+        den = ad * s - sd * a
+        k = {"x0_u": s / den, "x0_x": sd / den, "sc_u": a / (s * den), "sc_x": ad / (s * den)}
+        ds = self._grid[:-1] - self._grid[1:]
+        g = self._g[:-1]
+        noisy = g > 0
+        half = 0.5 * g**2 * ds  # mu = x - (u - g^2 score / 2) ds
+        k["mu_x"] = torch.where(noisy, 1 - half * k["sc_x"][:-1], torch.ones_like(ds))
+        k["mu_u"] = torch.where(noisy, half * k["sc_u"][:-1] - ds, -ds)
+        k["std"] = g * ds.sqrt()
+        k.update(t=self._t, c=self._c, c_dot=self._c_dot, t_dot=self._t_dot)
+        return {name: v.tolist() for name, v in k.items()}
 
     def extra_repr(self) -> str:
         return (f"num_steps={self.num_steps}, interpolant={self.interpolant}, diffusion={self.diffusion}, "
@@ -142,16 +164,14 @@ class FlowModel(BaseModel):
     def encode_conditions(self, conditions: Sequence[Any]) -> Tensor:
         return class_labels(conditions, self.num_classes, self.device)
 
-    def _coef(self, name: str, i: int, like: Tensor) -> Tensor:
-        return getattr(self, f"_{name}")[i].to(like.dtype)
-
     # -- the kernel -----------------------------------------------------------------
     def forward(self, x: Tensor, i: int, c: Tensor) -> Tensor:
         """The velocity of the sampled interpolant at grid point ``i`` (one network call)."""
-        t = self._coef("t", i, x).expand(x.shape[0])
+        k = self._kernel
+        t = torch.full((x.shape[0],), k["t"][i], dtype=x.dtype, device=x.device)
         if self.interpolant == "linear":
             return self.velocity(x, t, c)
-        cc, c_dot, t_dot = self._coef("c", i, x), self._coef("c_dot", i, x), self._coef("t_dot", i, x)
+        cc, c_dot, t_dot = k["c"][i], k["c_dot"][i], k["t_dot"][i]
         return (c_dot / cc) * x + cc * t_dot * self.velocity(x / cc, t, c)
 
     def velocity(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
@@ -159,20 +179,16 @@ class FlowModel(BaseModel):
         return self.net(x, t, c)
 
     def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
-        a, s, ad, sd = (self._coef(k, i, x) for k in ("alpha", "sigma", "alpha_dot", "sigma_dot"))
-        return (s * output - sd * x) / (ad * s - sd * a)
+        return torch.sub(output * self._kernel["x0_u"][i], x, alpha=self._kernel["x0_x"][i])
 
     def score(self, x: Tensor, i: int, output: Tensor) -> Tensor:
-        a, s, ad, sd = (self._coef(k, i, x) for k in ("alpha", "sigma", "alpha_dot", "sigma_dot"))
-        return (a * output - ad * x) / (s * (ad * s - a * sd))
+        return torch.sub(output * self._kernel["sc_u"][i], x, alpha=self._kernel["sc_x"][i])
 
     def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
         u = self(x, i, c) if output is None else output
-        ds = self._coef("grid", i, x) - self._coef("grid", i + 1, x)
-        g = self._coef("g", i, x)
-        drift = u - 0.5 * g**2 * self.score(x, i, u) if float(g) > 0 else u
-        std = (g * ds.sqrt()).reshape(1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
-        return Transition(mean=x - drift * ds, std=std, x0_hat=self.x0_hat(x, i, u), output=u)
+        k = self._kernel
+        mean = torch.add(x * k["mu_x"][i], u, alpha=k["mu_u"][i])
+        return Transition(mean=mean, std=constant_std(k["std"][i], x), x0_hat=self.x0_hat(x, i, u), output=u)
 
     def decode(self, x0: Tensor) -> Tensor:
         return ((x0 + 1) / 2).clamp(0, 1)

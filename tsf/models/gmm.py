@@ -129,6 +129,8 @@ class GaussianMixture(EpsDiffusionModel):
         covariances: per component a variance, a diagonal, or a full ``d x d`` matrix.
         scheduler, num_steps, eta: as for any eps-prediction model.
         beta_schedule: the diffusers beta schedule (default: the digits model's cosine schedule).
+        batch_invariant: pad calls on fewer than 16 rows (default on: cheap here, and what makes a sample
+            bitwise independent of its batch and of the number of processes).
     """
 
     has_images = False
@@ -142,6 +144,7 @@ class GaussianMixture(EpsDiffusionModel):
         num_steps: int = 100,
         eta: float = 1.0,
         beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2",
+        batch_invariant: bool = True,
     ) -> None:
         w, m, S = _mixture(weights, means, covariances)
         from diffusers import DDPMScheduler
@@ -149,7 +152,8 @@ class GaussianMixture(EpsDiffusionModel):
         config = {**GMM_SCHEDULER_CONFIG, "beta_schedule": beta_schedule}
         abar = DDPMScheduler(**config).alphas_cumprod
         net = MixturePosterior(w, m, S, abar)
-        super().__init__(net, config, scheduler=scheduler, num_steps=num_steps, eta=eta, sample_shape=(m.shape[1],))
+        super().__init__(net, config, scheduler=scheduler, num_steps=num_steps, eta=eta, sample_shape=(m.shape[1],),
+                         batch_invariant=batch_invariant)
         self.register_buffer("abar_state", torch.cat([self.abar, self.abar_prev[-1:]]).double(), persistent=False)
 
     def extra_repr(self) -> str:
@@ -224,6 +228,8 @@ class GaussianMixtureFlow(FlowModel):
     Args:
         weights, means, covariances: the mixture, as for :class:`GaussianMixture`.
         num_steps, interpolant, diffusion, diffusion_norm, time_grid: as for :class:`~tsf.models.flow.FlowModel`.
+        batch_invariant: pad calls on fewer than 16 rows (default on: cheap here, and what makes a sample
+            bitwise independent of its batch and of the number of processes).
     """
 
     has_images = False
@@ -231,12 +237,12 @@ class GaussianMixtureFlow(FlowModel):
     def __init__(self, weights: list[float], means: list[list[float]], covariances: list[Covariance],
                  num_steps: int = 100, interpolant: Literal["linear", "vp"] = "linear",
                  diffusion: Literal["square", "linear", "constant", "none"] = "square", diffusion_norm: float = 3.0,
-                 time_grid: Optional[Literal["uniform", "reference"]] = None) -> None:
+                 time_grid: Optional[Literal["uniform", "reference"]] = None, batch_invariant: bool = True) -> None:
         w, m, S = _mixture(weights, means, covariances)
         posterior = MixturePosterior(w, m, S, torch.ones(1))
         super().__init__(MixtureVelocity(posterior), num_steps=num_steps, interpolant=interpolant,
                          diffusion=diffusion, diffusion_norm=diffusion_norm, time_grid=time_grid,
-                         sample_shape=(m.shape[1],))
+                         sample_shape=(m.shape[1],), batch_invariant=batch_invariant)
         self.posterior = posterior
 
     def decode(self, x0: Tensor) -> Tensor:

@@ -94,7 +94,7 @@ class _Pipeline:
 
     def _init_pipeline(self, pretrained: str, dtype: str, decode_batch: int, gradient_checkpointing: bool,
                        adapter: Optional[str], variant: Optional[str], height: Optional[int],
-                       width: Optional[int], negative_prompt: str) -> None:
+                       width: Optional[int], negative_prompt: str, batch_invariant: bool) -> None:
         resolve_dtype(dtype)
         if decode_batch < 1:
             raise ConfigError(f"decode_batch must be >= 1, got {decode_batch}")
@@ -104,6 +104,7 @@ class _Pipeline:
         self.pretrained, self.dtype_name, self.decode_batch = pretrained, dtype, int(decode_batch)
         self.gradient_checkpointing, self.adapter, self.variant = gradient_checkpointing, adapter, variant
         self.height, self.width, self.negative_prompt = height, width, negative_prompt
+        self.batch_invariant = bool(batch_invariant)
         self.prompts = PromptTable()
         self._pipe = None  # not a submodule: its parts are registered one by one in _load
 
@@ -218,6 +219,8 @@ class StableDiffusion(_Pipeline, EpsDiffusionModel):
         gradient_checkpointing: checkpoint the UNet and the VAE decode (gradient samplers, DRaFT).
         adapter: a peft LoRA adapter directory (``tsf finetune``'s ``adapter``) loaded on the UNet.
         variant: the weights' variant (``fp16``), as diffusers names it.
+        batch_invariant: pad calls on fewer than 16 rows to 16 rows, so that a sample is bitwise the same
+            whatever batch or process draws it; off by default: it computes up to 16x the rows the method needs.
     """
 
     pipeline_class = "DiffusionPipeline"
@@ -226,11 +229,11 @@ class StableDiffusion(_Pipeline, EpsDiffusionModel):
                  negative_prompt: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
                  scheduler: Literal["ddim", "ddpm"] = "ddim", dtype: str = "float32", decode_batch: int = 8,
                  gradient_checkpointing: bool = False, adapter: Optional[str] = None,
-                 variant: Optional[str] = None) -> None:
+                 variant: Optional[str] = None, batch_invariant: bool = False) -> None:
         EpsDiffusionModel.__init__(self, None, None, scheduler=scheduler, num_steps=num_steps, eta=eta,
                                    guidance_scale=guidance_scale, sample_shape=(4, 64, 64))
         self._init_pipeline(pretrained, dtype, decode_batch, gradient_checkpointing, adapter, variant, height,
-                            width, negative_prompt)
+                            width, negative_prompt, batch_invariant)
 
     def extra_repr(self) -> str:
         return (f"pretrained={self.pretrained}, dtype={self.dtype_name}, height={self.height}, width={self.width}, "
@@ -293,12 +296,12 @@ class _FlowPipeline(_Pipeline, FlowModel):
                  time_grid: Optional[str], shift: Optional[float], guidance_scale: float, negative_prompt: str,
                  height: Optional[int], width: Optional[int], dtype: str, decode_batch: int,
                  gradient_checkpointing: bool, adapter: Optional[str], variant: Optional[str],
-                 max_sequence_length: int) -> None:
+                 max_sequence_length: int, batch_invariant: bool) -> None:
         FlowModel.__init__(self, None, num_steps=num_steps, interpolant=interpolant, diffusion=diffusion,
                            diffusion_norm=diffusion_norm, time_grid=time_grid, sample_shape=(16, 128, 128),
                            shift=shift or 1.0)
         self._init_pipeline(pretrained, dtype, decode_batch, gradient_checkpointing, adapter, variant, height,
-                            width, negative_prompt)
+                            width, negative_prompt, batch_invariant)
         self.shift_option, self.guidance_scale = shift, float(guidance_scale)
         self.max_sequence_length = int(max_sequence_length)
 
@@ -348,10 +351,10 @@ class StableDiffusion3(_FlowPipeline):
                  guidance_scale: float = 7.0, negative_prompt: Optional[str] = None, height: Optional[int] = None,
                  width: Optional[int] = None, dtype: str = "float32", decode_batch: int = 8,
                  gradient_checkpointing: bool = False, adapter: Optional[str] = None, variant: Optional[str] = None,
-                 max_sequence_length: int = 256) -> None:
+                 max_sequence_length: int = 256, batch_invariant: bool = False) -> None:
         super().__init__(pretrained, num_steps, interpolant, diffusion, diffusion_norm, time_grid, shift,
                          guidance_scale, negative_prompt, height, width, dtype, decode_batch,
-                         gradient_checkpointing, adapter, variant, max_sequence_length)
+                         gradient_checkpointing, adapter, variant, max_sequence_length, batch_invariant)
 
     pipeline_class = "StableDiffusion3Pipeline"
 
@@ -398,10 +401,10 @@ class Flux(_FlowPipeline):
                  guidance_scale: float = 3.5, height: Optional[int] = None, width: Optional[int] = None,
                  dtype: str = "float32", decode_batch: int = 8, gradient_checkpointing: bool = False,
                  adapter: Optional[str] = None, variant: Optional[str] = None,
-                 max_sequence_length: int = 256) -> None:
+                 max_sequence_length: int = 256, batch_invariant: bool = False) -> None:
         super().__init__(pretrained, num_steps, interpolant, diffusion, diffusion_norm, time_grid, shift,
                          guidance_scale, None, height, width, dtype, decode_batch, gradient_checkpointing, adapter,
-                         variant, max_sequence_length)
+                         variant, max_sequence_length, batch_invariant)
 
     def _load(self) -> None:
         super()._load()

@@ -8,6 +8,7 @@ particles of shape ``[B * K, ...]`` (``B`` outputs, ``K`` particles each, group-
 from __future__ import annotations
 
 import contextvars
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -17,11 +18,20 @@ import torch
 from torch import Tensor
 
 from tsf.errors import ConfigError
-from tsf.models.base import BaseModel, Transition
+from tsf.models.base import MIN_ROWS, BaseModel, Transition  # noqa: F401  (MIN_ROWS: re-exported)
 from tsf.registry import Registry
 from tsf.rewards.base import Reward
 
-COMPUTE_KEYS = ("nfe", "nfe_grad", "reward_calls", "reward_grad_calls", "seconds")
+#: What a sampler call spends (totals over its outputs; the CLI reports them per sample):
+#: ``nfe``: model evaluations of particles, as the papers count them: a guided (CFG) evaluation of one
+#: particle is one NFE, padding excluded; ``nfe_grad``: those that built a graph for a backward;
+#: ``reward_calls`` / ``reward_grad_calls``: rows scored by the reward (decoded x0 or Tweedie estimates);
+#: ``model_rows``: rows the network really computed (classifier-free guidance's doubled rows and any
+#: batch-invariance padding included: the number to compare with another codebase's UNet batch rows);
+#: ``decode_rows`` / ``reward_rows``: rows through the decoder (VAE) and the reward, padding included,
+#: the final decode of the outputs too; ``seconds``: wall time.
+COMPUTE_KEYS = ("nfe", "nfe_grad", "reward_calls", "reward_grad_calls", "model_rows", "decode_rows", "reward_rows",
+                "seconds")
 
 
 @dataclass
@@ -48,60 +58,173 @@ def sample_seed(seed: int, sample_id: int) -> int:
 
 
 class Noise:
-    """One generator per output sample: all noise of sample ``i`` comes from its own stream,
-    so results do not depend on batch size, chunking or the number of processes.
+    """One random stream per output sample: all noise of sample ``i`` comes from its own generator,
+    seeded by ``(seed, i)``, so results do not depend on batch size, chunking or the number of processes.
+
+    The streams are read in bulk: each sample's generator fills a block of numbers at a time (normal
+    and uniform ones in blocks of their own) and a draw takes the next numbers of every sample's
+    block with one slice, rather than one generator call per sample. A block holds
+    ``max(block, what the draw lacks)`` numbers, a rule that depends on the sample's own draws
+    alone, so sample ``i``'s noise is still a function of ``(seed, i)`` and its own draws.
 
     The generators are CPU generators whatever the device (the diffusers habit): a draw is one
-    CPU call per sample and one copy to the device, rather than a kernel launch per sample, and
-    sample ``i`` gets the same noise on a CPU and on a GPU.
+    copy to the device rather than a kernel launch per sample, and sample ``i`` gets the same
+    noise on a CPU and on a GPU.
     """
+
+    #: numbers per block and sample: normal (the states' noise) and uniform (selection, resampling)
+    BLOCKS = {"normal": 8192, "uniform": 256}
 
     def __init__(self, seed: int, sample_ids: Sequence[int], device: torch.device) -> None:
         self.device = torch.device(device)
         self.generators = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in sample_ids]
+        self._streams: dict[tuple[str, torch.dtype], _Stream] = {}
+
+    def _stream(self, kind: str, dtype: torch.dtype) -> "_Stream":
+        key = (kind, dtype)
+        if key not in self._streams:
+            self._streams[key] = _Stream(self.generators, kind, dtype, self.BLOCKS[kind])
+        return self._streams[key]
 
     def _to_device(self, x: Tensor) -> Tensor:
         return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
 
     def randn(self, k: int, shape: Sequence[int], dtype=torch.float32) -> Tensor:
         """Standard normal ``[B * k, *shape]`` (group-major)."""
-        return self._to_device(torch.cat([torch.randn((k, *shape), generator=g, dtype=dtype) for g in self.generators]))
+        n = int(k) * math.prod(shape)
+        return self._to_device(self._stream("normal", dtype).take(n).reshape(len(self.generators) * k, *shape))
 
     def randn_counts(self, counts: Sequence[int], shape: Sequence[int], dtype=torch.float32) -> Tensor:
         """Standard normal rows, ``counts[b]`` of them from sample ``b``'s stream, concatenated."""
-        return self._to_device(torch.cat([torch.randn((int(k), *shape), generator=g, dtype=dtype)
-                                          for g, k in zip(self.generators, counts)]))
+        d = math.prod(shape)
+        flat = self._stream("normal", dtype).take_counts([int(k) * d for k in counts])
+        return self._to_device(flat.reshape(-1, *shape))
 
     def rand(self, k: int, dtype=torch.float32) -> Tensor:
         """Uniform ``[B, k]``."""
-        return self._to_device(torch.stack([torch.rand(k, generator=g, dtype=dtype) for g in self.generators]))
+        return self._to_device(self._stream("uniform", dtype).take(int(k)).reshape(len(self.generators), k))
+
+
+_POOL: list = []
+
+
+def _fill_rows(fill: Callable, generators: list, out: Tensor) -> None:
+    """Row ``b`` of ``out`` from generator ``b``; large fills on the CPU's torch threads in parallel
+    (each generator stays on one thread, so the numbers are the serial ones)."""
+    workers = min(torch.get_num_threads(), 8, len(generators))
+    if workers < 2 or out.numel() < (1 << 17):
+        for b, g in enumerate(generators):
+            fill(g, out.shape[1], out=out[b])
+        return
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="tsf-noise"))
+
+    def part(j: int) -> None:
+        for b in range(j, len(generators), workers):
+            fill(generators[b], out.shape[1], out=out[b])
+
+    list(_POOL[0].map(part, range(workers)))
+
+
+class _Stream:
+    """The unread numbers of one kind (``normal``/``uniform``, one dtype) of every sample's stream.
+
+    While every sample has drawn the same amounts they sit in one ``[B, L]`` buffer (a draw is a
+    slice); after a draw of different counts per sample (``take_counts``), in one tensor per sample.
+    """
+
+    def __init__(self, generators: list, kind: str, dtype: torch.dtype, block: int) -> None:
+        self.generators, self.dtype, self.block = generators, dtype, block
+        self.fill = torch.randn if kind == "normal" else torch.rand
+        self.buf = torch.empty(len(generators), 0, dtype=dtype)  # equal counts left
+        self.rows: Optional[list[Tensor]] = None  # per sample, once counts differ
+
+    def _fill(self, g: torch.Generator, n: int, out: Optional[Tensor] = None) -> Tensor:
+        return self.fill(n, generator=g, dtype=self.dtype, out=out)
+
+    def take(self, n: int) -> Tensor:
+        """The next ``n`` numbers of every sample, ``[B, n]``."""
+        if self.rows is not None:
+            return torch.stack([self._take_row(b, n) for b in range(len(self.generators))])
+        have = self.buf.shape[1]
+        if have < n:
+            size = max(self.block, n - have)
+            new = torch.empty(len(self.generators), have + size, dtype=self.dtype)
+            new[:, :have] = self.buf
+            _fill_rows(self._fill, self.generators, new[:, have:])
+            self.buf = new
+        out, self.buf = self.buf[:, :n], self.buf[:, n:]
+        return out
+
+    def take_counts(self, counts: list[int]) -> Tensor:
+        """The next ``counts[b]`` numbers of sample ``b``, concatenated."""
+        if self.rows is None:
+            if len(set(counts)) <= 1:
+                return self.take(counts[0] if counts else 0).reshape(-1)
+            self.rows, self.buf = list(self.buf.unbind(0)), None
+        return torch.cat([self._take_row(b, n) for b, n in enumerate(counts)])
+
+    def _take_row(self, b: int, n: int) -> Tensor:
+        row = self.rows[b]
+        if len(row) < n:
+            row = torch.cat([row, self._fill(self.generators[b], max(self.block, n - len(row)))])
+        self.rows[b] = row[n:]
+        return row[:n]
 
 
 # ----------------------------------------------------------------------------- compute
 class ComputeCounter:
-    """Counts forward calls of the model and the reward with hooks, never by formula.
+    """Counts the calls of the model, its network, its decoder and the reward with hooks, never by formula.
 
     One model forward on ``n`` rows is ``n`` NFE; if it builds a graph (for a backward) it
-    also counts ``n`` in ``nfe_grad``. Reward calls likewise (``reward_grad_calls``).
+    also counts ``n`` in ``nfe_grad``. Reward calls likewise (``reward_grad_calls``). Padding rows
+    are left out of those and counted in ``model_rows``, ``decode_rows`` and ``reward_rows``, the
+    rows really computed (see :data:`COMPUTE_KEYS`).
     """
 
     def __init__(self, model: BaseModel, reward: Optional[Reward]) -> None:
         self.model, self.reward = model, reward
         self.counts = dict.fromkeys(COMPUTE_KEYS, 0.0)
 
-    def _hook(self, calls: str, grad_calls: str) -> Callable:
+    def _hook(self, calls: str, grad_calls: str, rows: Optional[str] = None) -> Callable:
         def hook(module, args, output):
-            n = args[0].shape[0] - _PADDING.get()
-            self.counts[calls] += n
+            n = args[0].shape[0]
+            self.counts[calls] += n - _PADDING.get()
             if torch.is_tensor(output) and output.requires_grad:
-                self.counts[grad_calls] += n
+                self.counts[grad_calls] += n - _PADDING.get()
+            if rows is not None:
+                self.counts[rows] += n
 
         return hook
 
+    def _rows_hook(self, key: str) -> Callable:
+        def hook(module, args, kwargs, output):
+            first = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+            self.counts[key] += 0 if first is None else first.shape[0]
+
+        return hook
+
+    def _count_decode(self) -> None:
+        model, decode = self.model, self.model.decode
+
+        def counted(x0: Tensor) -> Tensor:
+            self.counts["decode_rows"] += x0.shape[0]
+            return decode(x0)
+
+        self._decode = model.__dict__.get("decode")  # an instance attribute already there (nested counters)
+        model.decode = counted
+
     def __enter__(self) -> "ComputeCounter":
         self._handles = [self.model.register_forward_hook(self._hook("nfe", "nfe_grad"))]
+        net = self.model.network()
+        if net is not None:
+            self._handles.append(net.register_forward_hook(self._rows_hook("model_rows"), with_kwargs=True))
         if self.reward is not None:
-            self._handles.append(self.reward.register_forward_hook(self._hook("reward_calls", "reward_grad_calls")))
+            self._handles.append(self.reward.register_forward_hook(
+                self._hook("reward_calls", "reward_grad_calls", "reward_rows")))
+        self._count_decode()
         self._sync()
         self._t0 = time.perf_counter()
         return self
@@ -115,13 +238,12 @@ class ComputeCounter:
         self.counts["seconds"] += time.perf_counter() - self._t0
         for h in self._handles:
             h.remove()
+        del self.model.decode
+        if self._decode is not None:
+            self.model.decode = self._decode
 
 
 # ----------------------------------------------------------------------------- chunking
-#: Calls on fewer rows than this are padded: CPU BLAS kernels take another path below 16
-#: rows, which changes the last bits of every row and would make a sample depend on the
-#: batch it was drawn in. Padding rows are not counted as compute.
-MIN_ROWS = 16
 _PADDING: contextvars.ContextVar[int] = contextvars.ContextVar("tsf_padding_rows", default=0)
 
 
@@ -133,23 +255,24 @@ def _pad(a: Any, n: int) -> Any:
     return list(a) + [a[-1]] * (n - len(a))
 
 
-def chunked(fn: Callable[..., Any], max_batch: int, *args: Any) -> Any:
+def chunked(fn: Callable[..., Any], max_batch: int, *args: Any, min_rows: int = 1) -> Any:
     """``fn(*args)`` on row chunks of at most ``max_batch`` rows, outputs concatenated.
 
     ``args`` are tensors or lists (conditions) of the same length; ``fn`` returns a
     tensor, a :class:`Transition` or a tuple of those (or ``None``). Chunks of fewer
-    than :data:`MIN_ROWS` rows are padded (and the padding is sliced off again), so a
-    row's result does not depend on which rows share its call.
+    than ``min_rows`` rows are padded (and the padding is sliced off again): with
+    ``min_rows = MIN_ROWS`` (a batch-invariant model's :attr:`~tsf.models.base.BaseModel.min_rows`)
+    a row's result does not depend on which rows share its call.
     """
     n = len(args[0])
     outs = []
     for s in range(0, n, max_batch):
         part = [a[s:s + max_batch] if a is not None else None for a in args]
         m = len(part[0])
-        if m < MIN_ROWS:
-            token = _PADDING.set(MIN_ROWS - m)
+        if m < min_rows:
+            token = _PADDING.set(min_rows - m)
             try:
-                out = fn(*(_pad(a, MIN_ROWS) for a in part))
+                out = fn(*(_pad(a, min_rows) for a in part))
             finally:
                 _PADDING.reset(token)
             out = _rows(out, slice(0, m))
@@ -244,11 +367,12 @@ class Sampler:
             c = model.encode_conditions(conditions)
         with ComputeCounter(model, reward if self.uses_reward else None) as counter:
             out = self._sample(model, reward, conditions, c, noise)
-        x0, rewards, diagnostics = out if isinstance(out, tuple) else (out, None, {})
-        images = None
-        if model.has_images:
-            with torch.no_grad():
-                images = chunked(model.decode, self.max_batch, x0.detach())
+            x0, rewards, diagnostics = out if isinstance(out, tuple) else (out, None, {})
+            images = None
+            if model.has_images:
+                with torch.no_grad():
+                    images = chunked(lambda xs: model.decode(xs), self.max_batch, x0.detach(),
+                                     min_rows=model.min_rows)
         return SampleBatch(x0=x0.detach(), sample_ids=sample_ids, images=images,
                            rewards=None if rewards is None else rewards.detach(),
                            compute=counter.counts, diagnostics=diagnostics)
@@ -262,12 +386,14 @@ class Sampler:
                    output: Optional[Tensor] = None) -> Transition:
         """The model's kernel at grid point ``i`` on rows of ``x``, in chunks of ``max_batch``."""
         if output is None:
-            return chunked(lambda xs, cs: model.transition(xs, i, cs), self.max_batch, x, c)
-        return chunked(lambda xs, cs, os: model.transition(xs, i, cs, os), self.max_batch, x, c, output)
+            return chunked(lambda xs, cs: model.transition(xs, i, cs), self.max_batch, x, c, min_rows=model.min_rows)
+        return chunked(lambda xs, cs, os: model.transition(xs, i, cs, os), self.max_batch, x, c, output,
+                       min_rows=model.min_rows)
 
     def score(self, model: BaseModel, reward: Reward, x0: Tensor, conditions: list) -> Tensor:
         """``r(decode(x0), c)`` per row, in chunks of ``max_batch``."""
-        return chunked(lambda xs, cs: reward(model.decode(xs), cs), self.max_batch, x0, conditions)
+        return chunked(lambda xs, cs: reward(model.decode(xs), cs), self.max_batch, x0, conditions,
+                       min_rows=model.min_rows)
 
     def value(self, model: BaseModel, reward: Reward, value_fn, x: Tensor, i: int, c: Tensor, conditions: list,
               alpha: float, grad: bool = False, grad_batch: Optional[int] = None):
@@ -279,7 +405,7 @@ class Sampler:
         if not grad:
             with torch.no_grad():
                 return chunked(lambda xs, cs, ks: (*value_fn(model, reward, xs, i, cs, ks, alpha), None),
-                               self.max_batch, x, c, conditions)
+                               self.max_batch, x, c, conditions, min_rows=model.min_rows)
 
         def with_grad(xs, cs, ks):
             with torch.enable_grad():
@@ -289,7 +415,7 @@ class Sampler:
             g = torch.zeros_like(xs) if g is None else g
             return v.detach(), None if out is None else out.detach(), g.detach()
 
-        return chunked(with_grad, grad_batch or self.max_batch, x, c, conditions)
+        return chunked(with_grad, grad_batch or self.max_batch, x, c, conditions, min_rows=model.min_rows)
 
     @staticmethod
     def repeat(conditions: list, c: Tensor, k: int) -> tuple[list, Tensor]:

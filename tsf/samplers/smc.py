@@ -77,7 +77,7 @@ RESAMPLERS = ("systematic", "multinomial", "stratified", "residual")
 def draw_categorical(logits: Tensor, u: Tensor) -> Tensor:
     """One index per row of ``logits [B, K]`` drawn from ``softmax(logits)`` by inverse CDF at ``u [B]``."""
     cdf = torch.softmax(logits.double(), dim=1).cumsum(1)
-    return torch.searchsorted(cdf, u.double()[:, None], right=True).clamp(max=logits.shape[1] - 1)[:, 0]
+    return torch.searchsorted(cdf, u.double().reshape(-1, 1), right=True).clamp(max=logits.shape[1] - 1)[:, 0]
 
 
 def tempering_schedule(num_steps: int, tempering: str, gamma: float, fraction: float) -> list[float]:
