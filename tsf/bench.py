@@ -776,10 +776,12 @@ def pipeline(args) -> dict:
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
 
+        per = args.images_per_prompt
+
         def diffusers_call(ids):
-            gens = [torch.Generator().manual_seed(sample_seed(args.seed, i)) for i in ids]
+            gens = [torch.Generator().manual_seed(sample_seed(args.seed, i * per + j)) for i in ids for j in range(per)]
             out = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
-                       output_type="pt", generator=gens)
+                       output_type="pt", generator=gens, num_images_per_prompt=per)
             return out.images.float(), None, None
 
         impls.append(Implementation("diffusers", diffusers_call, WorkCounter(pipe.unet, pipe.vae, reward),
@@ -891,6 +893,9 @@ def run(argv=None) -> dict:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     q.add_argument("--diffusers", action="store_true", help="also time diffusers' StableDiffusionPipeline")
+    q.add_argument("--images_per_prompt", type=int, default=1,
+                   help="images diffusers makes per prompt (its row is then per prompt: set it to N to compare "
+                        "with Best-of-N, whose output costs N trajectories)")
     common(q)
 
     args = p.parse_args(argv)

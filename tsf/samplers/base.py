@@ -367,9 +367,8 @@ class Sampler:
             c = model.encode_conditions(conditions)
         with ComputeCounter(model, reward if self.uses_reward else None) as counter:
             out = self._sample(model, reward, conditions, c, noise)
-            x0, rewards, diagnostics = out if isinstance(out, tuple) else (out, None, {})
-            images = None
-            if model.has_images:
+            x0, rewards, diagnostics, images = (*out, None)[:4] if isinstance(out, tuple) else (out, None, {}, None)
+            if model.has_images and images is None:  # a selecting sampler hands back its choice's images
                 with torch.no_grad():
                     images = chunked(lambda xs: model.decode(xs), self.max_batch, x0.detach(),
                                      min_rows=model.min_rows)
@@ -378,7 +377,8 @@ class Sampler:
                            compute=counter.counts, diagnostics=diagnostics)
 
     def _sample(self, model: BaseModel, reward: Optional[Reward], conditions: list, c: Tensor, noise: Noise):
-        """Return ``x0 [B, ...]`` or ``(x0, rewards [B] or None, diagnostics)``."""
+        """Return ``x0 [B, ...]`` or ``(x0, rewards [B] or None, diagnostics[, images])``: the images of
+        ``x0`` when the sampler decoded them already (they are not decoded again)."""
         raise NotImplementedError
 
     # -- helpers for subclasses --------------------------------------------------------
@@ -390,10 +390,26 @@ class Sampler:
         return chunked(lambda xs, cs, os: model.transition(xs, i, cs, os), self.max_batch, x, c, output,
                        min_rows=model.min_rows)
 
-    def score(self, model: BaseModel, reward: Reward, x0: Tensor, conditions: list) -> Tensor:
-        """``r(decode(x0), c)`` per row, in chunks of ``max_batch``."""
-        return chunked(lambda xs, cs: reward(model.decode(xs), cs), self.max_batch, x0, conditions,
-                       min_rows=model.min_rows)
+    def score(self, model: BaseModel, reward: Reward, x0: Tensor, conditions: list, with_images: bool = False):
+        """``r(decode(x0), c)`` per row, in chunks of ``max_batch``; with ``with_images``, ``(r, images)``."""
+        if not with_images:
+            return chunked(lambda xs, cs: reward(model.decode(xs), cs), self.max_batch, x0, conditions,
+                           min_rows=model.min_rows)
+
+        def scored(xs, cs):
+            images = model.decode(xs)
+            return reward(images, cs), images
+
+        return chunked(scored, self.max_batch, x0, conditions, min_rows=model.min_rows)
+
+    def final_value(self, model: BaseModel, reward: Reward, x0: Tensor, conditions: list,
+                    value: Optional[Callable[[], Tensor]] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """The reward of candidate outputs ``x0`` (the value at the last grid point): ``(r, images or None)``.
+        An image model's decoded images are kept, so that the chosen outputs need no second decode; for
+        other models ``value()`` (the sampler's value function at the last grid point), if given, decides."""
+        if model.has_images:
+            return self.score(model, reward, x0, conditions, with_images=True)
+        return (self.score(model, reward, x0, conditions) if value is None else value()), None
 
     def value(self, model: BaseModel, reward: Reward, value_fn, x: Tensor, i: int, c: Tensor, conditions: list,
               alpha: float, grad: bool = False, grad_batch: Optional[int] = None):

@@ -29,7 +29,8 @@ class BestOfN(BaseSampler):
         K = self.num_particles
         rows, c_rows = self.repeat(conditions, c, K)
         x0 = self.trajectories(model, c_rows, noise, K)       # [B*K, ...]
-        r = self.score(model, reward, x0, rows).view(-1, K)   # [B, K]
+        r, images = self.final_value(model, reward, x0, rows)
+        r = r.view(-1, K)                                     # [B, K]
         best = r.argmax(1)
-        x0 = x0.view(-1, K, *x0.shape[1:])[torch.arange(len(best)), best]
-        return x0, r.gather(1, best[:, None]).squeeze(1), {}
+        pick = best + K * torch.arange(len(best), device=best.device)
+        return x0[pick], r.gather(1, best[:, None]).squeeze(1), {}, None if images is None else images[pick]

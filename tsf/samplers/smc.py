@@ -188,9 +188,17 @@ class SMC(Sampler):
         counts = {"nonfinite_values": 0, "nonfinite_grads": 0}
         dev = model.device
 
+        final_images = []
+
         def evaluate(x, i):
-            v, out, g = self.value(model, reward, self.value_fn, x, i, c, conds, alpha,
-                                   grad=grad and i < T, grad_batch=self.grad_batch)
+            if i < T:
+                v, out, g = self.value(model, reward, self.value_fn, x, i, c, conds, alpha,
+                                       grad=grad, grad_batch=self.grad_batch)
+            else:  # the particles are candidate x0: the reward itself (an image model's images are kept)
+                v, images = self.final_value(model, reward, x, conds, lambda: self.value(
+                    model, reward, self.value_fn, x, i, c, conds, alpha)[0])
+                out = g = None
+                final_images.append(images)
             bad = ~torch.isfinite(v)
             counts["nonfinite_values"] += int(bad.sum())
             if g is not None:
@@ -284,7 +292,8 @@ class SMC(Sampler):
         if self.output == "all":
             diagnostics["particles"] = x.view(B, K, *x.shape[1:]).cpu()
             diagnostics["log_weights"] = logw.float().cpu()
-        return x[rows], r_final, diagnostics
+        images = final_images[-1] if final_images and final_images[-1] is not None else None
+        return x[rows], r_final, diagnostics, None if images is None else images[rows]
 
     @staticmethod
     def _normalise(log_z: Tensor, logw: Tensor) -> tuple[Tensor, Tensor]:

@@ -56,7 +56,13 @@ class SVDD(Sampler):
         for i in range(T):
             tr = self.transition(model, x, i, c, out)
             children = tr.mean.repeat_interleave(M, 0) + tr.std.repeat_interleave(M, 0) * noise.randn(M, model.sample_shape)
-            v, out_c, _ = self.value(model, reward, self.value_fn, children, i + 1, c_m, conds_m, self.alpha)
+            images = None
+            if i + 1 < T:
+                v, out_c, _ = self.value(model, reward, self.value_fn, children, i + 1, c_m, conds_m, self.alpha)
+            else:  # the children are candidate x0: valued by the reward itself
+                v, images = self.final_value(model, reward, children, conds_m, lambda: self.value(
+                    model, reward, self.value_fn, children, T, c_m, conds_m, self.alpha)[0])
+                out_c = None
             v = v.view(B, M).double()
             v = torch.where(torch.isfinite(v), v, -torch.inf)
             if torch.isinf(v).all(1).any():
@@ -66,4 +72,4 @@ class SVDD(Sampler):
             rows = pick + M * torch.arange(B, device=v.device)
             x = children[rows]
             out = None if out_c is None else out_c[rows]
-        return x, v.gather(1, pick[:, None])[:, 0].float(), {}
+        return x, v.gather(1, pick[:, None])[:, 0].float(), {}, None if images is None else images[rows]
