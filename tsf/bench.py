@@ -354,10 +354,30 @@ def overhead_one(s: Setup, n: int, repeats: int, min_seconds: float, device: str
     }
 
 
+def steady_allocator() -> bool:
+    """Let glibc keep freed memory for reuse (mmap threshold 256 MiB, trim threshold 1 GiB), for the
+    whole process: otherwise each tensor above its dynamic mmap threshold is mapped and unmapped anew,
+    page faults included, and how often that happens varies from one process to the next (the bare calls
+    alone varied by 15% between invocations). Both sides of a comparison then run under the same
+    allocator. Returns whether the setting took (glibc only)."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def overhead(args) -> dict:
     device = args.device or default_device()
     info = machine(device)
-    progress(machine_line(info))
+    info["allocator"] = ("glibc, freed memory kept for reuse (both sides)"
+                         if not args.default_allocator and steady_allocator() else "default")
+    progress(machine_line(info) + f", allocator: {info['allocator']}")
     rows = []
     for j, key in enumerate(args.samplers):
         progress(f"[{j + 1}/{len(args.samplers)}] {CONFIGS[key][0]}: {CONFIGS[key][1]}, K = {args.k}")
@@ -367,7 +387,7 @@ def overhead(args) -> dict:
         progress(f"  ratio {row['ratio']:.3f}")
         rows.append(row)
     print(f"\nFramework overhead, K = {args.k}: wall time of the sampler / the same model and reward calls done bare")
-    print(machine_line(info))
+    print(machine_line(info) + f", allocator: {info['allocator']}")
     print("\n| sampler | model, T | samples | NFE | NFE grad | reward calls | network calls | sampler s | "
           "bare calls s | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -850,7 +870,10 @@ def run(argv=None) -> dict:
     o.add_argument("--samples", type=int, default=None, help="outputs per sample() call (default: the config's "
                                                              "batch_size, 100)")
     o.add_argument("--steps", type=int, default=None, help="override the configs' num_steps")
-    o.add_argument("--repeats", type=int, default=5, help="measurements of each (medians)")
+    o.add_argument("--repeats", type=int, default=7, help="measurements of each (medians)")
+    o.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's malloc thresholds as they are (default: keep freed memory for reuse, "
+                        "which makes the timings repeatable)")
     o.add_argument("--min-seconds", type=float, default=1.0,
                    help="each measurement repeats sample() until it lasts about this long")
     common(o)

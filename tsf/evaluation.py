@@ -6,9 +6,10 @@ dict of DESIGN.md's metric keys:
 
 ``target/mean``, ``target/median``, ``target/q90``, ``cross/<reward>/mean``,
 ``diversity/pairwise``, ``diversity/vendi``, ``fidelity/fd`` (when a reference set of
-plain base samples is given), ``compute/nfe``, ``compute/nfe_grad``,
-``compute/reward_calls``, ``compute/reward_grad_calls``, ``compute/seconds`` (per sample),
-and ``diversity/lpips`` when the LPIPS option is on.
+plain base samples is given), ``compute/<key>`` per sample for every key of
+:data:`tsf.samplers.base.COMPUTE_KEYS` (``nfe``, ``nfe_grad``, ``reward_calls``, ``reward_grad_calls``:
+the method's counts; ``model_rows``, ``decode_rows``, ``reward_rows``: the rows really computed;
+``seconds``), and ``diversity/lpips`` when the LPIPS option is on.
 
 :meth:`Evaluator.per_condition` breaks the same numbers down by condition (prompt):
 target and cross means, and diversity among the samples of each prompt.

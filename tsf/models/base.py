@@ -49,7 +49,11 @@ class Transition:
 
 
 def constant_std(s: float, like: Tensor) -> Tensor:
-    """A kernel's standard deviation ``s``, the same for every row: ``[N, 1, ...]`` against ``like``."""
+    """A kernel's standard deviation ``s``, the same for every row: ``[N, 1, ...]`` against ``like``.
+
+    The kernels combine tensors with separate products and sums, never ``torch.add(a, b, alpha=s)``
+    or ``addcmul``: those fuse a multiply-add in ATen's vectorised loop but not in its scalar tail, so
+    an element's last bit would depend on where it falls in the batch."""
     ones = (1,) * (like.dim() - 1)
     return torch.full((1, *ones), s, dtype=like.dtype, device=like.device).expand(like.shape[0], *ones)
 

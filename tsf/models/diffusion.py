@@ -148,7 +148,7 @@ class EpsDiffusionModel(BaseModel):
 
     def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
         a, b = self._kernel[i][:2]
-        return torch.sub(x * a, self.eps(output), alpha=b)
+        return x * a - self.eps(output) * b  # separate products, no fused multiply-add (see constant_std)
 
     def step_std(self, i: int) -> Tensor:
         return torch.tensor(self._kernel[i][4], device=self.abar.device)
@@ -162,7 +162,7 @@ class EpsDiffusionModel(BaseModel):
         eps = self.eps(output)
         x0 = self.x0_hat(x, i, output)
         _, _, c_x0, c_eps, s = self._kernel[i]
-        mean = torch.add(x0 * c_x0, eps, alpha=c_eps)
+        mean = x0 * c_x0 + eps * c_eps
         return Transition(mean=mean, std=constant_std(s, x), x0_hat=x0, output=output)
 
     def decode(self, x0: Tensor) -> Tensor:

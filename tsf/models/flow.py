@@ -179,15 +179,15 @@ class FlowModel(BaseModel):
         return self.net(x, t, c)
 
     def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
-        return torch.sub(output * self._kernel["x0_u"][i], x, alpha=self._kernel["x0_x"][i])
+        return output * self._kernel["x0_u"][i] - x * self._kernel["x0_x"][i]
 
     def score(self, x: Tensor, i: int, output: Tensor) -> Tensor:
-        return torch.sub(output * self._kernel["sc_u"][i], x, alpha=self._kernel["sc_x"][i])
+        return output * self._kernel["sc_u"][i] - x * self._kernel["sc_x"][i]
 
     def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
         u = self(x, i, c) if output is None else output
         k = self._kernel
-        mean = torch.add(x * k["mu_x"][i], u, alpha=k["mu_u"][i])
+        mean = x * k["mu_x"][i] + u * k["mu_u"][i]
         return Transition(mean=mean, std=constant_std(k["std"][i], x), x0_hat=self.x0_hat(x, i, u), output=u)
 
     def decode(self, x0: Tensor) -> Tensor:

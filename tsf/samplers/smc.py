@@ -187,6 +187,8 @@ class SMC(Sampler):
             raise ConfigError(f"proposal: gradient needs a differentiable reward; {reward.name!r} is not")
         counts = {"nonfinite_values": 0, "nonfinite_grads": 0}
         dev = model.device
+        offsets = K * torch.arange(B, device=dev)[:, None]       # row of particle 0 of each group
+        identity = torch.arange(K, device=dev).expand(B, K)
 
         final_images = []
 
@@ -200,11 +202,11 @@ class SMC(Sampler):
                 out = g = None
                 final_images.append(images)
             bad = ~torch.isfinite(v)
-            counts["nonfinite_values"] += int(bad.sum())
+            counts["nonfinite_values"] += bad.sum()
             if g is not None:
                 gbad = ~torch.isfinite(g)
-                counts["nonfinite_grads"] += int(gbad.sum())
-                g = torch.where(gbad, torch.zeros_like(g), g)
+                counts["nonfinite_grads"] += gbad.sum()
+                g = g.masked_fill(gbad, 0.0)
             return v.view(B, K).double(), out, g, bad.view(B, K)
 
         x = model.prior(noise.randn(K, model.sample_shape))
@@ -227,8 +229,8 @@ class SMC(Sampler):
                 x_new = tr.mean + tr.std * (z + d_over_s.to(z.dtype))
                 log_ratio = (-0.5 * d_over_s.square() - d_over_s * z.double()).flatten(1).sum(1).view(B, K)
             else:
-                x_new = tr.mean + tr.std * z
-                log_ratio = torch.zeros(B, K, dtype=torch.float64, device=dev)
+                x_new = tr.sample(z)
+                log_ratio = None
             v, out, g, bad = evaluate(x_new, i + 1)
             psi = lam[i + 1] * v / alpha
             if i + 1 == T:
@@ -244,7 +246,8 @@ class SMC(Sampler):
             else:  # rt
                 inc = psi
             dead = dead | bad
-            logw = torch.where(dead | ~torch.isfinite(inc + log_ratio), -math.inf, logw + inc + log_ratio)
+            step = inc if log_ratio is None else inc + log_ratio
+            logw = torch.where(dead | ~torch.isfinite(step), -math.inf, logw + step)
             log_g = torch.where(dead, 0.0, log_g + inc)
             stat = torch.where(dead, 0.0, stat)
             if torch.isinf(logw).all(1).any():
@@ -263,8 +266,8 @@ class SMC(Sampler):
                 u = noise.rand(K, dtype=torch.float64)
                 if do.any():
                     idx = resample(logw, u, self.resampler)
-                    idx = torch.where(do[:, None], idx, torch.arange(K, device=dev).expand(B, K))
-                    flat = (idx + K * torch.arange(B, device=dev)[:, None]).reshape(-1)
+                    idx = torch.where(do[:, None], idx, identity)
+                    flat = (idx + offsets).reshape(-1)
                     x_new = x_new[flat]
                     out = None if out is None else out[flat]
                     g = None if g is None else g[flat]
@@ -275,6 +278,7 @@ class SMC(Sampler):
                 resampled.append(torch.zeros(B, dtype=torch.bool, device=dev))  # the output is chosen instead
             x = x_new
 
+        counts = {k: int(n) for k, n in counts.items()}
         if counts["nonfinite_values"]:
             warnings.warn(f"{counts['nonfinite_values']} particle values were not finite; they got zero weight")
         u = noise.rand(1, dtype=torch.float64)[:, 0]
