@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tiny import tiny_pipeline
+from tsf.bench import WorkCounter
 from tsf.models import Flux, StableDiffusion, StableDiffusion3
 from tsf.rewards import build_reward
 from tsf.samplers import SMC, SVDD, BestOfN
@@ -77,31 +78,6 @@ def test_cfg_batch_of_prompts_equals_each_prompt_alone(pipelines, kind):
     assert not torch.allclose(swapped.x0, both.x0, atol=1e-3)
 
 
-class RowCounter:
-    """Rows through a module's forward (a hook), and rows through a model's ``decode``."""
-
-    def __init__(self, unet, m):
-        self.unet, self.m, self.rows, self.decoded = unet, m, 0, 0
-
-    def __enter__(self):
-        def hook(module, args, kwargs, out):
-            self.rows += (args[0] if args else kwargs["sample"]).shape[0]
-
-        self.handle = self.unet.register_forward_hook(hook, with_kwargs=True)
-        decode = self.m.vae.decode
-
-        def counted(z, *a, **k):
-            self.decoded += z.shape[0]
-            return decode(z, *a, **k)
-
-        self.m.vae.decode = counted
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        del self.m.vae.decode
-
-
 # (sampler, UNet rows per output, VAE rows per output) at T steps with guidance (2 rows per evaluation); the
 # selecting samplers hand back the images of the candidates they chose, so nothing is decoded twice
 METHOD_ROWS = {
@@ -122,17 +98,17 @@ def test_a_real_pipeline_computes_only_the_rows_the_method_needs(pipelines, meth
     for invariant in (False, True):
         m = model(pipelines, "sd15", guidance_scale=4.0, batch_invariant=invariant).load()
         T = m.num_steps
-        with RowCounter(m._pipe.unet, m) as counted:
+        with WorkCounter(m._pipe.unet, m.vae) as counter:
             out = make().sample(m, reward, PROMPTS, range(2), seed=1)
-        n = len(PROMPTS)
+        rows, decoded, n = counter.counts["unet_rows"], counter.counts["decode_rows"], len(PROMPTS)
         if not invariant:
-            assert counted.rows == n * unet_rows(T) and counted.decoded == n * vae_rows(T), (counted.rows, counted.decoded)
+            assert rows == n * unet_rows(T) and decoded == n * vae_rows(T), (rows, decoded)
             exact = out.compute
-        assert out.compute["model_rows"] == counted.rows and out.compute["decode_rows"] == counted.decoded
+        assert out.compute["model_rows"] == rows and out.compute["decode_rows"] == decoded
         assert out.compute["nfe"] == n * unet_rows(T) / 2 == exact["nfe"]  # padding is never NFE
         again = m.decode(out.x0)  # the images handed back are the outputs' own
         torch.testing.assert_close(out.images, again, atol=1e-5, rtol=0)
-    assert counted.rows > exact["model_rows"]  # batch_invariant pads the calls on fewer than 16 rows
+    assert rows > exact["model_rows"]  # batch_invariant pads the calls on fewer than 16 rows
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sd3"])

@@ -124,11 +124,20 @@ def config_path(rel: str) -> Path:
     raise FileNotFoundError(f"{rel} not found (run `tsf bench` from the repository root)")
 
 
+def _import(path: str) -> Any:
+    from tsf.errors import ConfigError
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"cannot import {path!r} ({type(e).__name__}: {e})") from e
+
+
 def build(spec: Any) -> Any:
     """Instantiate ``class_path``/``init_args`` dicts (recursively), as LightningCLI does."""
     if isinstance(spec, dict) and "class_path" in spec:
-        module, name = spec["class_path"].rsplit(".", 1)
-        cls = getattr(importlib.import_module(module), name)
+        cls = _import(spec["class_path"])
         return cls(**{k: build(v) for k, v in (spec.get("init_args") or {}).items()})
     if isinstance(spec, dict):
         return {k: build(v) for k, v in spec.items()}
@@ -514,16 +523,6 @@ def memory(args) -> dict:
 PIPELINE_PROMPTS = ("a photo of a cat", "a painting of a horse")
 
 
-def _import(path: str) -> Any:
-    from tsf.errors import ConfigError
-
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"cannot import {path!r} ({type(e).__name__}: {e})") from e
-
-
 def _json_args(text: str, flag: str) -> dict:
     from tsf.errors import ConfigError
 
@@ -625,29 +624,24 @@ class WorkCounter:
 
         return hook
 
+    def _add_decoded(self, z: Any) -> None:
+        self.counts["decode_calls"] += 1
+        self.counts["decode_rows"] += int(z.shape[0])
+
     def __enter__(self) -> "WorkCounter":
-        self._handles = [self.unet.register_forward_hook(self._hook("unet", "sample"), with_kwargs=True)]
+        from tsf.samplers.base import counting_calls
+
+        self._stack = contextlib.ExitStack()
+        handles = [self.unet.register_forward_hook(self._hook("unet", "sample"), with_kwargs=True)]
         if self.reward is not None:
-            self._handles.append(self.reward.register_forward_hook(self._hook("reward", "images"), with_kwargs=True))
-        vae, counts = self.vae, self.counts
-        self._own_decode = vae.__dict__.get("decode")  # an instance attribute already there, put back on exit
-        decode = vae.decode
-
-        def counted_decode(z, *args, **kwargs):
-            counts["decode_calls"] += 1
-            counts["decode_rows"] += int(z.shape[0])
-            return decode(z, *args, **kwargs)
-
-        vae.decode = counted_decode
+            handles.append(self.reward.register_forward_hook(self._hook("reward", "images"), with_kwargs=True))
+        for h in handles:
+            self._stack.callback(h.remove)
+        self._stack.enter_context(counting_calls(self.vae, "decode", self._add_decoded))
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        if self._own_decode is not None:
-            self.vae.decode = self._own_decode
-        else:
-            del self.vae.decode
+        self._stack.close()
 
 
 def _proc_status_mb(key: str) -> Optional[float]:

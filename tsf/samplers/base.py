@@ -7,6 +7,7 @@ particles of shape ``[B * K, ...]`` (``B`` outputs, ``K`` particles each, group-
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
 import time
@@ -175,6 +176,27 @@ class _Stream:
 
 
 # ----------------------------------------------------------------------------- compute
+@contextlib.contextmanager
+def counting_calls(obj: Any, name: str, count: Callable[[Any], None]):
+    """``obj.<name>`` wrapped while the block runs, ``count(first argument)`` before each call (for a
+    method that is not a module's forward, e.g. ``model.decode`` or ``vae.decode``); what was there
+    before, the method or an instance attribute of that name, is put back on exit."""
+    method, own = getattr(obj, name), obj.__dict__.get(name)
+
+    def counted(x, *args, **kwargs):
+        count(x)
+        return method(x, *args, **kwargs)
+
+    setattr(obj, name, counted)
+    try:
+        yield
+    finally:
+        if own is not None:
+            setattr(obj, name, own)
+        else:
+            delattr(obj, name)
+
+
 class ComputeCounter:
     """Counts the calls of the model, its network, its decoder and the reward with hooks, never by formula.
 
@@ -206,25 +228,21 @@ class ComputeCounter:
 
         return hook
 
-    def _count_decode(self) -> None:
-        model, decode = self.model, self.model.decode
-
-        def counted(x0: Tensor) -> Tensor:
-            self.counts["decode_rows"] += x0.shape[0]
-            return decode(x0)
-
-        self._decode = model.__dict__.get("decode")  # an instance attribute already there (nested counters)
-        model.decode = counted
+    def _add_decoded(self, x0: Tensor) -> None:
+        self.counts["decode_rows"] += x0.shape[0]
 
     def __enter__(self) -> "ComputeCounter":
-        self._handles = [self.model.register_forward_hook(self._hook("nfe", "nfe_grad"))]
+        self._stack = contextlib.ExitStack()
+        handles = [self.model.register_forward_hook(self._hook("nfe", "nfe_grad"))]
         net = self.model.network()
         if net is not None:
-            self._handles.append(net.register_forward_hook(self._rows_hook("model_rows"), with_kwargs=True))
+            handles.append(net.register_forward_hook(self._rows_hook("model_rows"), with_kwargs=True))
         if self.reward is not None:
-            self._handles.append(self.reward.register_forward_hook(
+            handles.append(self.reward.register_forward_hook(
                 self._hook("reward_calls", "reward_grad_calls", "reward_rows")))
-        self._count_decode()
+        for h in handles:
+            self._stack.callback(h.remove)
+        self._stack.enter_context(counting_calls(self.model, "decode", self._add_decoded))
         self._sync()
         self._t0 = time.perf_counter()
         return self
@@ -236,11 +254,7 @@ class ComputeCounter:
     def __exit__(self, *exc) -> None:
         self._sync()
         self.counts["seconds"] += time.perf_counter() - self._t0
-        for h in self._handles:
-            h.remove()
-        del self.model.decode
-        if self._decode is not None:
-            self.model.decode = self._decode
+        self._stack.close()
 
 
 # ----------------------------------------------------------------------------- chunking
@@ -370,8 +384,7 @@ class Sampler:
             x0, rewards, diagnostics, images = (*out, None)[:4] if isinstance(out, tuple) else (out, None, {}, None)
             if model.has_images and images is None:  # a selecting sampler hands back its choice's images
                 with torch.no_grad():
-                    images = chunked(lambda xs: model.decode(xs), self.max_batch, x0.detach(),
-                                     min_rows=model.min_rows)
+                    images = chunked(model.decode, self.max_batch, x0.detach(), min_rows=model.min_rows)
         return SampleBatch(x0=x0.detach(), sample_ids=sample_ids, images=images,
                            rewards=None if rewards is None else rewards.detach(),
                            compute=counter.counts, diagnostics=diagnostics)
