@@ -76,18 +76,38 @@ def test_bad_flow_settings_are_config_errors(kw):
         GaussianMixtureFlow(**MIX, **kw)
 
 
-@pytest.mark.parametrize("budget,n0,batch", [(120, 4, 1), (200, 2, 4), (500, 8, 16)])
-def test_rbf_never_exceeds_its_counted_budget(budget, n0, batch):
+@pytest.mark.parametrize("budget,N,n0,T,batch", [(120, 2, 4, 20, 1), (200, 2, 2, 20, 4), (500, 2, 25, 10, 16),
+                                                (500, 3, 8, 20, 16), (101, 1, 3, 5, 7), (77, 4, 1, 10, 3)])
+def test_rbf_spends_exactly_its_counted_budget(budget, N, n0, T, batch):
+    """NFE are counted by hooks per evaluated row: the candidates plus every child, which must add up to
+    the budget (within one proposal batch, never above it) whatever N, n0, T and the proposal batch."""
     from tsf.samplers import RBF
 
-    m = GaussianMixtureFlow(**MIX, num_steps=20, interpolant="vp")
-    n = 30
-    out = RBF(num_particles=2, budget=budget, n0=n0, proposal_batch=batch).sample(
+    m = GaussianMixtureFlow(**MIX, num_steps=T, interpolant="vp")
+    n = 12
+    out = RBF(num_particles=N, budget=budget, n0=n0, proposal_batch=batch).sample(
         m, LinearReward([0.5, 0.25]), [None] * n, range(n), seed=0)
-    # NFE are counted by hooks per evaluated child; a chain never evaluates beyond its quota
-    assert out.compute["nfe"] <= n * budget
-    assert out.compute["nfe"] >= n * 2 * (n0 + 19)  # at least the candidates and one child per step and chain
+    assert n * (budget - batch) < out.compute["nfe"] <= n * budget
+    assert out.diagnostics["unspent_nfe"] == 0
     assert torch.isfinite(out.x0).all()
+
+
+def test_rbf_reference_finish_is_the_full_finish_on_a_tweedie_last_step():
+    """``finish: tweedie`` stops at grid point T - 1 and returns x0_hat there; a flow model whose last step
+    returns x0_hat makes the full finish do the same, so the two give the same samples (and the
+    model's last transition is then x0_hat with no noise)."""
+    from tsf.samplers import RBF
+
+    m = GaussianMixtureFlow(**MIX, num_steps=8, interpolant="vp", time_grid="reference", last_step="tweedie")
+    x = torch.randn(5, 2)
+    tr = m.transition(x, 7, m.encode_conditions([None] * 5))
+    torch.testing.assert_close(tr.mean, tr.x0_hat, rtol=1e-6, atol=1e-6)
+    assert float(tr.std.max()) == 0.0
+    r, n = LinearReward([0.5, 0.25]), 16
+    ref = RBF(budget=80, n0=4, finish="tweedie").sample(m, r, [None] * n, range(n), seed=3)
+    full = RBF(budget=80, n0=4, finish="full").sample(m, r, [None] * n, range(n), seed=3)
+    torch.testing.assert_close(ref.x0, full.x0, rtol=1e-5, atol=1e-5)
+    assert ref.compute["nfe"] == full.compute["nfe"] == 80 * n
 
 
 def test_rbf_budget_too_small_and_ode_are_clear_errors():

@@ -279,7 +279,8 @@ class DigitsFlow(FlowModel):
 
     Args:
         weights: shipped name or path of a ``.safetensors`` file from ``tsf pretrain digits_flow``.
-        num_steps, interpolant, diffusion, diffusion_norm, time_grid: see :class:`~tsf.models.flow.FlowModel`.
+        num_steps, interpolant, diffusion, diffusion_norm, time_grid, last_step: see
+            :class:`~tsf.models.flow.FlowModel`.
         conditional: condition on the sample's class (``False``: the unconditional model).
         batch_invariant: pad calls on fewer than 16 rows (default on: cheap here, and what makes a sample
             bitwise independent of its batch and of the number of processes).
@@ -288,11 +289,12 @@ class DigitsFlow(FlowModel):
     def __init__(self, weights: str = FLOW, num_steps: int = 10, interpolant: Literal["linear", "vp"] = "linear",
                  diffusion: Literal["square", "linear", "constant", "none"] = "square", diffusion_norm: float = 3.0,
                  time_grid: Optional[Literal["uniform", "reference"]] = None, conditional: bool = False,
-                 batch_invariant: bool = True) -> None:
+                 batch_invariant: bool = True, last_step: Optional[Literal["tweedie", "euler"]] = None) -> None:
         self.weights = weights
         super().__init__(_ScaledTime(build_network(weights)), num_steps=num_steps, interpolant=interpolant,
                          diffusion=diffusion, diffusion_norm=diffusion_norm, time_grid=time_grid,
-                         num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE, batch_invariant=batch_invariant)
+                         num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE, batch_invariant=batch_invariant,
+                         last_step=last_step)
         self.conditional = conditional
 
     def _load(self) -> None:

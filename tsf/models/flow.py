@@ -28,6 +28,8 @@ from tsf.models.base import BaseModel, Transition, class_labels, constant_std
 
 B_MIN, B_MAX = 0.1, 20.0
 DIFFUSIONS = ("square", "linear", "constant", "none")
+#: the default finish of a flow model's last step (see ``FlowModel``'s ``last_step``)
+LAST_STEP = "euler"
 
 
 def vp_schedule(s: Tensor, b_min: float = B_MIN, b_max: float = B_MAX) -> dict[str, Tensor]:
@@ -75,9 +77,13 @@ class FlowModel(BaseModel):
         diffusion: ``g(s)``: ``square`` (norm s^2), ``linear``, ``constant`` or ``none`` (the ODE).
         diffusion_norm: the norm of ``g`` (the reference: 3 with ``square``).
         time_grid: ``uniform`` (``s_k = 1 - k / T``, the default) or ``reference``
-            (``s_k = sqrt(1 - (k / T)^2)``, the RBF reference's VP grid as ALGORITHMS.md states it; it
-            puts the fine steps near the noise and leaves a last step from ``s = sqrt(2 / T)`` to 0,
-            which on the analytic mixture biases the component means by ~4% at T = 200).
+            (``s_k = sqrt(1 - (k / T)^2)``, the RBF reference's VP grid): fine steps near the noise and
+            a long last interval, from ``s = sqrt(2 T - 1) / T`` (0.44 at T = 10) to 0.
+        last_step: how the last step, from ``s_{T-1}`` to 0, ends: ``tweedie`` returns the Tweedie
+            estimate ``x0_hat(x_{s_{T-1}})`` (deterministic, as the linear ODE's last Euler step and DDIM's
+            last step do; with the reference grid this is the RBF reference's finish, which stops at
+            ``s_{T-1}``), ``euler`` takes one more Euler-Maruyama step, whose VP coefficients are stiff
+            near ``s = 0``. The README's "VP finish" table gives the measured bias of each.
         num_classes: classes of the conditioning (``None``: unconditional); class ``num_classes``
             is the null label.
         sample_shape: shape of one sample.
@@ -98,6 +104,7 @@ class FlowModel(BaseModel):
         sample_shape: Sequence[int] = (1, 8, 8),
         shift: float = 1.0,
         batch_invariant: bool = False,
+        last_step: Optional[Literal["tweedie", "euler"]] = None,
     ) -> None:
         super().__init__()
         if num_steps < 1:
@@ -113,6 +120,10 @@ class FlowModel(BaseModel):
             raise ConfigError(f"unknown time_grid {time_grid!r}; known: uniform, reference")
         if shift <= 0:
             raise ConfigError(f"shift must be > 0, got {shift}")
+        last_step = last_step or LAST_STEP
+        if last_step not in ("tweedie", "euler"):
+            raise ConfigError(f"unknown last_step {last_step!r}; known: tweedie, euler")
+        self.last_step = last_step
         self.net = net
         self.num_steps = int(num_steps)
         self.interpolant, self.diffusion, self.diffusion_norm = interpolant, diffusion, float(diffusion_norm)
@@ -150,12 +161,15 @@ class FlowModel(BaseModel):
         k["mu_x"] = torch.where(noisy, 1 - half * k["sc_x"][:-1], torch.ones_like(ds))
         k["mu_u"] = torch.where(noisy, half * k["sc_u"][:-1] - ds, -ds)
         k["std"] = g * ds.sqrt()
+        if self.last_step == "tweedie":  # the last step returns x0_hat(x_{s_{T-1}}): mu = x0_u u - x0_x x, no noise
+            k["mu_x"][-1], k["mu_u"][-1], k["std"][-1] = -k["x0_x"][-2], k["x0_u"][-2], 0.0
         k.update(t=self._t, c=self._c, c_dot=self._c_dot, t_dot=self._t_dot)
         return {name: v.tolist() for name, v in k.items()}
 
     def extra_repr(self) -> str:
         return (f"num_steps={self.num_steps}, interpolant={self.interpolant}, diffusion={self.diffusion}, "
-                f"diffusion_norm={self.diffusion_norm}, time_grid={self.time_grid}, shift={self.shift}")
+                f"diffusion_norm={self.diffusion_norm}, time_grid={self.time_grid}, last_step={self.last_step}, "
+                f"shift={self.shift}")
 
     @property
     def is_stochastic(self) -> bool:

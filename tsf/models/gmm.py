@@ -227,7 +227,8 @@ class GaussianMixtureFlow(FlowModel):
 
     Args:
         weights, means, covariances: the mixture, as for :class:`GaussianMixture`.
-        num_steps, interpolant, diffusion, diffusion_norm, time_grid: as for :class:`~tsf.models.flow.FlowModel`.
+        num_steps, interpolant, diffusion, diffusion_norm, time_grid, last_step: as for
+            :class:`~tsf.models.flow.FlowModel`.
         batch_invariant: pad calls on fewer than 16 rows (default on: cheap here, and what makes a sample
             bitwise independent of its batch and of the number of processes).
     """
@@ -237,12 +238,13 @@ class GaussianMixtureFlow(FlowModel):
     def __init__(self, weights: list[float], means: list[list[float]], covariances: list[Covariance],
                  num_steps: int = 100, interpolant: Literal["linear", "vp"] = "linear",
                  diffusion: Literal["square", "linear", "constant", "none"] = "square", diffusion_norm: float = 3.0,
-                 time_grid: Optional[Literal["uniform", "reference"]] = None, batch_invariant: bool = True) -> None:
+                 time_grid: Optional[Literal["uniform", "reference"]] = None, batch_invariant: bool = True,
+                 last_step: Optional[Literal["tweedie", "euler"]] = None) -> None:
         w, m, S = _mixture(weights, means, covariances)
         posterior = MixturePosterior(w, m, S, torch.ones(1))
         super().__init__(MixtureVelocity(posterior), num_steps=num_steps, interpolant=interpolant,
                          diffusion=diffusion, diffusion_norm=diffusion_norm, time_grid=time_grid,
-                         sample_shape=(m.shape[1],), batch_invariant=batch_invariant)
+                         sample_shape=(m.shape[1],), batch_invariant=batch_invariant, last_step=last_step)
         self.posterior = posterior
 
     def decode(self, x0: Tensor) -> Tensor:

@@ -296,10 +296,10 @@ class _FlowPipeline(_Pipeline, FlowModel):
                  time_grid: Optional[str], shift: Optional[float], guidance_scale: float, negative_prompt: str,
                  height: Optional[int], width: Optional[int], dtype: str, decode_batch: int,
                  gradient_checkpointing: bool, adapter: Optional[str], variant: Optional[str],
-                 max_sequence_length: int, batch_invariant: bool) -> None:
+                 max_sequence_length: int, batch_invariant: bool, last_step: Optional[str]) -> None:
         FlowModel.__init__(self, None, num_steps=num_steps, interpolant=interpolant, diffusion=diffusion,
                            diffusion_norm=diffusion_norm, time_grid=time_grid, sample_shape=(16, 128, 128),
-                           shift=shift or 1.0)
+                           shift=shift or 1.0, last_step=last_step)
         self._init_pipeline(pretrained, dtype, decode_batch, gradient_checkpointing, adapter, variant, height,
                             width, negative_prompt, batch_invariant)
         self.shift_option, self.guidance_scale = shift, float(guidance_scale)
@@ -337,7 +337,7 @@ class StableDiffusion3(_FlowPipeline):
 
     Args:
         pretrained: hub name (``stabilityai/stable-diffusion-3-medium-diffusers``) or a local directory.
-        num_steps, interpolant, diffusion, diffusion_norm, time_grid: the flow kernel
+        num_steps, interpolant, diffusion, diffusion_norm, time_grid, last_step: the flow kernel
             (:class:`~tsf.models.flow.FlowModel`; ``diffusion: none`` is the ODE).
         shift: the time shift (default: the scheduler's, 3.0 for SD3).
         guidance_scale: classifier-free guidance on the velocity (1: none).
@@ -351,10 +351,11 @@ class StableDiffusion3(_FlowPipeline):
                  guidance_scale: float = 7.0, negative_prompt: Optional[str] = None, height: Optional[int] = None,
                  width: Optional[int] = None, dtype: str = "float32", decode_batch: int = 8,
                  gradient_checkpointing: bool = False, adapter: Optional[str] = None, variant: Optional[str] = None,
-                 max_sequence_length: int = 256, batch_invariant: bool = False) -> None:
+                 max_sequence_length: int = 256, batch_invariant: bool = False,
+                 last_step: Optional[Literal["tweedie", "euler"]] = None) -> None:
         super().__init__(pretrained, num_steps, interpolant, diffusion, diffusion_norm, time_grid, shift,
                          guidance_scale, negative_prompt, height, width, dtype, decode_batch,
-                         gradient_checkpointing, adapter, variant, max_sequence_length, batch_invariant)
+                         gradient_checkpointing, adapter, variant, max_sequence_length, batch_invariant, last_step)
 
     pipeline_class = "StableDiffusion3Pipeline"
 
@@ -386,8 +387,8 @@ class Flux(_FlowPipeline):
 
     Args:
         pretrained: hub name (``black-forest-labs/FLUX.1-schnell``) or a local directory.
-        num_steps, interpolant, diffusion, diffusion_norm, time_grid, shift: the flow kernel (shift
-            default: the scheduler's; FLUX.1 [dev]'s resolution-dependent rule).
+        num_steps, interpolant, diffusion, diffusion_norm, time_grid, shift, last_step: the flow kernel
+            (shift default: the scheduler's; FLUX.1 [dev]'s resolution-dependent rule).
         guidance_scale: FLUX.1 [dev]'s embedded guidance (ignored by models without it).
         max_sequence_length: T5 tokens (schnell: at most 256).
         (the rest as :class:`StableDiffusion`)
@@ -401,10 +402,11 @@ class Flux(_FlowPipeline):
                  guidance_scale: float = 3.5, height: Optional[int] = None, width: Optional[int] = None,
                  dtype: str = "float32", decode_batch: int = 8, gradient_checkpointing: bool = False,
                  adapter: Optional[str] = None, variant: Optional[str] = None,
-                 max_sequence_length: int = 256, batch_invariant: bool = False) -> None:
+                 max_sequence_length: int = 256, batch_invariant: bool = False,
+                 last_step: Optional[Literal["tweedie", "euler"]] = None) -> None:
         super().__init__(pretrained, num_steps, interpolant, diffusion, diffusion_norm, time_grid, shift,
                          guidance_scale, None, height, width, dtype, decode_batch, gradient_checkpointing, adapter,
-                         variant, max_sequence_length, batch_invariant)
+                         variant, max_sequence_length, batch_invariant, last_step)
 
     def _load(self) -> None:
         super()._load()

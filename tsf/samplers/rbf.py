@@ -1,15 +1,21 @@
 """Rollover Budget Forcing (Kim et al. 2025, arXiv 2503.19385; ALGORITHMS.md section 5).
 
-``N`` chains per output and a budget of ``B`` NFE per output. Each chain starts from the
-best of ``n0`` prior noises, scored by the one-step Tweedie (posterior-mean) value. At
-every step a chain may spend ``Q = floor((B - N n0) / ((T - 1) N))`` proposals plus what it
-left unused before (rollover): it draws children from the SDE kernel, in batches of
-``proposal_batch``, and accepts the first one (in draw order) whose value beats ``r*``,
-the value of the chain's current state. If its quota runs out first, it takes the best
-child (the SVDD rule) and its quota resets to ``Q``. NFE are counted as evaluated; a chain
-never evaluates more children than its quota, so the budget holds exactly. The last step's
-children are candidate x0, judged by the reward (no NFE), and the output is the chain with
-the highest final reward. The trajectory finishes at ``t = 0``.
+``N`` chains per output and a budget of ``B`` NFE per output, all of it spent. Each chain starts
+from the best of ``n0`` prior noises, scored by the one-step Tweedie (posterior-mean) value, and
+gets an equal share ``S = (B - N n0) / N`` of the rest (the remainder to the first chains). At each
+of the first ``T - 2`` steps a chain may spend its quota ``Q = floor((B - N n0) / (T N))`` plus what
+it left unused before (rollover): it draws children from the SDE kernel, in batches of
+``proposal_batch`` (1 NFE each: the child's velocity scores its Tweedie estimate and is reused as
+the next drift), and accepts the first one in draw order whose value beats ``r*``, the chain's best
+value so far over its whole trajectory (a running maximum). If its quota runs out first, it takes
+the step's best child (the SVDD rule), keeps ``r*`` and its quota resets to ``Q``. The last costly
+step (to grid point ``T - 1``) accepts nothing early: it spends everything the chain has left and
+keeps its best child. NFE are counted as evaluated, and the total is exactly ``B``.
+
+The finish: ``full`` (tsf's) takes the model's last step to ``t = 0`` from that child and outputs
+the chain with the highest reward ``r(x0)``; ``tweedie`` (the reference's) stops at grid point
+``T - 1`` and outputs the Tweedie estimate ``x0_hat`` of the chain with the highest value. With a
+flow model's ``last_step: tweedie`` the two coincide.
 """
 
 from __future__ import annotations
@@ -22,44 +28,62 @@ from tsf.errors import ConfigError
 from tsf.samplers.base import Sampler
 from tsf.samplers.value import PosteriorMeanValue
 
+FINISHES = ("full", "tweedie")
+
 
 class RBF(Sampler):
     """Rollover Budget Forcing.
 
     Args:
         num_particles: N, chains per output.
-        budget: B, NFE per output (initial candidates plus evaluated children).
-        n0: prior candidates per chain.
-        proposal_batch: children evaluated together (throughput; NFE still counted as evaluated).
+        budget: B, NFE per output (initial candidates plus evaluated children), spent in full.
+        n0: prior candidates per chain (the reference: 25).
+        proposal_batch: children evaluated together at the steps that may accept early (throughput;
+            NFE still counted as evaluated; the first child in draw order that beats ``r*`` wins).
+        finish: ``full`` (the model's last step to ``t = 0``, the output judged by its reward) or
+            ``tweedie`` (the reference: the Tweedie estimate at grid point ``T - 1``).
     """
 
     name = "rbf"
     needs_stochastic_kernel = True
 
     def __init__(self, num_particles: int = 2, budget: int = 500, n0: int = 4, proposal_batch: int = 4,
-                 max_batch: int = 4096) -> None:
+                 finish: str = "full", max_batch: int = 4096) -> None:
         super().__init__(num_particles=num_particles, max_batch=max_batch)
         if n0 < 1 or proposal_batch < 1:
             raise ConfigError(f"n0 and proposal_batch must be >= 1, got {n0}, {proposal_batch}")
+        if finish not in FINISHES:
+            raise ConfigError(f"unknown finish {finish!r}; known: {', '.join(FINISHES)}")
         self.budget, self.n0, self.proposal_batch = int(budget), int(n0), int(proposal_batch)
+        self.finish = finish
         self.value_fn = PosteriorMeanValue()
 
     def __repr__(self) -> str:
-        return f"RBF(N={self.num_particles}, budget={self.budget}, n0={self.n0})"
+        return f"RBF(N={self.num_particles}, budget={self.budget}, n0={self.n0}, finish={self.finish})"
 
     @classmethod
     def for_budget(cls, budget: int, num_steps: int) -> dict:
         return {"budget": int(budget)}
 
     def quota(self, num_steps: int) -> int:
+        """``Q = floor((B - N n0) / (T N))``, the per-step quota (at least 1)."""
         N = self.num_particles
-        q = (self.budget - N * self.n0) // (max(1, num_steps - 1) * N)
+        if num_steps < 2:
+            raise ConfigError(f"RBF needs at least 2 steps (a step that costs NFE and the last), got T = {num_steps}")
+        q = (self.budget - N * self.n0) // (num_steps * N)
         if q < 1:
             raise ConfigError(
                 f"RBF budget {self.budget} is too small for N = {N} chains, n0 = {self.n0} and T = {num_steps}: "
-                f"it needs at least N (n0 + T - 1) = {N * (self.n0 + num_steps - 1)} NFE"
+                f"it needs at least N (n0 + T) = {N * (self.n0 + num_steps)} NFE"
             )
         return q
+
+    def shares(self, batch: int) -> torch.Tensor:
+        """NFE each chain may spend on children: ``B - N n0`` split evenly, the remainder to the first chains."""
+        N = self.num_particles
+        rest = self.budget - N * self.n0
+        share = torch.full((N,), rest // N, dtype=torch.long) + (torch.arange(N) < rest % N).long()
+        return share.repeat(batch)
 
     @torch.no_grad()
     def _sample(self, model, reward, conditions, c, noise):
@@ -74,21 +98,26 @@ class RBF(Sampler):
         best = v.view(B * N, self.n0).argmax(1)
         rows = best + self.n0 * torch.arange(B * N, device=v.device)
         x, out, r_star = cand[rows], out[rows], v.view(-1)[rows].double()
-        left = torch.zeros(B * N, dtype=torch.long)  # unused quota carried to the next step
+        r_star = torch.where(torch.isfinite(r_star), r_star, -math.inf)
+        left = self.shares(B)                               # NFE each chain has left
+        carry = torch.zeros(B * N, dtype=torch.long)        # unused quota rolled over to the next step
         accepted_steps = 0
 
-        for i in range(T):
+        for i in range(T - 1):  # steps that cost NFE: their children are valued at grid point i + 1 < T
+            last = i == T - 2   # spends everything left, accepts nothing early, keeps the best child
             tr = self.transition(model, x, i, c_n, out)
-            rem = left + Q
+            rem = left.clone() if last else torch.minimum(carry + Q, left)
+            spent = rem.clone()
             done = torch.zeros(B * N, dtype=torch.bool)
             best_v = torch.full((B * N,), -math.inf, dtype=torch.float64, device=v.device)
-            best_x, best_out = x.clone(), None if out is None else out.clone()
-            new_x, new_out, new_r = x.clone(), None if out is None else out.clone(), r_star.clone()
+            best_x, best_out = x.clone(), out.clone()
+            new_x, new_out = x.clone(), out.clone()
             while True:
                 active = (~done) & (rem > 0)
                 if not active.any():
                     break
-                take = torch.where(active, rem.clamp(max=self.proposal_batch), 0)  # children per chain this round
+                # children per chain this round (the last step draws all it has left at once: no early accept)
+                take = torch.where(active, rem if last else rem.clamp(max=self.proposal_batch), 0)
                 per_sample = take.view(B, N).sum(1).tolist()
                 z = noise.randn_counts(per_sample, model.sample_shape)
                 chain = torch.repeat_interleave(torch.arange(B * N), take)  # chain of each child, in draw order
@@ -98,35 +127,41 @@ class RBF(Sampler):
                                          [conds_n[j] for j in chain.tolist()], 1.0)
                 v = torch.where(torch.isfinite(v), v.double(), -math.inf)
                 rem -= take
-                # per chain, in draw order: the first child that beats r* (accepted) and the first best child
                 idx, none = torch.arange(len(v), device=v.device), len(v)
                 unset = torch.full((B * N,), none, device=v.device)
-                beats = v > r_star[chain_d]
-                first = unset.scatter_reduce(0, chain_d[beats], idx[beats], "amin")
-                hit = first < none
-                a = first[hit]
-                new_x[hit], new_r[hit] = children[a], v[a]
-                if out_c is not None:
-                    new_out[hit] = out_c[a]
-                done |= hit.cpu()
+                if not last:  # per chain, in draw order: the first child that beats r* is accepted
+                    beats = v > r_star[chain_d]
+                    first = unset.scatter_reduce(0, chain_d[beats], idx[beats], "amin")
+                    hit = first < none
+                    a = first[hit]
+                    new_x[hit], new_out[hit], r_star[hit] = children[a], out_c[a], v[a]
+                    done |= hit.cpu()
+                # per chain, the first best child so far
                 top_v = torch.full_like(best_v, -math.inf).scatter_reduce(0, chain_d, v, "amax")
                 top = v == top_v[chain_d]
                 b = unset.scatter_reduce(0, chain_d[top], idx[top], "amin")
                 up = (b < none) & (top_v > best_v)
                 b = b[up]
-                best_v[up], best_x[up] = v[b], children[b]
-                if out_c is not None:
-                    best_out[up] = out_c[b]
+                best_v[up], best_x[up], best_out[up] = v[b], children[b], out_c[b]
             accepted_steps += int(done.sum())
-            # chains that found no better child take the best one (the SVDD rule); their quota resets
+            spent -= rem
+            left -= spent
+            # chains that accepted nothing take the best child (the SVDD rule): r* stays, the quota resets
             fallback = ~done
-            new_x[fallback], new_r[fallback] = best_x[fallback], best_v[fallback]
-            if new_out is not None:
-                new_out[fallback] = best_out[fallback]
-            left = torch.where(done, rem, torch.zeros_like(rem))
-            x, out, r_star = new_x, (new_out if i + 1 < T else None), new_r
+            new_x[fallback], new_out[fallback] = best_x[fallback], best_out[fallback]
+            carry = torch.where(done, rem, torch.zeros_like(rem))
+            x, out = new_x, new_out
 
-        r = r_star.view(B, N)
+        # x: the kept child at grid point T - 1 (best_v its value), out: its model output
+        if self.finish == "tweedie":
+            x0, r, images = model.x0_hat(x, T - 1, out), best_v, None
+        else:
+            tr = self.transition(model, x, T - 1, c_n, out)
+            x0 = tr.sample(noise.randn(N, model.sample_shape)) if float(tr.std.max()) > 0 else tr.mean
+            r, images = self.final_value(model, reward, x0, conds_n)
+            r = torch.where(torch.isfinite(r), r.double(), -math.inf)
+        r = r.view(B, N)
         pick = r.argmax(1)
         rows = pick + N * torch.arange(B, device=r.device)
-        return x[rows], r.gather(1, pick[:, None])[:, 0].float(), {"accepted_steps": accepted_steps / (B * N)}
+        diagnostics = {"accepted_steps": accepted_steps / (B * N), "unspent_nfe": int(left.sum()) / B}
+        return x0[rows], r.gather(1, pick[:, None])[:, 0].float(), diagnostics, None if images is None else images[rows]
