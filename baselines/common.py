@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -52,18 +53,22 @@ class FinetuneModule(L.LightningModule):
         conditions: classes (or prompts) cycled over the training and validation samples.
         prompts: instead of ``conditions``, a prompt set: a shipped set's name (``animals``) or a text
             file (:func:`tsf.data.prompts.load_prompts`).
-        batch_size: trajectories per optimisation step, over all processes (the global batch): under
+        batch_size: trajectories per sampled batch, over all processes (the global batch; DRaFT samples
+            one batch per optimisation step, DDPO ``num_batches_per_epoch`` of them per epoch): under
             DDP each of the ``world_size`` ranks draws ``batch_size / world_size`` of them and the
             gradients are averaged, so that a step equals the single-process step on the same batch.
-        lr: AdamW learning rate; ``rank``, ``target_modules``: the LoRA configuration.
+        lr, weight_decay: AdamW's learning rate and weight decay (0.01, torch's default, unless a method
+            sets its own); ``rank``, ``target_modules``: the LoRA configuration.
         val_samples: fixed (condition, sample id) pairs sampled with the base sampler at each validation.
-        seed: seed of the training trajectories (step ``s`` draws from ``(seed + s, id)``) and of validation.
+        seed: seed of the training trajectories (trajectory id ``i`` draws its noise from
+            ``(seed + 1000003, i)``; the ids of sampled batch ``k`` are ``k * batch_size, ...``) and of validation.
     """
 
     def __init__(self, base: EpsDiffusionModel, reward: Union[str, Reward] = "digit",
                  cross_rewards: Optional[list[Union[str, Reward]]] = None, conditions: Optional[list[Any]] = None,
                  batch_size: int = 32, lr: float = 3e-4, rank: int = 4, target_modules: Optional[list[str]] = None,
-                 val_samples: int = 200, seed: int = 0, prompts: Optional[str] = None) -> None:
+                 val_samples: int = 200, seed: int = 0, prompts: Optional[str] = None,
+                 weight_decay: float = 0.01) -> None:
         super().__init__()
         conditions = conditions_or_prompts(conditions, prompts)
         self.base = base
@@ -75,6 +80,7 @@ class FinetuneModule(L.LightningModule):
         features = next((r for r in cross if r.has_features), None)
         self.evaluator = Evaluator(self.reward, cross, features, min_rows=base.min_rows)
         self.batch_size, self.lr, self.rank, self.target_modules = batch_size, lr, rank, target_modules
+        self.weight_decay = weight_decay
         self.val_samples, self.seed = val_samples, seed
         self._lora = False
 
@@ -95,7 +101,7 @@ class FinetuneModule(L.LightningModule):
         return [p for p in self.base.net.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.lora_parameters(), lr=self.lr)
+        return torch.optim.AdamW(self.lora_parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     # -- data: the loader only ticks steps; trajectories are drawn in the step ------------------
     def train_dataloader(self) -> DataLoader:
@@ -117,19 +123,22 @@ class FinetuneModule(L.LightningModule):
             raise ConfigError(f"batch_size ({self.batch_size}) is the global batch: it must be a multiple of the "
                               f"number of processes ({world})")
 
-    def global_ids(self) -> list[int]:
-        """The trajectory ids of this optimisation step over all ranks, a function of the step alone, so
-        that a run resumed from a checkpoint redraws exactly the trajectories of the uninterrupted run."""
-        return list(range(self.global_step * self.batch_size, (self.global_step + 1) * self.batch_size))
+    def global_ids(self, index: Optional[int] = None) -> list[int]:
+        """The trajectory ids of sampled batch ``index`` (default: this optimisation step's) over all ranks,
+        a function of the index alone, so that a run resumed from a checkpoint redraws exactly the
+        trajectories of the uninterrupted run."""
+        k = self.global_step if index is None else int(index)
+        return list(range(k * self.batch_size, (k + 1) * self.batch_size))
 
     def conditions_of(self, ids: list[int]) -> list:
         """The condition of each trajectory id (the conditions cycled over the ids)."""
         return [self.conditions[i % len(self.conditions)] for i in ids]
 
-    def training_batch(self) -> tuple[list, Noise]:
-        """This rank's conditions and noise of the step: the global ids ``rank, rank + world, ...``."""
+    def training_batch(self, index: Optional[int] = None) -> tuple[list, Noise]:
+        """This rank's conditions and noise of sampled batch ``index`` (default: the step's): the global
+        ids ``rank, rank + world, ...`` of :meth:`global_ids`."""
         rank, world = self.rank_and_world()
-        ids = self.global_ids()[rank::world]
+        ids = self.global_ids(index)[rank::world]
         return self.conditions_of(ids), Noise(self.seed + 1000003, ids, self.device)
 
     def gather_global(self, local: torch.Tensor) -> torch.Tensor:
@@ -139,6 +148,29 @@ class FinetuneModule(L.LightningModule):
             return local
         gathered = self.all_gather(local)  # [world, B / world, ...]
         return gathered.transpose(0, 1).reshape(-1, *local.shape[1:])
+
+    def no_gradient_sync(self):
+        """A context in which backward passes do not all-reduce (DDP's ``no_sync``; nothing on one device)."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else contextlib.nullcontext()
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes (itself on one)."""
+        if self.rank_and_world()[1] == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+    def sum_gradients_over_ranks(self) -> None:
+        """Sum the adapters' gradients over the processes, in one flat all-reduce (for a step whose
+        backward passes ran under ``strategy.block_backward_sync()``, each rank's loss already divided
+        by the global count: the sum is then the single-process gradient)."""
+        if self.rank_and_world()[1] == 1:
+            return
+        params = self.lora_parameters()
+        flat = self.sum_over_ranks(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                              for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p).clone()
 
     # -- validation: the base sampler on fixed ids, the shared evaluator ---------------------
     def validation_step(self, batch, _):

@@ -1,22 +1,38 @@
 """DDPO (Black et al. 2023): policy-gradient fine-tuning of the sampling chain, with PPO clipping.
 
-Trajectories of DDIM with eta = 1 store every step's ``(x_t, x_prev, log p)``, the log-density
-being the **mean** over dimensions (the sum is numerically unstable). Advantages come from
-per-condition running statistics of the reward (a buffer of 16, batch statistics until 16
-are seen), clipped to +-5. Each optimisation step trains on a random ``timestep_fraction`` of
-the steps, accumulating gradients over them, with the PPO loss
-``mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)))``.
+One DDPO *epoch* (the reference's outer loop) is:
+
+1. **sampling**: ``num_batches_per_epoch`` batches of ``batch_size`` trajectories drawn with the
+   current policy (DDIM with eta = 1, no gradients), storing every step's ``x_t``, ``x_prev`` and
+   ``log p(x_prev | x_t)`` (the Gaussian log-density's **mean** over dimensions; the sum is
+   numerically unstable) and the rewards;
+2. **advantages** from per-condition running statistics of the rewards (a buffer of 16 per
+   condition that persists over epochs; the statistics of all the epoch's rewards until a condition
+   has 16; population std, ``ddof = 0``), clipped to +-5;
+3. **training**: ``num_inner_epochs`` passes over the epoch's samples in shuffled minibatches of
+   ``train_batch_size``, each sample training on a ``timestep_fraction`` of its stochastic steps
+   (the first ones of a fresh random permutation per sample and pass), gradients accumulated over
+   those steps (and micro-batches) into **one optimiser step per minibatch**, clipped to norm 1, with
+   the PPO loss ``mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)))``.
+
+The first minibatch of an epoch sees the policy that sampled it (ratio exactly 1); every later one
+sees a policy that has moved, so the ratio departs from 1 and the clip acts. One Lightning training
+step is one optimiser step (``max_steps``, ``val_check_interval`` and checkpoint intervals count
+optimiser steps); the step that starts an epoch samples it first.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict, deque
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from baselines.common import FinetuneModule
 from tsf.errors import ConfigError
+from tsf.samplers.base import chunked, sample_seed
 
 
 def mean_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -26,7 +42,12 @@ def mean_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
 
 
 class PerConditionStats:
-    """Running reward statistics per condition (buffer ``size``; batch statistics below ``min_count``)."""
+    """Running reward statistics per condition (the reference's ``PerPromptStatTracker``).
+
+    Each condition keeps its last ``size`` rewards; a condition with at least ``min_count`` of them is
+    normalised by their mean and population std, one with fewer by those of all the rewards of the
+    call. ``advantage = (r - mean) / (std + 1e-6)``.
+    """
 
     def __init__(self, size: int = 16, min_count: int = 16) -> None:
         self.size, self.min_count = size, min_count
@@ -34,13 +55,14 @@ class PerConditionStats:
 
     def advantages(self, conditions: list, rewards: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(rewards)
-        r = rewards.detach().cpu()
+        r = rewards.detach().cpu().double()
         for key in dict.fromkeys(conditions):
             rows = [j for j, c in enumerate(conditions) if c == key]
             self.buffers[key].extend(r[rows].tolist())
-            pool = torch.tensor(list(self.buffers[key])) if len(self.buffers[key]) >= self.min_count else r
-            mean, std = pool.mean(), pool.std() if len(pool) > 1 else torch.tensor(1.0)
-            out[rows] = ((rewards[rows] - mean) / (std + 1e-6)).to(out.dtype)
+            pool = torch.tensor(list(self.buffers[key]), dtype=torch.float64) \
+                if len(self.buffers[key]) >= self.min_count else r
+            mean, std = pool.mean(), pool.std(correction=0)  # population std, as numpy's np.std
+            out[rows] = ((r[rows] - mean) / (std + 1e-6)).to(out.dtype).to(out.device)
         return out
 
     def state_dict(self) -> dict:
@@ -54,74 +76,190 @@ class PerConditionStats:
 
 
 class DDPO(FinetuneModule):
-    """DDPO with PPO clipping (the reference defaults: clip 1e-4, advantages clipped to 5, lr 3e-4).
+    """DDPO with PPO clipping (the reference defaults: clip 1e-4, advantages clipped to 5, AdamW lr 3e-4
+    and weight decay 1e-4, grad clip 1, statistics buffer 16 with min count 16).
 
     Args:
+        batch_size: trajectories per sampled batch, over all processes.
+        num_batches_per_epoch: sampled batches per epoch (``N = num_batches_per_epoch * batch_size``
+            samples per epoch).
+        train_batch_size: trajectories per optimiser step, over all processes (``None``: ``batch_size``);
+            it must divide ``N``: an epoch is ``N / train_batch_size * num_inner_epochs`` optimiser steps.
+        num_inner_epochs: passes over each epoch's samples (a fresh shuffle each).
         clip_range: PPO's ``eps``.
         adv_clip: advantage clip.
-        timestep_fraction: fraction of the (stochastic) steps trained on per optimisation step.
-        micro_batch: samples per backward pass (gradients accumulate over samples and timesteps;
-            ``None``: the whole batch at once).
+        timestep_fraction: fraction of the (stochastic) steps each sample trains on per pass.
+        micro_batch: samples per backward pass on a rank (gradients accumulate over samples and
+            timesteps; ``None``: a rank's share of the minibatch at once).
         grad_clip: gradient-norm clip.
+        stats_buffer_size, stats_min_count: the per-condition reward statistics (see
+            :class:`PerConditionStats`).
         (the rest as :class:`~baselines.common.FinetuneModule`)
+
+    Under DDP every rank samples its share of each batch, the epoch's trajectories are gathered on
+    every rank, and each rank trains on its share (``rank::world``) of every minibatch, whose order and
+    timestep subsets come from generators seeded by ``(seed, epoch, pass)``: the run is the
+    single-process run whatever the number of processes (its memory: the whole epoch on each rank).
+    A checkpoint taken inside an epoch holds the epoch's trajectories (one at an epoch boundary,
+    ``every_n_train_steps`` a multiple of the steps per epoch, holds none), so a resumed run continues
+    exactly.
     """
 
     def __init__(self, *args, clip_range: float = 1e-4, adv_clip: float = 5.0, timestep_fraction: float = 1.0,
-                 grad_clip: float = 1.0, micro_batch: Optional[int] = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+                 grad_clip: float = 1.0, micro_batch: Optional[int] = None, num_batches_per_epoch: int = 2,
+                 train_batch_size: Optional[int] = None, num_inner_epochs: int = 1, stats_buffer_size: int = 16,
+                 stats_min_count: int = 16, weight_decay: float = 1e-4, **kwargs) -> None:
+        super().__init__(*args, weight_decay=weight_decay, **kwargs)
         if not 0 < timestep_fraction <= 1:
             raise ConfigError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
         if self.base.eta != 1.0:
             raise ConfigError("DDPO samples with DDIM eta = 1: set the base model's eta to 1")
         if micro_batch is not None and micro_batch < 1:
             raise ConfigError(f"micro_batch must be >= 1, got {micro_batch}")
+        for name, v in (("num_batches_per_epoch", num_batches_per_epoch), ("num_inner_epochs", num_inner_epochs),
+                        ("stats_buffer_size", stats_buffer_size), ("stats_min_count", stats_min_count)):
+            if v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        self.train_batch_size = self.batch_size if train_batch_size is None else int(train_batch_size)
+        per_epoch = num_batches_per_epoch * self.batch_size
+        if self.train_batch_size < 1 or per_epoch % self.train_batch_size:
+            raise ConfigError(f"train_batch_size ({self.train_batch_size}) must divide the samples per epoch, "
+                              f"num_batches_per_epoch * batch_size = {per_epoch}")
         self.clip_range, self.adv_clip, self.timestep_fraction, self.grad_clip = (
             clip_range, adv_clip, timestep_fraction, grad_clip)
         self.micro_batch = micro_batch
-        self.stats = PerConditionStats()
+        self.num_batches_per_epoch, self.num_inner_epochs = int(num_batches_per_epoch), int(num_inner_epochs)
+        self.samples_per_epoch = per_epoch
+        self.minibatches_per_pass = per_epoch // self.train_batch_size
+        #: optimiser steps per epoch
+        self.steps_per_epoch = self.minibatches_per_pass * self.num_inner_epochs
+        self.stats = PerConditionStats(stats_buffer_size, stats_min_count)
         self.automatic_optimization = False
+        self.rollouts: Optional[dict] = None  # the current epoch's trajectories (see sample_epoch)
 
-    def training_step(self, batch, _):
-        model, T = self.base, self.base.num_steps
-        conds, noise = self.training_batch()
+    # -- sampling -----------------------------------------------------------------------------
+    def _transition(self, x: torch.Tensor, i: int, c: torch.Tensor):
+        # padded to the model's min_rows: a row's kernel is bitwise the same in a sampled batch and in
+        # any minibatch, so the unchanged policy reproduces the stored log-probabilities exactly
+        return chunked(lambda xs, cs: self.base.transition(xs, i, cs), max(len(x), 1), x, c,
+                       min_rows=self.base.min_rows)
+
+    @torch.no_grad()
+    def sample_batch(self, index: int) -> dict:
+        """This rank's trajectories of sampled batch ``index`` with the current policy."""
+        model = self.base
+        conds, noise = self.training_batch(index)
         c = model.encode_conditions(conds)
-        steps, xs, x_prevs, old = [], [], [], []
-        with torch.no_grad():
-            x = model.prior(noise.randn(1, model.sample_shape))
-            for i in range(T):
-                tr = model.transition(x, i, c)
-                x_prev = tr.sample(noise.randn(1, model.sample_shape))
-                if float(tr.std.max()) > 0:  # the last DDIM step is deterministic: no log-probability
-                    steps.append(i), xs.append(x), x_prevs.append(x_prev)
-                    old.append(mean_log_prob(x_prev, tr.mean, tr.std))
-                x = x_prev
-            rewards = self.reward(model.decode(x), conds)
-        # the statistics see the whole global batch (every rank's rewards), each rank keeps its own rows
+        x = model.prior(noise.randn(1, model.sample_shape))
+        chain, steps, logps = [x], [], []
+        for i in range(model.num_steps):
+            tr = self._transition(x, i, c)
+            x = tr.sample(noise.randn(1, model.sample_shape))
+            chain.append(x)
+            if float(tr.std.max()) > 0:  # the last DDIM step is deterministic: no log-probability
+                steps.append(i)
+                logps.append(mean_log_prob(x, tr.mean, tr.std))
+        rewards = chunked(lambda xs, cs: self.reward(model.decode(xs), cs), len(x), x, conds,
+                          min_rows=model.min_rows)
+        return {"chain": torch.stack(chain, 1), "old_logp": torch.stack(logps, 1), "rewards": rewards.float(),
+                "steps": steps}
+
+    def sample_epoch(self, epoch: int) -> dict:
+        """Sample epoch ``epoch`` with the current policy: every rank's trajectories in global id order
+        (``chain [N, T + 1, ...]``: the states before and after each step; ``old_logp [N, S]`` over the
+        ``S`` stochastic ``steps``), their rewards and clipped advantages."""
+        parts = [self.sample_batch(epoch * self.num_batches_per_epoch + b) for b in range(self.num_batches_per_epoch)]
+        out = {k: torch.cat([self.gather_global(p[k]) for p in parts]) for k in ("chain", "old_logp", "rewards")}
+        first = epoch * self.samples_per_epoch
+        out["ids"] = torch.arange(first, first + self.samples_per_epoch)
+        adv = self.stats.advantages(self.conditions_of(out["ids"].tolist()), out["rewards"])
+        out.update(adv=adv.clamp(-self.adv_clip, self.adv_clip), steps=parts[0]["steps"], epoch=epoch)
+        return out
+
+    def schedule(self, epoch: int, inner: int, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass ``inner`` of epoch ``epoch``: the sample order ``[N]`` and each sample's training steps
+        ``[N, n_train]`` (indices into the stochastic steps: the first ``n_train`` of a fresh random
+        permutation per sample), from a generator seeded by ``(seed, epoch, pass)`` alone."""
+        g = torch.Generator().manual_seed(sample_seed(self.seed + 2000003, epoch * self.num_inner_epochs + inner))
+        order = torch.randperm(self.samples_per_epoch, generator=g)
+        perms = torch.stack([torch.randperm(num_steps, generator=g) for _ in range(self.samples_per_epoch)])
+        return order, perms[:, :self.train_timesteps(num_steps)]
+
+    def train_timesteps(self, num_steps: int) -> int:
+        return max(1, int(self.timestep_fraction * num_steps))
+
+    # -- one optimiser step ---------------------------------------------------------------------
+    def training_step(self, batch, _):
+        model, k = self.base, self.global_step
+        epoch, pos = divmod(k, self.steps_per_epoch)
+        inner, m = divmod(pos, self.minibatches_per_pass)
+        if self.rollouts is None or self.rollouts["epoch"] != epoch:
+            self.rollouts = self.sample_epoch(epoch)
+        elif self.rollouts["chain"].device != self.device:  # restored from a checkpoint
+            self.rollouts = {key: v.to(self.device) if torch.is_tensor(v) and key != "ids" else v
+                             for key, v in self.rollouts.items()}
+        ro = self.rollouts
+        steps = ro["steps"]
+        order, chosen = self.schedule(epoch, inner, len(steps))
         rank, world = self.rank_and_world()
-        all_adv = self.stats.advantages(self.conditions_of(self.global_ids()), self.gather_global(rewards.float()))
-        adv = all_adv[rank::world].clamp(-self.adv_clip, self.adv_clip)
-        n_train = max(1, round(self.timestep_fraction * len(steps)))
-        order = torch.randperm(len(steps), generator=torch.Generator().manual_seed(self.seed + self.global_step))
+        rows = order[m * self.train_batch_size:(m + 1) * self.train_batch_size]
+        mine = rows[rank::world]
+        n_train = chosen.shape[1]
+        count = self.train_batch_size * n_train  # (sample, timestep) pairs of the minibatch, over all ranks
+        mb = self.micro_batch or max(len(mine), 1)
         opt = self.optimizers()
         opt.zero_grad()
-        total = 0.0
-        n, mb = len(conds), self.micro_batch or len(conds)
-        for j in order[:n_train].tolist():  # accumulate over timesteps ...
-            for s in range(0, n, mb):        # ... and over micro-batches of samples
-                rows = slice(s, s + mb)
-                tr = model.transition(xs[j][rows], steps[j], c[rows])
-                ratio = torch.exp(mean_log_prob(x_prevs[j][rows], tr.mean, tr.std) - old[j][rows])
-                a = adv[rows]
-                loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
-                loss = loss / (n * n_train)
-                self.manual_backward(loss)
-                total += float(loss.detach())
+        # loss, clipped pairs, sum of squared log-ratios (approx_kl), over this rank's pairs
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        with self.no_gradient_sync():  # one gradient all-reduce per step, below
+            for j, step in enumerate(steps):  # one network call per timestep over the rows trained on it
+                sel = mine[(chosen[mine] == j).any(1)]
+                for s in range(0, len(sel), mb):
+                    r = sel[s:s + mb]
+                    r_dev = r.to(self.device)
+                    c = model.encode_conditions(self.conditions_of(ro["ids"][r].tolist()))
+                    tr = self._transition(ro["chain"][r_dev, step], step, c)
+                    diff = mean_log_prob(ro["chain"][r_dev, step + 1], tr.mean, tr.std) - ro["old_logp"][r_dev, j]
+                    ratio = torch.exp(diff)
+                    a = ro["adv"][r_dev]
+                    loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
+                    loss = loss.sum() / count
+                    self.manual_backward(loss)
+                    d = diff.detach().double()
+                    sums += torch.stack([loss.detach().double(),
+                                         ((ratio.detach() - 1).abs() > self.clip_range).sum().double(), (d * d).sum()])
+        self.sum_gradients_over_ranks()
+        sums = self.sum_over_ranks(sums).cpu()
         self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
-        self.log_dict({"train/loss": total, "train/reward": rewards.float().mean()}, prog_bar=True)
+        rewards = ro["rewards"]
+        metrics = {"loss": float(sums[0]), "clipfrac": float(sums[1]) / count, "approx_kl": 0.5 * float(sums[2]) / count,
+                   "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(correction=0))}
+        self.log_dict({f"train/{key}": v for key, v in metrics.items()}, prog_bar=False)
+        self.log("train/reward", metrics["reward_mean"], prog_bar=True)
+        if self.trainer.is_global_zero:  # the per-step curve, readable without wandb
+            with self.metrics_path().open("a") as f:
+                f.write(json.dumps({"step": k + 1, "epoch": epoch, "inner_epoch": inner, **metrics}) + "\n")
+
+    # -- run files and checkpoints --------------------------------------------------------------
+    def metrics_path(self) -> Path:
+        path = Path(self.trainer.default_root_dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def on_train_start(self) -> None:
+        # a fresh run starts a fresh metrics.jsonl; a resumed one keeps the steps up to its checkpoint
+        if self.trainer.is_global_zero and self.metrics_path().exists():
+            path = self.metrics_path()
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.global_step]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ddpo_stats"] = self.stats.state_dict()
+        if self.rollouts is not None and self.global_step % self.steps_per_epoch:  # inside an epoch
+            checkpoint["ddpo_rollouts"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.rollouts.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.stats.load_state_dict(checkpoint.get("ddpo_stats", {}))
+        self.rollouts = checkpoint.get("ddpo_rollouts")
