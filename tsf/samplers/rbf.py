@@ -107,6 +107,8 @@ class RBF(Sampler):
             last = i == T - 2   # spends everything left, accepts nothing early, keeps the best child
             tr = self.transition(model, x, i, c_n, out)
             rem = left.clone() if last else torch.minimum(carry + Q, left)
+            if last:
+                last_nfe = int(rem.sum()) / B
             spent = rem.clone()
             done = torch.zeros(B * N, dtype=torch.bool)
             best_v = torch.full((B * N,), -math.inf, dtype=torch.float64, device=v.device)
@@ -163,5 +165,7 @@ class RBF(Sampler):
         r = r.view(B, N)
         pick = r.argmax(1)
         rows = pick + N * torch.arange(B, device=r.device)
-        diagnostics = {"accepted_steps": accepted_steps / (B * N), "unspent_nfe": int(left.sum()) / B}
+        diagnostics = {"accepted_steps": accepted_steps / (B * N),  # per chain, of the T - 2 that may accept
+                       "last_step_nfe": last_nfe,  # per output, spent by the last costly step
+                       "unspent_nfe": int(left.sum()) / B}
         return x0[rows], r.gather(1, pick[:, None])[:, 0].float(), diagnostics, None if images is None else images[rows]
