@@ -126,6 +126,43 @@ def test_log_z_estimate_is_unbiased(gmm, reward, kw):
     assert abs(lz.mean().item() - gmm.log_normalizer(reward, ALPHA)) < 3 * se + 1e-4, (lz.mean(), se)
 
 
+@pytest.fixture(scope="module")
+def three_modes():
+    """Modes at (-2, 0), (0, 0), (2, 0), weight 1/3 each: under r = 0.5 x + 0.25 y the tilted target weights
+    them 0.090, 0.245, 0.665 and log Z = 0.3246."""
+    return GaussianMixture([1 / 3] * 3, [[-2.0, 0.0], [0.0, 0.0], [2.0, 0.0]], [0.1] * 3, num_steps=100)
+
+
+@pytest.mark.parametrize("potential", ["diff", "max", "sum", "rt"])
+def test_fk_potentials_estimate_the_normaliser_without_bias(three_modes, reward, potential):
+    """FK steering (base proposal, posterior-mean value, resampling after steps 33 and 66 of 100, K = 32):
+    the mean of Z-hat = exp(log_z) over n = 200 outputs is within 3 standard errors (sample std / sqrt(n))
+    of the closed form exp(log Z), for every potential, and `max` draws the tilted target's modes.
+
+    Z-hat is unbiased for the 100-step kernel's own normaliser, which is 0.7% below the closed form
+    (1.3741 +- 0.0033 from 100,000 base samples, against 1.3835): under one standard error here. Applied at
+    every step instead of only at the resampling steps (the code before), `max`, `sum` and `rt` put weight
+    0.925, 0.99 and 0.995 on the right mode and their mean Z-hat is 0.32, 0.009 and 0.23 (-26, -356 and
+    -22 standard errors) on this seed. With four resampling steps `sum`'s final
+    correction, exp(r - the sum of its cumulative potentials), is so heavy-tailed that the sample std
+    understates the spread (one seed of three at -5 standard errors), hence two steps here. The mode
+    weights of `max` get 3 binomial standard errors plus 0.02 for finite K (over seeds 0-2 the right mode's
+    weight is 0.68 on average)."""
+    n, K = 200, 32
+    out = SMC(num_particles=K, alpha=ALPHA, potential=potential, resample_steps=[33, 66]).sample(
+        three_modes, reward, [None] * n, range(n), seed=0)
+    z = out.diagnostics["log_z"].double().exp()
+    se = z.std().item() / math.sqrt(n)
+    truth = math.exp(three_modes.log_normalizer(reward, ALPHA))
+    assert abs(z.mean().item() - truth) < 3 * se, (z.mean().item(), se, truth)
+    if potential == "max":
+        weights = three_modes.tilted(reward, ALPHA)[0]
+        comp = three_modes.component_of(out.x0)
+        for k in range(3):
+            p, frac = float(weights[k]), (comp == k).double().mean().item()
+            assert abs(frac - p) < 3 * math.sqrt(p * (1 - p) / n) + 0.02, (k, frac, p)
+
+
 VARIANTS = {
     "smc": dict(),
     "tds": dict(proposal="gradient"),

@@ -100,6 +100,49 @@ def test_gradient_samplers_count_gradient_calls(gmm):
     assert dps.compute["nfe_grad"] == n * T and dps.compute["nfe"] == n * T
 
 
+@pytest.mark.parametrize("potential", ["max", "sum", "rt"])
+def test_fk_potentials_without_a_resampling_schedule_are_config_errors(potential):
+    """FK steering's max/sum/rt potentials act at the resampling steps: ESS-adaptive resampling gives them none."""
+    with pytest.raises(ConfigError, match="resample_steps"):
+        SMC(potential=potential)
+    SMC(potential=potential, resample_steps=[5, 10])
+    SMC(potential="diff")  # diff telescopes: fine with ESS-adaptive resampling
+
+
+def test_diff_resampled_at_every_step_is_plain_smc_bit_for_bit(gmm):
+    """A fixed schedule listing every step applies diff at every step, as ESS-adaptive SMC with threshold 1 does."""
+    r = LinearReward([0.5, 0.25])
+    n, T = 40, gmm.num_steps
+    every = SMC(num_particles=8, alpha=1.0, resample_steps=list(range(T))).sample(gmm, r, [None] * n, range(n), seed=4)
+    plain = SMC(num_particles=8, alpha=1.0, ess_threshold=1.0).sample(gmm, r, [None] * n, range(n), seed=4)
+    assert plain.diagnostics["resampled"][:, :-1].all()  # ESS < K at every step: it resampled everywhere too
+    assert torch.equal(every.x0, plain.x0) and torch.equal(every.rewards, plain.rewards)
+    for key in ("log_z", "ess", "resampled"):
+        assert torch.equal(every.diagnostics[key], plain.diagnostics[key]), key
+    assert {k: v for k, v in every.compute.items() if k != "seconds"} == \
+        {k: v for k, v in plain.compute.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("potential", ["diff", "max", "sum", "rt"])
+def test_fk_potentials_act_only_at_the_resampling_steps(gmm, potential):
+    """With a fixed schedule and the base proposal the weights change only at the listed steps and at the
+    end, and the reward is called only there (and at the prior, the start of max and sum): K (2 + 3) rows
+    per sample instead of K (T + 1); the model is still called K T times."""
+    r = LinearReward([0.5, 0.25])
+    n, K, T, steps = 10, 4, gmm.num_steps, [4, 9, 14]
+    out = SMC(num_particles=K, alpha=1.0, potential=potential, resample_steps=steps).sample(
+        gmm, r, [None] * n, range(n), seed=0)
+    assert out.compute["nfe"] == n * K * T
+    assert out.compute["reward_calls"] == n * K * (len(steps) + 2)
+    resampled = out.diagnostics["resampled"]
+    assert resampled[:, steps].all() and int(resampled.sum()) == n * len(steps)
+    ess = out.diagnostics["ess"]
+    for i in range(1, T - 1):  # no potential at step i: the weights (and so the ESS) are those of step i - 1
+        if i not in steps:
+            expected = torch.full_like(ess[:, i], float(K)) if i - 1 in steps else ess[:, i - 1]
+            torch.testing.assert_close(ess[:, i], expected, rtol=1e-6, atol=0)
+
+
 def test_gradient_methods_refuse_a_non_differentiable_reward():
     m = DigitsDiffusion(num_steps=5)
     with pytest.raises(ConfigError, match="differentiable"):

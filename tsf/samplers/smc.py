@@ -6,14 +6,21 @@ Each step from ``x_t`` to ``x_prev``:
 
 1. propose from the base kernel ``N(mu, s^2 I)`` or, with a gradient,
    ``N(mu + s^2 grad_x psi_{i+1}(x_t), s^2 I)``;
-2. ``logw += log p(x_prev | x_t) - log q(x_prev | x_t) + G``, with the potential
-   ``G = psi_{i+1}(x_prev) - psi_i(x_t)`` (``diff``; FK steering's ``max``, ``sum``, ``rt``
-   are the other choices), the final step's potential being the true reward with
-   ``lambda = 1`` (for ``max``/``sum``/``rt`` it divides out the potentials already applied,
-   so every path's product is ``exp(r(x0) / alpha)``);
+2. ``logw += log p(x_prev | x_t) - log q(x_prev | x_t)`` and, at a potential step, ``+ G``, with
+   the potential ``G = psi_{i+1}(x_prev) - psi(previous potential step)`` (``diff``; FK steering's
+   ``max``, ``sum``, ``rt`` are the other choices); the final step's potential is the true reward
+   with ``lambda = 1`` divided by the potentials already applied along the particle's path, so
+   every path's product is ``exp(r(x0) / alpha)``;
 3. resample inside each group when ``ESS < ess_threshold K`` (or at fixed steps), moving
    every per-particle quantity with the particles: state, cached model output, value,
    gradient and accumulated potential.
+
+With ESS-adaptive resampling every step is a potential step (only ``diff`` is allowed there). With a
+fixed schedule (``resample_steps``, FK steering) the potentials act only at the resampling steps and
+at the end: between them the weights change only by a gradient proposal's ``p / q`` ratio, and the
+value (a reward call) is computed only where it is used (potential steps, the final step, and every
+step of a gradient proposal, which needs its gradient); elsewhere the next transition computes the
+model output itself, so the NFE stay ``K T``.
 
 ``log Z`` (the estimate of ``log E_p[exp(r(x0) / alpha)]``) and, per output and per step, the ESS
 (``ess``, and ``ess_fraction = ESS / K`` in (0, 1]) and whether the group was resampled after that
@@ -118,10 +125,16 @@ class SMC(Sampler):
         tempering: ``none``, ``fraction`` (T-independent) or ``gamma`` (the DAS reference form).
         gamma: the reference tempering rate (``tempering: gamma``).
         tempering_fraction: fraction of the steps at which lambda reaches 1 (``tempering: fraction``).
-        potential: ``diff`` (the twisted-SMC increment), or FK steering's ``max``, ``sum``, ``rt``.
+        potential: ``diff`` (the twisted-SMC increment), or FK steering's ``max`` (``exp`` of the largest
+            twist ``psi`` over the potential steps so far, the prior's included), ``sum`` (of their sum)
+            or ``rt`` (of the current twist). ``max``, ``sum`` and ``rt`` act only at the resampling
+            steps, so they need ``resample_steps``; the final step divides them out again.
         resampler: ``systematic``, ``multinomial``, ``stratified`` or ``residual``.
         ess_threshold: resample a group when its ESS < ``ess_threshold * K`` (1 = every step).
-        resample_steps: resample at exactly these step indices instead (FK steering).
+        resample_steps: resample at exactly these step indices instead (FK steering): after step ``i``
+            (the state at grid point ``i + 1``) for each listed ``i < T - 1``. The potentials act at these
+            steps and at the end only, and the value is computed only there (and wherever a gradient
+            proposal needs its gradient).
         output: ``sample`` (one particle drawn by the final weights: a draw from the target),
             ``argmax`` (the highest weight, the DAS reference) or ``all`` (the drawn particle,
             plus every particle and its weight in the diagnostics).
@@ -160,6 +173,11 @@ class SMC(Sampler):
             raise ConfigError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
         if grad_batch < 1:
             raise ConfigError(f"grad_batch must be >= 1, got {grad_batch}")
+        if potential != "diff" and resample_steps is None:
+            raise ConfigError(
+                f"potential: {potential} needs resample_steps (e.g. [20, 40, 60, 80] for 100 steps): FK steering's "
+                "potentials act at fixed resampling steps, and ESS-adaptive resampling gives them no schedule; "
+                "give resample_steps, or use potential: diff with ESS-adaptive resampling")
         tempering_schedule(10, tempering, gamma, tempering_fraction)  # validates
         self.alpha = float(alpha)
         self.value_fn = build_value(value)
@@ -189,20 +207,25 @@ class SMC(Sampler):
         dev = model.device
         offsets = K * torch.arange(B, device=dev)[:, None]       # row of particle 0 of each group
         identity = torch.arange(K, device=dev).expand(B, K)
+        fixed = self.resample_steps is not None
+        schedule = set(self.resample_steps or ())
+        # a potential acts after step i (on the state at grid point i + 1) at every step when resampling is
+        # ESS-adaptive, only at the listed steps with a fixed schedule (FK steering), and always at the end
+        potential_at = [not fixed or i in schedule or i + 1 == T for i in range(T)]
+        grad_at = [grad] * T + [False]  # the gradient at grid point j is used by the proposal of step j
 
         final_images = []
 
-        def evaluate(x, i):
+        def evaluate(x, i, with_grad):
             if i < T:
                 v, out, g = self.value(model, reward, self.value_fn, x, i, c, conds, alpha,
-                                       grad=grad, grad_batch=self.grad_batch)
+                                       grad=with_grad, grad_batch=self.grad_batch)
             else:  # the particles are candidate x0: the reward itself (an image model's images are kept)
                 v, images = self.final_value(model, reward, x, conds, lambda: self.value(
                     model, reward, self.value_fn, x, i, c, conds, alpha)[0])
                 out = g = None
                 final_images.append(images)
             bad = ~torch.isfinite(v)
-            counts["nonfinite_values"] += bad.sum()
             if g is not None:
                 gbad = ~torch.isfinite(g)
                 counts["nonfinite_grads"] += gbad.sum()
@@ -210,7 +233,8 @@ class SMC(Sampler):
             return v.view(B, K).double(), out, g, bad.view(B, K)
 
         x = model.prior(noise.randn(K, model.sample_shape))
-        v, out, g, dead = evaluate(x, 0)
+        v, out, g, dead = evaluate(x, 0, grad_at[0])
+        counts["nonfinite_values"] += dead.sum()
         psi = lam[0] * v / alpha
         stat = torch.where(dead, 0.0, psi)             # running max / sum for FK potentials
         log_g = torch.where(dead, 0.0, psi)            # accumulated log-potential along each path
@@ -222,7 +246,7 @@ class SMC(Sampler):
         for i in range(T):
             tr = self.transition(model, x, i, c, out)
             z = noise.randn(K, model.sample_shape)
-            if grad and float(tr.std.max()) > 0:
+            if g is not None and float(tr.std.max()) > 0:
                 # q = N(mu + delta, s^2 I), delta = s^2 grad psi_{i+1}; with x_new = mu + delta + s z,
                 # log p(x_new) - log q(x_new) = -|delta / s|^2 / 2 - (delta / s) . z  (exact, no cancellation)
                 d_over_s = (tr.std * (lam[i + 1] / alpha) * g).double()
@@ -231,36 +255,45 @@ class SMC(Sampler):
             else:
                 x_new = tr.sample(z)
                 log_ratio = None
-            v, out, g, bad = evaluate(x_new, i + 1)
-            psi = lam[i + 1] * v / alpha
-            if i + 1 == T:
-                inc = psi - log_g                     # the final potential completes exp(r / alpha)
-            elif self.potential == "diff":
-                inc = psi - log_g
-            elif self.potential == "max":
-                stat = torch.maximum(stat, psi)
-                inc = stat
-            elif self.potential == "sum":
-                stat = stat + psi
-                inc = stat
-            else:  # rt
-                inc = psi
-            dead = dead | bad
-            step = inc if log_ratio is None else inc + log_ratio
-            logw = torch.where(dead | ~torch.isfinite(step), -math.inf, logw + step)
-            log_g = torch.where(dead, 0.0, log_g + inc)
-            stat = torch.where(dead, 0.0, stat)
-            if torch.isinf(logw).all(1).any():
-                raise NonFiniteRewardError(
-                    f"every particle of a group has a non-finite reward or value at step {i + 1} of {T} "
-                    f"(reward {reward.name!r}); check the reward on these samples"
-                )
-            log_z, logw = self._normalise(log_z, logw)
+            if potential_at[i] or grad_at[i + 1]:
+                v_new, out, g, bad = evaluate(x_new, i + 1, grad_at[i + 1])
+            else:  # the value is not used here: no reward call (the next transition computes the model output)
+                out = g = None
+            if potential_at[i]:
+                v = v_new
+                counts["nonfinite_values"] += bad.sum()
+                psi = lam[i + 1] * v / alpha
+                if i + 1 == T:
+                    inc = psi - log_g                     # the final potential completes exp(r / alpha)
+                elif self.potential == "diff":
+                    inc = psi - log_g                     # the change since the last potential step
+                elif self.potential == "max":
+                    stat = torch.maximum(stat, psi)
+                    inc = stat
+                elif self.potential == "sum":
+                    stat = stat + psi
+                    inc = stat
+                else:  # rt
+                    inc = psi
+                dead = dead | bad
+                step = inc if log_ratio is None else inc + log_ratio
+                logw = torch.where(dead | ~torch.isfinite(step), -math.inf, logw + step)
+                log_g = torch.where(dead, 0.0, log_g + inc)
+                stat = torch.where(dead, 0.0, stat)
+            elif log_ratio is not None:  # between potential steps only a gradient proposal's p / q moves the weights
+                logw = torch.where(dead | ~torch.isfinite(log_ratio), -math.inf, logw + log_ratio)
+            if potential_at[i] or log_ratio is not None:
+                if torch.isinf(logw).all(1).any():
+                    raise NonFiniteRewardError(
+                        f"every particle of a group has a non-finite reward or value at step {i + 1} of {T} "
+                        f"(reward {reward.name!r}); check the reward on these samples"
+                    )
+                log_z, logw = self._normalise(log_z, logw)
             ess = 1.0 / torch.exp(2 * logw).sum(1)
             ess_trace.append(ess.float())
             if i + 1 < T:
-                if self.resample_steps is not None:
-                    do = torch.full((B,), i in self.resample_steps, device=dev)
+                if fixed:
+                    do = torch.full((B,), i in schedule, device=dev)
                 else:
                     do = ess < self.ess_threshold * K
                 u = noise.rand(K, dtype=torch.float64)
