@@ -95,7 +95,9 @@ def test_gradient_samplers_count_gradient_calls(gmm):
     r = LinearReward([0.5, 0.0])
     n, K, T = 10, 4, gmm.num_steps
     das = SMC(num_particles=K, alpha=1.0, proposal="gradient", tempering="fraction").sample(gmm, r, [None] * n, range(n))
-    assert das.compute["nfe"] == das.compute["nfe_grad"] == n * K * T  # one forward+backward per particle per step
+    assert das.compute["nfe"] == n * K * T
+    # one forward+backward per particle at every step but the last, whose DDIM kernel is deterministic
+    assert gmm.step_std(T - 1) == 0 and das.compute["nfe_grad"] == n * K * (T - 1)
     dps = DPS(guidance_scale=0.1).sample(gmm, r, [None] * n, range(n))
     assert dps.compute["nfe_grad"] == n * T and dps.compute["nfe"] == n * T
 
@@ -141,6 +143,26 @@ def test_fk_potentials_act_only_at_the_resampling_steps(gmm, potential):
         if i not in steps:
             expected = torch.full_like(ess[:, i], float(K)) if i - 1 in steps else ess[:, i - 1]
             torch.testing.assert_close(ess[:, i], expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(resample_steps=[4, 9, 14])])
+def test_das_takes_no_gradient_for_a_step_without_noise(kw):
+    """DAS/TDS use the gradient at x_i only in the proposal of step i: where that step's kernel std is 0 (here
+    DDIM's last step, eta = 1, to abar = 1) no backward is taken. The counted nfe_grad is K times the number
+    of noisy steps, and the samples are those of a run that takes the gradient at every step (the model
+    hiding its stds, step_std None), bit for bit; with ESS-adaptive resampling and with a fixed schedule."""
+    model = GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.1, 0.1], num_steps=10)
+    r = LinearReward([0.5, 0.25])
+    n, K, T = 12, 4, model.num_steps
+    noisy = sum(float(model.step_std(i)) > 0 for i in range(T))
+    assert noisy == T - 1
+    das = SMC(num_particles=K, alpha=1.0, proposal="gradient", tempering="fraction", **kw)
+    out = das.sample(model, r, [None] * n, range(n), seed=5)
+    assert out.compute["nfe"] == n * K * T and out.compute["nfe_grad"] == n * K * noisy
+    model.step_std = lambda i: None  # unknown stds: the gradient at every step before x0, as before
+    every = das.sample(model, r, [None] * n, range(n), seed=5)
+    assert every.compute["nfe_grad"] == n * K * T
+    assert torch.equal(out.x0, every.x0) and torch.equal(out.diagnostics["log_z"], every.diagnostics["log_z"])
 
 
 def test_gradient_methods_refuse_a_non_differentiable_reward():

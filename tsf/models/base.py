@@ -164,6 +164,12 @@ class BaseModel(LazyLoadModule):
     def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def step_std(self, i: int) -> Optional[float]:
+        """The kernel's standard deviation at step ``i`` (from grid point ``i`` to ``i + 1``) when it is the same
+        for every row, ``None`` when the model does not say (a sampler then assumes it may be > 0). A sampler
+        uses it to skip work that only a noisy step needs, e.g. SMC's gradient for a deterministic last step."""
+        return None
+
     def log_prob(self, x_prev: Tensor, transition: Transition) -> Tensor:
         """``log p(x_prev | x_t)`` per row (summed over dimensions)."""
         return gaussian_log_prob(x_prev, transition.mean, transition.std)

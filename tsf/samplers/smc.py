@@ -20,7 +20,9 @@ fixed schedule (``resample_steps``, FK steering) the potentials act only at the 
 at the end: between them the weights change only by a gradient proposal's ``p / q`` ratio, and the
 value (a reward call) is computed only where it is used (potential steps, the final step, and every
 step of a gradient proposal, which needs its gradient); elsewhere the next transition computes the
-model output itself, so the NFE stay ``K T``.
+model output itself, so the NFE stay ``K T``. A gradient proposal takes the gradient at grid point
+``i`` only if step ``i``'s kernel has noise (``model.step_std(i)`` > 0 or unknown): the last step of
+DDIM and DDPM, to ``abar = 1``, is deterministic and needs none.
 
 ``log Z`` (the estimate of ``log E_p[exp(r(x0) / alpha)]``) and, per output and per step, the ESS
 (``ess``, and ``ess_fraction = ESS / K`` in (0, 1]) and whether the group was resampled after that
@@ -212,7 +214,10 @@ class SMC(Sampler):
         # a potential acts after step i (on the state at grid point i + 1) at every step when resampling is
         # ESS-adaptive, only at the listed steps with a fixed schedule (FK steering), and always at the end
         potential_at = [not fixed or i in schedule or i + 1 == T for i in range(T)]
-        grad_at = [grad] * T + [False]  # the gradient at grid point j is used by the proposal of step j
+        # the gradient at grid point j is used only by the proposal of step j, so only where that kernel has noise
+        # (a model that does not know its step's std, step_std None, gets the gradient at every step)
+        stds = [model.step_std(j) for j in range(T)] if grad else [None] * T
+        grad_at = [grad and (s is None or float(s) > 0) for s in stds] + [False]
 
         final_images = []
 
