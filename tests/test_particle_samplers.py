@@ -165,6 +165,36 @@ def test_das_takes_no_gradient_for_a_step_without_noise(kw):
     assert torch.equal(out.x0, every.x0) and torch.equal(out.diagnostics["log_z"], every.diagnostics["log_z"])
 
 
+@pytest.mark.parametrize("sampler", ["svdd", "smc"])
+def test_a_learned_value_runs_on_a_flow_model_with_the_flow_times(tmp_path, sampler):
+    """SVDD-MC and SMC with a LearnedValue on the digits flow model: the value network sees 1000 s_i, the flow
+    grid's time at each grid point where a value is used, in the diffusion timesteps' scale."""
+    from tsf.models import DigitsFlow
+    from tsf.models.digits import FLOW_TIME_SCALE, ResidualMLPDenoiser, save_network
+    from tsf.samplers import LearnedValue
+
+    torch.manual_seed(0)
+    net = ResidualMLPDenoiser(dim=64, width=32, depth=1, hidden=32, out_dim=1)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.1)  # not the zero-initialised head: values differ per row
+    save_network(net, tmp_path / "value.safetensors")
+    value = LearnedValue(str(tmp_path / "value.safetensors")).load()
+    seen = []
+    value.net.register_forward_hook(lambda mod, args, out: seen.append(args[1].clone()))
+    T, n, K = 5, 6, 4
+    model, reward = DigitsFlow(num_steps=T).load(), build_reward("digit").load()
+    if sampler == "svdd":
+        out = SVDD(num_particles=K, value=value).sample(model, reward, [i % 10 for i in range(n)], range(n))
+        used = range(1, T)  # the children at grid points 1 .. T - 1 (the last step is selected by the reward)
+    else:
+        out = SMC(num_particles=K, alpha=0.1, value=value).sample(model, reward, [i % 10 for i in range(n)], range(n))
+        used = range(T)  # the prior and every step before x0
+    assert torch.isfinite(out.x0).all() and torch.isfinite(out.rewards).all()
+    assert len(seen) == len(used)
+    for t, i in zip(seen, used):
+        assert t.dtype == torch.float32 and t.shape == (n * K,)
+        torch.testing.assert_close(t, torch.full_like(t, float(model._grid[i]) * FLOW_TIME_SCALE))
+
+
 def test_gradient_methods_refuse_a_non_differentiable_reward():
     m = DigitsDiffusion(num_steps=5)
     with pytest.raises(ConfigError, match="differentiable"):

@@ -63,9 +63,28 @@ class ExactValue(ValueFunction):
         return model.exact_value(x, i, reward, alpha), None
 
 
+def value_time(model: BaseModel, i: int) -> Tensor:
+    """The time a learned value network sees at grid point ``i``: a diffusion model's timestep (``0 .. 999``),
+    or a flow model's grid time ``s_i`` in [0, 1] (1 = noise) times ``FLOW_TIME_SCALE`` (1000), the scale of the
+    diffusion timesteps, which the digits networks' time embedding is built for (the digits flow network sees
+    its time so scaled too). A scalar tensor on the model's device."""
+    from tsf.models.flow import FlowModel
+
+    timesteps = getattr(model, "timesteps", None)
+    if timesteps is not None:
+        return timesteps[i]
+    if isinstance(model, FlowModel):
+        from tsf.models.digits import FLOW_TIME_SCALE
+
+        return (model._grid[i] * FLOW_TIME_SCALE).float()
+    raise ConfigError(f"a learned value needs the grid time of the model; {type(model).__name__} has no "
+                      "timesteps (diffusion) or flow grid")
+
+
 class LearnedValue(ValueFunction):
     """A trained value network ``v_phi(x_i, t, c)`` (SVDD-MC), conditioned on the sample's class
-    (the reward's condition, ``None`` -> the null label), whatever the base model's conditioning.
+    (the reward's condition, ``None`` -> the null label), whatever the base model's conditioning. The time
+    ``t`` is :func:`value_time`: a diffusion model's timestep, or ``1000 s`` on a flow model's grid.
 
     Args:
         checkpoint: the ``value.safetensors`` written by ``tsf fit --config configs/digits/value.yaml``.
@@ -93,7 +112,7 @@ class LearnedValue(ValueFunction):
         self.load()
         if next(self.net.parameters()).device != x.device:  # a sampler is no nn.Module: follow the states
             self.net.to(x.device)
-        t = model.timesteps[i].expand(x.shape[0])
+        t = value_time(model, i).expand(x.shape[0])
         null = self.net.config["num_classes"]
         labels = torch.tensor([null if k is None else int(k) for k in conditions], device=x.device)
         return self.net(x, t, labels).reshape(-1), None
