@@ -1,4 +1,4 @@
-"""Rewards: registry, digit classifiers, compressibility, brightness."""
+"""Rewards: registry, digit classifiers and their confidence, compressibility, brightness."""
 
 import pytest
 import torch
@@ -6,10 +6,12 @@ import torch
 from tsf.errors import ConfigError
 from tsf.models.digits import load_digits_splits
 from tsf.rewards import REWARDS, Brightness, Compressibility, DigitReward, build_reward
+from tsf.rewards.digits import DigitConfidence
 
 
 def test_registry_names_and_unknown_name_lists_known_ones():
-    assert {"digit", "digit_holdout", "compressibility", "brightness"} <= set(REWARDS.names())
+    assert {"digit", "digit_holdout", "digit_confidence", "digit_holdout_confidence", "compressibility",
+            "brightness"} <= set(REWARDS.names())
     with pytest.raises(ConfigError, match="known rewards: .*brightness.*compressibility.*digit"):
         build_reward("aesthetics")
 
@@ -49,6 +51,22 @@ def test_digit_reward_without_any_class_says_what_to_set():
         build_reward("digit").check_conditions([None])
 
 
+def test_digit_confidence_is_the_max_class_log_probability_and_needs_no_class():
+    s = load_digits_splits()
+    x = torch.cat([s.test_x[:6], torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))])
+    for name, classifier in (("digit_confidence", "target"), ("digit_holdout_confidence", "holdout")):
+        conf = build_reward(name).load()
+        assert isinstance(conf, DigitConfidence) and conf.name == name and conf.differentiable
+        conf.check_conditions([None, 3])  # no class is read
+        out = conf(x, [None] * 8)
+        per_class = DigitReward(classifier=classifier).load()
+        best = torch.stack([per_class(x, [k] * 8) for k in range(10)], 1).max(1).values
+        torch.testing.assert_close(out, best)
+        torch.testing.assert_close(out, conf(x))  # conditions are ignored
+        assert (out <= 0).all() and out[:6].exp().min() > 0.5  # sure of real digits
+        assert conf.has_features
+
+
 def test_compressibility_prefers_simple_images():
     r = Compressibility()
     assert not r.differentiable
@@ -56,9 +74,15 @@ def test_compressibility_prefers_simple_images():
     noisy = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     rf, rn = r(torch.cat([flat, noisy]))
     assert rf > rn  # less negative: smaller JPEG
-    # the upsampling makes the size depend on content, not only on JPEG headers
-    digits = load_digits_splits().test_x[:20]
-    assert len(set(r(digits).tolist())) > 5
+    # the (bilinear) upsampling makes the size depend on content, not only on JPEG headers: 8x8 digits
+    # get many distinct sizes; nearest upsampling leaves each JPEG block one flat pixel (DC terms only)
+    digits = load_digits_splits().test_x[:100]
+    levels = {mode: len(set(Compressibility(upsample=mode)(digits).tolist())) for mode in ("bilinear", "nearest")}
+    assert levels["bilinear"] > 50 and levels["bilinear"] > 2 * levels["nearest"]
+    big = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # large images are not resized
+    torch.testing.assert_close(r(big), Compressibility(upsample="nearest")(big))
+    with pytest.raises(ConfigError, match="upsample"):
+        Compressibility(upsample="area")
 
 
 def test_brightness_is_mean_intensity_and_differentiable():

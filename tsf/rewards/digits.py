@@ -1,4 +1,5 @@
-"""Digit rewards from the embedded classifiers: ``digit`` (target) and ``digit_holdout`` (cross)."""
+"""Digit rewards from the embedded classifiers: ``digit`` (target) and ``digit_holdout`` (cross), and
+``digit_confidence`` / ``digit_holdout_confidence`` (the log-probability of the most likely class)."""
 
 from __future__ import annotations
 
@@ -60,5 +61,27 @@ class DigitReward(Reward):
         return self.net.features(images)
 
 
+class DigitConfidence(DigitReward):
+    """``max_k log p(k | image)``: how sure a digit classifier is that the image is some digit, whatever
+    the class. It needs no condition, so it judges unconditional tasks (is a compressible sample
+    still a digit?).
+
+    Args:
+        classifier: as for :class:`DigitReward`.
+    """
+
+    def __init__(self, classifier: str = "target", name: Optional[str] = None) -> None:
+        super().__init__(classifier=classifier, name=name or (
+            "digit_confidence" if classifier == "target" else f"digit_{classifier}_confidence"))
+
+    def check_conditions(self, conditions: Sequence[Any]) -> None:
+        """Any conditions (the class is not read)."""
+
+    def forward(self, images: Tensor, conditions: Optional[Sequence[Any]] = None) -> Tensor:
+        return self.net(images).log_softmax(-1).max(-1).values
+
+
 REWARDS.register("digit", DigitReward, classifier="target")
 REWARDS.register("digit_holdout", DigitReward, classifier="holdout")
+REWARDS.register("digit_confidence", DigitConfidence, classifier="target")
+REWARDS.register("digit_holdout_confidence", DigitConfidence, classifier="holdout")
