@@ -46,10 +46,31 @@ def records(path):
         yield rec
 
 
+def settled(log, timeout=120.0):
+    """Wait until wandb's service has written the run's exit record and stopped writing: ``finish()``
+    returns before the (separate) service process has flushed the log, and on a loaded machine the
+    summary can land seconds later."""
+    import time
+
+    deadline, last = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        size = log.stat().st_size
+        try:
+            done = size == last and any(r.WhichOneof("record_type") == "exit" for r in records(log))
+        except Exception:  # a record half written: not settled yet
+            done = False
+        if done:
+            return
+        last = size
+        time.sleep(0.5)
+    raise AssertionError(f"{log} was still being written after {timeout} s")
+
+
 def read_run(run_dir):
     """``(history rows, summary dict, files)`` of the single offline run under ``run_dir/wandb``."""
     logs = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 1, logs
+    settled(logs[0])
     history, summary, files = [], {}, []
     for rec in records(logs[0]):
         which = rec.WhichOneof("record_type")
