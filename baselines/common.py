@@ -43,6 +43,17 @@ def add_lora(model: EpsDiffusionModel, rank: int = 4, alpha: Optional[float] = N
                                                lora_dropout=0.0))
 
 
+def trim_curve(path: Path, step: int) -> None:
+    """Keep the lines of a JSON-lines curve whose ``step`` is at most ``step`` (none: remove the file)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    if kept:
+        path.write_text("".join(line + "\n" for line in kept))
+    else:
+        path.unlink()
+
+
 class FinetuneModule(L.LightningModule):
     """Base of the fine-tuning baselines.
 
@@ -188,10 +199,15 @@ class FinetuneModule(L.LightningModule):
             with path.open("a") as f:
                 f.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
 
-    def on_fit_start(self) -> None:
-        curve = Path(self.trainer.default_root_dir) / "val_metrics.jsonl"
-        if self.trainer.is_global_zero and self.global_step == 0 and curve.exists():
-            curve.unlink()  # a fresh run starts a fresh curve; a resumed one appends to it
+    #: the run directory's per-step files (JSON lines with a ``step``)
+    run_curves: tuple[str, ...] = ("val_metrics.jsonl",)
+
+    def on_train_start(self) -> None:
+        # a fresh run starts fresh curves; a resumed one keeps their lines up to its checkpoint's step and
+        # appends (not in on_fit_start: Lightning restores the step counter after that hook)
+        if self.trainer.is_global_zero:
+            for name in self.run_curves:
+                trim_curve(Path(self.trainer.default_root_dir) / name, self.global_step)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -242,18 +242,13 @@ class DDPO(FinetuneModule):
                 f.write(json.dumps({"step": k + 1, "epoch": epoch, "inner_epoch": inner, **metrics}) + "\n")
 
     # -- run files and checkpoints --------------------------------------------------------------
+    #: metrics.jsonl: one line per optimiser step (a fresh run starts it anew, a resumed one continues it)
+    run_curves = ("val_metrics.jsonl", "metrics.jsonl")
+
     def metrics_path(self) -> Path:
         path = Path(self.trainer.default_root_dir) / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
-
-    def on_train_start(self) -> None:
-        # a fresh run starts a fresh metrics.jsonl; a resumed one keeps the steps up to its checkpoint
-        if self.trainer.is_global_zero and self.metrics_path().exists():
-            path = self.metrics_path()
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.global_step]
-            path.write_text("".join(line + "\n" for line in kept))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ddpo_stats"] = self.stats.state_dict()

@@ -54,8 +54,8 @@ def test_finetuning_changes_the_adapter_only_and_logs_finite_metrics(cls, tmp_pa
     assert not torch.equal(a, b)
 
 
-def read_metrics(root):
-    return [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(root, name="metrics.jsonl"):
+    return [json.loads(line) for line in (root / name).read_text().splitlines()]
 
 
 @pytest.mark.parametrize("cls", [DRaFT, DDPO, ddpo_ppo])
@@ -69,6 +69,8 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(cls, tmp_path):
     resumed, _ = fit(cls, tmp_path / "b", 4, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for k, v in lora_state(straight).items():
         torch.testing.assert_close(lora_state(resumed)[k], v, rtol=0, atol=1e-7)
+    # the validation curve keeps the first part's point (step 2) and appends the resumed run's (step 4)
+    assert [m["step"] for m in read_metrics(tmp_path / "b", "val_metrics.jsonl")] == [2, 4]
     if cls is not DRaFT:  # the resumed run's per-step metrics continue the first part's, once each
         a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
         assert [m["step"] for m in b] == [1, 2, 3, 4]
