@@ -96,8 +96,9 @@ class LearnedValue(ValueFunction):
 
         self.checkpoint = str(checkpoint)
         if not Path(self.checkpoint).is_file():
-            raise ConfigError(f"value checkpoint {self.checkpoint!r} not found; train one with "
-                              "`tsf fit --config configs/digits/value.yaml`")
+            raise ConfigError(f"value checkpoint {self.checkpoint!r} not found; train it with `tsf fit` on the value "
+                              "config of its reward (configs/digits/value.yaml for `digit`, "
+                              "configs/digits_compress/value.yaml for `compressibility`)")
         self.net = build_network(self.checkpoint)
 
     def _load(self) -> None:
