@@ -32,7 +32,8 @@ def test_overhead_replays_the_counted_calls_of_every_sampler(tmp_path, capsys):
             assert math.isfinite(r[key]) and r[key] > 0, (name, key)
     rows = {r["key"]: r for r in out["rows"]}
     # gradient samplers replay forward + backward for every counted gradient row; the others none
-    assert rows["das"]["compute"]["nfe_grad"] == rows["das"]["compute"]["nfe"] > 0
+    # (DAS takes no gradient before the last DDIM step, which has no noise)
+    assert 0 < rows["das"]["compute"]["nfe_grad"] < rows["das"]["compute"]["nfe"]
     assert rows["dps"]["replay_compute"]["reward_grad_calls"] > 0
     assert rows["smc"]["compute"]["nfe_grad"] == 0
     # SVDD-MC's learned value network is replayed too (it is not base-model NFE)

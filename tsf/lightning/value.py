@@ -24,6 +24,7 @@ from tsf.models.base import BaseModel
 from tsf.models.digits import NUM_CLASSES, ResidualMLPDenoiser, save_network
 from tsf.rewards.base import Reward, build_reward
 from tsf.samplers.base import Noise, Sampler
+from tsf.samplers.value import value_time
 
 
 class ValueModule(L.LightningModule):
@@ -75,7 +76,7 @@ class ValueModule(L.LightningModule):
         xs, ts = [], []
         for i in range(T):
             xs.append(x.cpu())
-            ts.append(model.timesteps[i].expand(n).cpu())
+            ts.append(value_time(model, i).expand(n).cpu())
             x = helper.transition(model, x, i, c).sample(noise.randn(1, model.sample_shape))
         r = helper.score(model, self.reward, x, conds).float().cpu()
         labels = torch.tensor([NUM_CLASSES if k is None else int(k) for k in conds])

@@ -198,6 +198,9 @@ class FlowModel(BaseModel):
     def score(self, x: Tensor, i: int, output: Tensor) -> Tensor:
         return output * self._kernel["sc_u"][i] - x * self._kernel["sc_x"][i]
 
+    def step_std(self, i: int) -> float:
+        return self._kernel["std"][i]
+
     def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
         u = self(x, i, c) if output is None else output
         k = self._kernel

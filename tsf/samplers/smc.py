@@ -210,6 +210,10 @@ class SMC(Sampler):
         offsets = K * torch.arange(B, device=dev)[:, None]       # row of particle 0 of each group
         identity = torch.arange(K, device=dev).expand(B, K)
         fixed = self.resample_steps is not None
+        outside = [s for s in self.resample_steps or () if not 0 <= s < T - 1]
+        if outside:
+            warnings.warn(f"resample_steps {outside} are outside 0 .. {T - 2} for T = {T} steps (no resampling after "
+                          "the last step): they are ignored")
         schedule = set(self.resample_steps or ())
         # a potential acts after step i (on the state at grid point i + 1) at every step when resampling is
         # ESS-adaptive, only at the listed steps with a fixed schedule (FK steering), and always at the end
