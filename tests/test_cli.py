@@ -56,11 +56,20 @@ def test_same_seed_gives_identical_samples_whatever_the_batch_size(tmp_path):
     assert not torch.equal(a["x0"], d["x0"])
 
 
-def test_wandb_offline_run_has_the_metrics_and_the_grid(tmp_path):
-    from wandb_log import read_run
+def test_wandb_offline_run_has_the_metrics_the_config_and_the_grid(tmp_path, monkeypatch):
+    from wandb_log import read_config, read_run
 
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
     d = run(tmp_path, wandb="offline")
     metrics = json.loads((d / "metrics.json").read_text())
+    # the resolved config, flattened as sweeps name its keys, with a group and tags to filter by
+    config, info = read_config(d)
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    assert config["model.init_args.sampler.init_args.num_particles"] == 4
+    assert config["model.init_args.sampler.class_path"] == saved["model"]["init_args"]["sampler"]["class_path"]
+    assert config["data.init_args.num_samples"] == saved["data"]["init_args"]["num_samples"] == 24
+    assert info["group"] == "digits/best_of_n" and {"digits", "best_of_n", "BestOfN", "digit"} <= set(info["tags"])
+    assert info["project"] == "tsf"
     history, summary, files = read_run(d)
     for key, value in metrics.items():
         assert summary[key] == pytest.approx(value, rel=1e-6), key
@@ -209,3 +218,13 @@ def test_lpips_diversity_is_a_config_option_refused_clearly_when_unavailable(tmp
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--model.init_args.lpips=alex")
     assert e.value.code == 2 and "diversity/lpips was asked for" in capsys.readouterr().err
+
+
+def test_wandb_project_is_the_flag_else_wandb_project_else_tsf(monkeypatch):
+    from tsf.cli import wandb_logger
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    assert wandb_logger("/tmp/unused", "n", None, "disabled")._wandb_init["project"] == "tsf"
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    assert wandb_logger("/tmp/unused", "n", None, "disabled")._wandb_init["project"] == "mine"
+    assert wandb_logger("/tmp/unused", "n", "explicit", "disabled")._wandb_init["project"] == "explicit"

@@ -221,3 +221,11 @@ def test_runs_of_a_wandb_project_are_drawn_from_their_metrics(run_dirs, tmp_path
     assert das.sampler == "SMC" and das.samples is None  # numbers only: no bands, no grids
     with pytest.raises(SystemExit, match="cannot read the wandb project 'lab/other'"):
         figures_main(["--wandb_project", "lab/other", "--out", str(tmp_path)])
+
+
+def test_the_sampler_is_read_from_a_nested_or_a_flattened_config():
+    from tsf.figures import _sampler_name
+
+    nested = {"model": {"init_args": {"sampler": {"class_path": "tsf.samplers.SMC"}}}}
+    assert _sampler_name(nested) == _sampler_name({"model.init_args.sampler.class_path": "tsf.samplers.SMC"}) == "SMC"
+    assert _sampler_name({}) == "?"

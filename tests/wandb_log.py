@@ -82,3 +82,22 @@ def read_run(run_dir):
         elif which == "files":
             files += [f.path for f in rec.files.files]
     return history, summary, files
+
+
+def read_config(run_dir):
+    """The config of the single offline run under ``run_dir/wandb``, as wandb stores it (one key per entry)."""
+    logs = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, logs
+    settled(logs[0])
+    config, run = {}, {}
+    for rec in records(logs[0]):
+        which = rec.WhichOneof("record_type")
+        if which == "config":
+            for i in rec.config.update:
+                config[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+        elif which == "run":
+            run = {"group": rec.run.run_group, "tags": list(rec.run.tags), "project": rec.run.project}
+            for i in rec.run.config.update:
+                config[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+    return {k: v.get("value", v) if isinstance(v, dict) and set(v) <= {"value", "desc"} else v
+            for k, v in config.items() if k != "_wandb"}, run

@@ -98,13 +98,52 @@ def wandb_has_api_key() -> bool:
         return False
 
 
-def wandb_logger(run_dir: Path, name: str, project: str, mode: str):
+def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys (``model.init_args.sampler.init_args.num_particles``),
+    the form a wandb sweep's parameters take, so that runs can be filtered and grouped by them."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, name + "."))
+        else:
+            flat[name] = [_plain(v) for v in value] if isinstance(value, (list, tuple)) else _plain(value)
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    """A config value as wandb stores it: numbers, strings, booleans and None as they are, paths as text."""
+    return value if value is None or isinstance(value, (str, int, float, bool, dict)) else str(value)
+
+
+def run_identity(config: dict, method: str) -> tuple[str, list[str]]:
+    """A run's wandb ``group`` (``<config folder>/<config name>``, e.g. ``digits/das``) and ``tags``
+    (the config folder, the config name, the sampler and the reward) from its resolved config."""
+    configs = [str(c) for c in (config.get("config") or []) if c is not None]
+    domain = Path(configs[-1]).parent.name if configs else ""
+    init = (config.get("model") or {}).get("init_args") or {}
+    sampler = str((init.get("sampler") or {}).get("class_path") or "").rsplit(".", 1)[-1]
+    reward = init.get("reward")
+    reward = str(reward.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(reward, dict) else str(reward or "")
+    group = f"{domain}/{method}" if domain else method
+    return group, [t for t in dict.fromkeys((domain, method, sampler, reward)) if t]
+
+
+def wandb_logger(run_dir: Path, name: str, project: Optional[str], mode: str, config: Optional[dict] = None,
+                 method: Optional[str] = None):
+    """Lightning's WandbLogger for one run: its resolved ``config`` (flattened, as sweeps name it), a group
+    and tags from it; the project is ``project``, else ``WANDB_PROJECT``, else ``tsf``."""
     from lightning.pytorch.loggers import WandbLogger
 
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_api_key() else "offline")
-    return WandbLogger(name=name, project=project, save_dir=str(run_dir), offline=mode != "online",
-                       mode=mode if mode in ("online", "offline", "disabled") else None)
+    extra = {}
+    if config is not None:
+        group, tags = run_identity(config, method or name)
+        extra = {"config": flatten_config(config), "group": group, "tags": tags}
+    return WandbLogger(name=name, project=project or os.environ.get("WANDB_PROJECT") or "tsf", save_dir=str(run_dir),
+                       offline=mode != "online", mode=mode if mode in ("online", "offline", "disabled") else None,
+                       **extra)
 
 
 def log_to_wandb(logger, results: dict[str, Any], grid) -> None:
@@ -144,7 +183,7 @@ class TsfTrainer(Trainer):
         run_name: Optional[str] = None,
         overwrite: bool = False,
         resume: bool = False,
-        wandb_project: str = "tsf",
+        wandb_project: Optional[str] = None,
         wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto",
     ) -> dict[str, Any]:
         """Sample with the configured sampler, evaluate, and write the run directory.
@@ -154,7 +193,7 @@ class TsfTrainer(Trainer):
             run_name: the run directory's name (default: ``<config name>_K<K>_<reward>_seed<seed>``).
             overwrite: replace a run already in the run directory.
             resume: finish a stopped run: batches whose shards verify are not sampled again.
-            wandb_project: Weights & Biases project.
+            wandb_project: Weights & Biases project (default: ``WANDB_PROJECT``, else ``tsf``).
             wandb_mode: ``auto`` is online when an API key is configured, else offline.
         """
         if datamodule is None:
@@ -169,7 +208,8 @@ class TsfTrainer(Trainer):
             prepare_run_dir(run_dir, overwrite, resume)
         self.run_dir = run_dir
         if not self.loggers and wandb_mode != "disabled":
-            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode)]
+            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode,
+                                         getattr(self, "run_config", None), self.method_name)]
         self.test(model, datamodule=datamodule, verbose=True)
         results = model.results
         if self.is_global_zero:
@@ -245,6 +285,7 @@ class TsfCLI(LightningCLI):
         configs = self.config["sample"].get("config") or []
         if configs:
             self.trainer.method_name = Path(str(configs[-1])).stem
+        self.trainer.run_config = self.config["sample"].as_dict()  # the config that config.yaml holds
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -118,8 +118,10 @@ class Run:
 
 
 def _sampler_name(config: dict) -> str:
+    """The sampler's class name in a nested config (``config.yaml``) or a flattened one (a wandb run's)."""
     init = (config.get("model") or {}).get("init_args") or {}
-    path = (init.get("sampler") or {}).get("class_path") or (config.get("model") or {}).get("class_path") or "?"
+    path = ((init.get("sampler") or {}).get("class_path") or config.get("model.init_args.sampler.class_path")
+            or (config.get("model") or {}).get("class_path") or config.get("model.class_path") or "?")
     return str(path).rsplit(".", 1)[-1]
 
 
