@@ -228,3 +228,26 @@ def test_wandb_project_is_the_flag_else_wandb_project_else_tsf(monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "mine")
     assert wandb_logger("/tmp/unused", "n", None, "disabled")._wandb_init["project"] == "mine"
     assert wandb_logger("/tmp/unused", "n", "explicit", "disabled")._wandb_init["project"] == "explicit"
+
+
+def test_grid_rows_are_conditions_with_gaps_between_images(tmp_path):
+    from tsf.cli import save_grid
+
+    images = torch.full((12, 1, 8, 8), 0, dtype=torch.uint8)  # black 8 x 8 images
+    conds = [i % 3 for i in range(12)]
+    grid = save_grid(images, tmp_path / "g.png", conds, cols=4)
+    arr = torch.tensor(list(grid.convert("L").getdata()), dtype=torch.int64).view(grid.height, grid.width)
+    # three rows (one per class) of four 64 px images, each framed by white gaps
+    dark_rows = (arr < 128).any(1)
+    runs = (dark_rows[1:].int() - dark_rows[:-1].int()).clamp(min=0).sum().item() + int(dark_rows[0])
+    assert runs == 3, runs
+    in_rows = arr[dark_rows]
+    image_cols = (in_rows < 128).all(0)  # columns covered by an image in every row
+    edges = torch.diff(torch.cat([torch.zeros(1), image_cols.float(), torch.zeros(1)]))
+    starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
+    assert (ends - starts).tolist() == [64] * 4  # four 64 px images per row, white gaps between them
+    # the class is written beside each row: the margin left of the first image is not blank
+    first = int(image_cols.nonzero()[0])
+    assert (arr[:, :first] < 128).any()
+    unconditional = save_grid(images, tmp_path / "u.png")  # no label margin, 8 per row, 4 px gaps
+    assert unconditional.size == (8 * (64 + 4) + 4, 2 * (64 + 4) + 4)

@@ -53,23 +53,50 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> Non
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def save_grid(images: torch.Tensor, path: Path, max_images: int = 64, scale: int = 4):
-    """A PNG grid of the first ``max_images`` uint8 images ``[N, C, H, W]`` (nearest upscaling)."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
+def save_grid(images: torch.Tensor, path: Path, conditions: Optional[list] = None, max_images: int = 64,
+              cols: int = 8, min_size: int = 64, max_rows: int = 16):
+    """A PNG grid of uint8 images ``[N, C, H, W]`` that a person can read: small images are enlarged
+    (nearest) to at least ``min_size`` px, a white gap separates them, and when ``conditions`` (one per
+    image: a class or a prompt) are given, each row holds one condition's images with the condition
+    written beside it (at most ``max_rows`` conditions); otherwise at most ``max_images`` images, ``cols``
+    per row. Returns the PIL image."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    imgs = images[:max_images]
-    pil = []
-    for im in imgs:
-        arr = im.permute(1, 2, 0).numpy()
-        p = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-        pil.append(p.resize((p.width * scale, p.height * scale), Image.NEAREST))
-    cols = min(8, len(pil))
-    rows = -(-len(pil) // cols)
-    pil += [Image.new(pil[0].mode, pil[0].size)] * (rows * cols - len(pil))
-    grid = make_image_grid(pil, rows=rows, cols=cols)
-    grid.save(path)
-    return grid
+    H, W = images.shape[2], images.shape[3]
+    scale = max(1, -(-min_size // max(H, W)))
+    h, w = H * scale, W * scale
+    gap = max(2, w // 16)
+    if conditions is not None and any(c is not None for c in conditions):
+        groups: dict = {}
+        for j, c in enumerate(conditions):
+            groups.setdefault(c, [])
+            if len(groups[c]) < cols:
+                groups[c].append(j)
+        rows = list(groups.items())[:max_rows]
+    else:
+        idx = list(range(min(len(images), max_images)))
+        rows = [(None, idx[k:k + cols]) for k in range(0, len(idx), cols)]
+    try:
+        font = ImageFont.load_default(size=max(10, min(h // 4, 24)))
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    labels = ["" if c is None else f"class {c}" if isinstance(c, int) else
+              (str(c) if len(str(c)) <= 40 else str(c)[:39] + "…") for c, _ in rows]
+    label_w = max((int(font.getlength(t)) for t in labels), default=0)
+    label_w = label_w + 2 * gap if label_w else 0
+    ncols = max(len(r) for _, r in rows)
+    canvas = Image.new("RGB", (label_w + ncols * (w + gap) + gap, len(rows) * (h + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, ((c, members), text) in enumerate(zip(rows, labels)):
+        top = gap + r * (h + gap)
+        if text:
+            draw.text((gap, top + h // 2), text, fill="black", font=font, anchor="lm")
+        for k, j in enumerate(members):
+            arr = images[j].permute(1, 2, 0).numpy()
+            im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert("RGB")
+            canvas.paste(im.resize((w, h), Image.NEAREST), (label_w + gap + k * (w + gap), top))
+    canvas.save(path)
+    return canvas
 
 
 def write_run_dir(run_dir: Path, results: dict[str, Any]) -> None:
@@ -79,7 +106,9 @@ def write_run_dir(run_dir: Path, results: dict[str, Any]) -> None:
     samples = {k: results["samples"][k] for k in ("x0", "images", "sample_id", "rewards") if k in results["samples"]}
     torch.save(samples, run_dir / "samples.pt")
     if "images" in samples:
-        save_grid(samples["images"], run_dir / "grid.png")
+        conds = results.get("conditions") or [None]
+        save_grid(samples["images"], run_dir / "grid.png",
+                  [conds[i % len(conds)] for i in samples["sample_id"].tolist()])
 
 
 def load_samples(run_dir: Path) -> dict[str, Any]:
