@@ -251,3 +251,22 @@ def test_grid_rows_are_conditions_with_gaps_between_images(tmp_path):
     assert (arr[:, :first] < 128).any()
     unconditional = save_grid(images, tmp_path / "u.png")  # no label margin, 8 per row, 4 px gaps
     assert unconditional.size == (8 * (64 + 4) + 4, 2 * (64 + 4) + 4)
+
+
+def test_tsf_help_lists_every_command_and_python_m_tsf_is_the_same_program(capsys):
+    import subprocess
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from tsf.cli import COMMANDS, TOOLS, TsfCLI
+
+    main(["--help"])
+    out = capsys.readouterr().out
+    every = {*TOOLS, *TsfCLI.subcommands(), *LightningCLI.subcommands(), "finetune"}
+    assert every == set(COMMANDS)
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    assert listed == every
+    import tsf
+
+    done = subprocess.run([sys.executable, "-m", "tsf", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"tsf {tsf.__version__}"

@@ -326,9 +326,46 @@ TOOLS = {"pretrain": "tsf.pretrain:main", "table": "tsf.report:main", "compare":
          "scaling": "tsf.scaling:main", "overopt": "tsf.figures:overopt", "bench": "tsf.bench:main", "figures": "tsf.figures:main"}
 
 
+#: every ``tsf`` command with its one line (``tsf --help``)
+COMMANDS = {
+    "sample": "sample with a config's sampler, evaluate, write a run directory (the main command)",
+    "finetune": "fine-tune a LoRA baseline (DDPO, DRaFT; configs/finetune/*.yaml): Lightning fit",
+    "fit": "train a LightningModule from a config (e.g. SVDD-MC's value network: configs/digits/value.yaml)",
+    "validate": "Lightning's validate subcommand",
+    "test": "Lightning's test subcommand",
+    "predict": "Lightning's predict subcommand",
+    "pretrain": "the recipe that makes the embedded digits models",
+    "table": "the results table (markdown) of run directories",
+    "compare": "run several sampling configs and print one table",
+    "scaling": "methods at equal NFE budgets: runs, a table and a plot",
+    "overopt": "the over-optimisation comparison: fine-tuning against test-time samplers, one figure",
+    "bench": "framework overhead, throughput, memory, and tsf against diffusers on a pipeline",
+    "figures": "paper figures from run directories",
+}
+
+
+def overview() -> str:
+    from tsf import __version__
+
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: tsf <command> [options]      (tsf {__version__}; `tsf <command> --help` for a command's options)",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {line}" for name, line in COMMANDS.items()]
+    lines += ["", "`python -m tsf` is the same program; `tsf --version` prints the version."]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from_sys = argv is None
     argv = sys.argv[1:] if from_sys else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return
+    if argv[0] == "--version":
+        from tsf import __version__
+
+        print(f"tsf {__version__}")
+        return
     if argv[:1] and argv[0] in TOOLS:  # the argparse tools beside the LightningCLI subcommands
         import importlib
 
