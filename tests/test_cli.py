@@ -270,3 +270,12 @@ def test_tsf_help_lists_every_command_and_python_m_tsf_is_the_same_program(capsy
 
     done = subprocess.run([sys.executable, "-m", "tsf", "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == f"tsf {tsf.__version__}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_a_gpu_config_on_a_machine_without_one_is_one_clear_line(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["sample", "--config", str(ROOT / "configs/sd15/das.yaml")])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "asks for a GPU" in err[0] and "--trainer.accelerator=cpu" in err[0]

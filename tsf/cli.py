@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -392,6 +393,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             auto_configure_optimizers=False,
             seed_everything_default=0,
         )
+    except MisconfigurationException as err:  # Lightning's own configuration errors: one line, not a traceback
+        hint = ""
+        if "gpu" in str(err).lower():
+            hint = ("; this config asks for a GPU (trainer.accelerator: gpu) and this machine has none: run it on a "
+                    "GPU machine, or pass --trainer.accelerator=cpu (slow for real models)")
+        print(f"tsf: error: {err}{hint}", file=sys.stderr)
+        sys.exit(2)
     except RuntimeError as err:
         from tsf.samplers.smc import NonFiniteRewardError
 
