@@ -279,3 +279,21 @@ def test_a_gpu_config_on_a_machine_without_one_is_one_clear_line(capsys):
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "asks for a GPU" in err[0] and "--trainer.accelerator=cpu" in err[0]
+
+
+def test_a_finetune_run_shorter_than_its_validation_interval_validates_at_its_end(tmp_path):
+    """``tsf finetune ... --trainer.max_steps=2`` (the configs validate every 50 steps): no Lightning error,
+    a validation at step 2, and no LightningCLI warning about both ``args`` and ``sys.argv``."""
+    import subprocess
+
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "tsf", "finetune", "--config", str(ROOT / "configs/finetune/ddpo.yaml"),
+           "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+           "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={out}",
+           "--model.init_args.batch_size=8", "--model.init_args.val_samples=10",
+           "--model.init_args.base.init_args.num_steps=4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sys.argv" not in done.stderr
+    steps = [json.loads(line)["step"] for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+    assert steps == [2]

@@ -205,6 +205,13 @@ class TsfTrainer(Trainer):
     #: method name for default run names (the config file's stem, set by the CLI)
     method_name: Optional[str] = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        # a run shorter than its validation interval validates at its end instead of failing
+        max_steps, every = kwargs.get("max_steps"), kwargs.get("val_check_interval")
+        if isinstance(max_steps, int) and max_steps > 0 and isinstance(every, int) and every > max_steps:
+            kwargs["val_check_interval"] = max_steps
+        super().__init__(*args, **kwargs)
+
     def sample(
         self,
         model: LightningModule,
@@ -374,7 +381,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         return getattr(importlib.import_module(module), function)(argv[1:])
     if argv[:1] == ["finetune"]:  # fine-tuning baselines: Lightning fit
         argv = ["fit", *argv[1:]]
-        from_sys = False
+        if from_sys:  # LightningCLI reads sys.argv itself (given both, it warns)
+            sys.argv = [sys.argv[0], *argv]
     import tsf.rewards  # noqa: F401  (registers rewards)
     import tsf.samplers  # noqa: F401
 
