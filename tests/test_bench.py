@@ -12,7 +12,7 @@ COUNTED = ("nfe", "nfe_grad", "reward_calls", "reward_grad_calls")
 
 def test_overhead_replays_the_counted_calls_of_every_sampler(tmp_path, capsys):
     path = tmp_path / "overhead.json"
-    run(["overhead", "--samples", "3", "--k", "2", "--steps", "3", "--repeats", "1", "--min-seconds", "0",
+    run(["overhead", "--samples", "3", "--k", "2", "--steps", "3", "--repeats", "1", "--min_seconds", "0",
          "--device", "cpu", "--json", str(path)])
     out = json.loads(path.read_text())
     assert out["benchmark"] == "overhead" and out["settings"]["K"] == 2
@@ -44,8 +44,8 @@ def test_overhead_replays_the_counted_calls_of_every_sampler(tmp_path, capsys):
 
 def test_throughput_against_k_and_batch_size(tmp_path, capsys):
     path = tmp_path / "throughput.json"
-    run(["throughput", "--samplers", "best_of_n", "smc", "--ks", "1", "2", "--batch-sizes", "2", "5",
-         "--k", "2", "--batch", "3", "--steps", "2", "--min-seconds", "0", "--device", "cpu", "--json", str(path)])
+    run(["throughput", "--samplers", "best_of_n", "smc", "--ks", "1", "2", "--batch_sizes", "2", "5",
+         "--k", "2", "--batch", "3", "--steps", "2", "--min_seconds", "0", "--device", "cpu", "--json", str(path)])
     out = json.loads(path.read_text())
     assert out["benchmark"] == "throughput" and "cpu" in out["machine"]
     assert [(r["key"], r["K"], r["batch_size"]) for r in out["vs_k"]] == [

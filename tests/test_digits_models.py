@@ -63,7 +63,7 @@ def test_conditional_model_draws_the_requested_class():
 def test_recipe_makes_loadable_weights_and_a_report(tmp_path):
     from tsf.pretrain import main
 
-    main(["digits", "--out", str(tmp_path), "--denoiser-steps", "30", "--classifier-steps", "20"])
+    main(["digits", "--out", str(tmp_path), "--denoiser_steps", "30", "--classifier_steps", "20"])
     report = json.loads((tmp_path / "digits.json").read_text())
     assert {"target_classifier", "holdout_classifier", "denoiser", "quality"} <= set(report)
     model = DigitsDiffusion(weights=str(tmp_path / "digits_denoiser.safetensors"), num_steps=5).load()

@@ -865,26 +865,26 @@ def run(argv=None) -> dict:
                                                              "batch_size, 100)")
     o.add_argument("--steps", type=int, default=None, help="override the configs' num_steps")
     o.add_argument("--repeats", type=int, default=7, help="measurements of each (medians)")
-    o.add_argument("--default-allocator", action="store_true",
+    o.add_argument("--default_allocator", "--default-allocator", action="store_true",
                    help="leave glibc's malloc thresholds as they are (default: keep freed memory for reuse, "
                         "which makes the timings repeatable)")
-    o.add_argument("--min-seconds", type=float, default=1.0,
+    o.add_argument("--min_seconds", "--min-seconds", type=float, default=1.0,
                    help="each measurement repeats sample() until it lasts about this long")
     common(o)
 
     t = sub.add_parser("throughput", help="samples per second against K and against the batch size")
     t.add_argument("--samplers", nargs="+", default=["best_of_n", "smc", "das"], choices=list(CONFIGS))
     t.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    t.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400])
+    t.add_argument("--batch_sizes", "--batch-sizes", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400])
     t.add_argument("--k", type=int, default=8, help="K of the batch-size sweep")
     t.add_argument("--batch", type=int, default=None, help="batch of the K sweep (default: the config's, 100)")
     t.add_argument("--steps", type=int, default=None, help="override the configs' num_steps")
-    t.add_argument("--min-seconds", type=float, default=1.0)
+    t.add_argument("--min_seconds", "--min-seconds", type=float, default=1.0)
     common(t)
 
     m = sub.add_parser("memory", help="peak memory of DAS against K at a fixed grad_batch")
     m.add_argument("--ks", type=int, nargs="+", default=[4, 16, 64])
-    m.add_argument("--grad-batch", type=int, default=64)
+    m.add_argument("--grad_batch", "--grad-batch", type=int, default=64)
     m.add_argument("--samples", type=int, default=64)
     m.add_argument("--steps", type=int, default=10)
     common(m, "also write the rows to this file")

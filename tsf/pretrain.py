@@ -153,8 +153,8 @@ def pretrain_digits(out: Path, denoiser_steps: int = 15000, classifier_steps: in
     start = time.time()
     L.seed_everything(seed, verbose=False)
     splits = D.load_digits_splits(seed)
-    report: dict = {"command": f"tsf pretrain digits --denoiser-steps {denoiser_steps} "
-                               f"--classifier-steps {classifier_steps} --seed {seed}"}
+    report: dict = {"command": f"tsf pretrain digits --denoiser_steps {denoiser_steps} "
+                               f"--classifier_steps {classifier_steps} --seed {seed}"}
 
     classifiers = {}
     for role, cls, half in (("target", D.MLPClassifier, splits.half_a), ("holdout", D.CNNClassifier, splits.half_b)):
@@ -201,7 +201,7 @@ def pretrain_digits_flow(out: Path, steps: int = 15000, seed: int = 0, num_quali
     net = D.ResidualMLPDenoiser()
     _fit(FlowTraining(net, steps), _loader(splits.train_x, splits.train_y, 256, steps, seed), steps, ema=True)
     D.save_network(net, out / f"{D.FLOW}.safetensors")
-    report: dict = {"command": f"tsf pretrain digits_flow --flow-steps {steps} --seed {seed}",
+    report: dict = {"command": f"tsf pretrain digits_flow --flow_steps {steps} --seed {seed}",
                     "flow": {"architecture": "ResidualMLPDenoiser", "parameters": sum(p.numel() for p in net.parameters()),
                              "steps": steps, "seconds": time.time() - start}}
     from tsf.samplers.base import BaseSampler
@@ -226,9 +226,9 @@ def main(argv=None) -> None:
     p.add_argument("what", choices=["digits", "digits_flow"],
                    help="digits: the diffusion model and both classifiers; digits_flow: the flow model")
     p.add_argument("--out", type=Path, default=D.WEIGHTS_DIR, help="directory for the weight files")
-    p.add_argument("--denoiser-steps", type=int, default=15000)
-    p.add_argument("--classifier-steps", type=int, default=3000)
-    p.add_argument("--flow-steps", type=int, default=15000)
+    p.add_argument("--denoiser_steps", "--denoiser-steps", type=int, default=15000)
+    p.add_argument("--classifier_steps", "--classifier-steps", type=int, default=3000)
+    p.add_argument("--flow_steps", "--flow-steps", type=int, default=15000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.what == "digits_flow":
