@@ -70,9 +70,10 @@ def save_grid(images: torch.Tensor, path: Path, conditions: Optional[list] = Non
     if conditions is not None and any(c is not None for c in conditions):
         groups: dict = {}
         for j, c in enumerate(conditions):
-            groups.setdefault(c, [])
-            if len(groups[c]) < cols:
-                groups[c].append(j)
+            key = c if c is None or isinstance(c, (int, float, str)) else repr(c)  # a user's condition may not hash
+            groups.setdefault(key, [])
+            if len(groups[key]) < cols:
+                groups[key].append(j)
         rows = list(groups.items())[:max_rows]
     else:
         idx = list(range(min(len(images), max_images)))
