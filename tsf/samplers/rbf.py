@@ -109,7 +109,6 @@ class RBF(Sampler):
             rem = left.clone() if last else torch.minimum(carry + Q, left)
             if last:
                 last_nfe = int(rem.sum()) / B
-            spent = rem.clone()
             done = torch.zeros(B * N, dtype=torch.bool)
             best_v = torch.full((B * N,), -math.inf, dtype=torch.float64, device=v.device)
             best_x, best_out = x.clone(), out.clone()
@@ -129,6 +128,7 @@ class RBF(Sampler):
                                          [conds_n[j] for j in chain.tolist()], 1.0)
                 v = torch.where(torch.isfinite(v), v.double(), -math.inf)
                 rem -= take
+                left -= take
                 idx, none = torch.arange(len(v), device=v.device), len(v)
                 unset = torch.full((B * N,), none, device=v.device)
                 if not last:  # per chain, in draw order: the first child that beats r* is accepted
@@ -146,8 +146,6 @@ class RBF(Sampler):
                 b = b[up]
                 best_v[up], best_x[up], best_out[up] = v[b], children[b], out_c[b]
             accepted_steps += int(done.sum())
-            spent -= rem
-            left -= spent
             # chains that accepted nothing take the best child (the SVDD rule): r* stays, the quota resets
             fallback = ~done
             new_x[fallback], new_out[fallback] = best_x[fallback], best_out[fallback]

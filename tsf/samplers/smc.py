@@ -285,13 +285,13 @@ class SMC(Sampler):
                 else:  # rt
                     inc = psi
                 dead = dead | bad
-                step = inc if log_ratio is None else inc + log_ratio
-                logw = torch.where(dead | ~torch.isfinite(step), -math.inf, logw + step)
                 log_g = torch.where(dead, 0.0, log_g + inc)
                 stat = torch.where(dead, 0.0, stat)
-            elif log_ratio is not None:  # between potential steps only a gradient proposal's p / q moves the weights
-                logw = torch.where(dead | ~torch.isfinite(log_ratio), -math.inf, logw + log_ratio)
-            if potential_at[i] or log_ratio is not None:
+                step = inc if log_ratio is None else inc + log_ratio
+            else:  # between potential steps only a gradient proposal's p / q moves the weights
+                step = log_ratio
+            if step is not None:
+                logw = torch.where(dead | ~torch.isfinite(step), -math.inf, logw + step)
                 if torch.isinf(logw).all(1).any():
                     raise NonFiniteRewardError(
                         f"every particle of a group has a non-finite reward or value at step {i + 1} of {T} "
