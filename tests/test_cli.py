@@ -288,8 +288,8 @@ def test_a_finetune_run_shorter_than_its_validation_interval_validates_at_its_en
 
     out = tmp_path / "ft"
     cmd = [sys.executable, "-m", "tsf", "finetune", "--config", str(ROOT / "configs/finetune/ddpo.yaml"),
-           "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-           "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={out}",
+           "--trainer.max_steps=2", "--wandb_mode=disabled", "--trainer.enable_checkpointing=false",
+           "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", f"--output_dir={tmp_path}", "--run_name=ft",
            "--model.init_args.batch_size=8", "--model.init_args.val_samples=10",
            "--model.init_args.base.init_args.num_steps=4"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -297,3 +297,54 @@ def test_a_finetune_run_shorter_than_its_validation_interval_validates_at_its_en
     assert "sys.argv" not in done.stderr
     steps = [json.loads(line)["step"] for line in (out / "val_metrics.jsonl").read_text().splitlines()]
     assert steps == [2]
+
+
+FINETUNE_SMALL = ["--model.init_args.batch_size=8", "--model.init_args.val_samples=10",
+                  "--model.init_args.base.init_args.num_steps=4", "--trainer.enable_progress_bar=false",
+                  "--wandb_mode=disabled"]
+
+
+def finetune_exit(*args) -> tuple[int, str]:
+    """``tsf finetune ARGS`` in this process: (exit code, the error line) ; 0 and "" when it ran."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(["finetune", "--config", str(ROOT / "configs/finetune/draft.yaml"), *FINETUNE_SMALL, *args])
+        except SystemExit as done:
+            return int(done.code or 0), err.getvalue().strip().splitlines()[-1]
+    return 0, ""
+
+
+def test_finetune_runs_have_the_run_directory_rules_of_sample(tmp_path, monkeypatch):
+    """One run directory ``--output_dir/--run_name`` (default ``<config folder>_<config name>``) holds the
+    config, the checkpoints, the adapter and the curve; a second run there is refused, ``--resume`` continues
+    from its last checkpoint, a wandb sweep's runs get distinct names, and a config that places files
+    elsewhere is one clear error."""
+    monkeypatch.chdir(tmp_path)
+    assert finetune_exit("--trainer.max_steps=2", "--trainer.val_check_interval=2") == (0, "")
+    run = tmp_path / "runs" / "finetune_draft"
+    assert {"config.yaml", "adapter", "checkpoints", "val_metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "lightning_logs").exists()
+
+    code, line = finetune_exit("--trainer.max_steps=2")
+    assert code == 2 and "already holds a run" in line and "--resume" in line
+
+    # resumed to 4 steps: the curve continues from the checkpoint's step
+    assert finetune_exit("--trainer.max_steps=4", "--trainer.val_check_interval=2", "--resume=true") == (0, "")
+    steps = [json.loads(x)["step"] for x in (run / "val_metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    code, line = finetune_exit("--trainer.max_steps=6", "--resume=true", "--model.init_args.lr=0.1")
+    assert code == 2 and "another config" in line and "model.init_args.lr" in line
+
+    code, line = finetune_exit("--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path / 'x'}")
+    assert code == 2 and "remove trainer.default_root_dir" in line
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+    for run_id in ("a1", "b2"):
+        monkeypatch.setenv("WANDB_RUN_ID", run_id)
+        assert finetune_exit("--trainer.max_steps=1", "--trainer.enable_checkpointing=false",
+                             "--trainer.callbacks=[]", "--output_dir=sweep") == (0, "")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["finetune_draft_a1", "finetune_draft_b2"]

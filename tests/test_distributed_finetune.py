@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def finetune(tmp_path, method, name, *extra):
     out = tmp_path / name
     cmd = [sys.executable, "-m", "tsf.cli", "finetune", "--config", str(ROOT / f"configs/finetune/{method}.yaml"),
-           "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
+           "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--wandb_mode=disabled",
            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-           "--trainer.callbacks=[]", f"--trainer.default_root_dir={out}",
+           "--trainer.callbacks=[]", f"--output_dir={tmp_path}", f"--run_name={name}",
            "--model.init_args.batch_size=8", "--model.init_args.val_samples=10",
            "--model.init_args.base.init_args.num_steps=4",
            "--trainer.callbacks+=rank_probe.SaveRankAdapters", f"--trainer.callbacks.out_dir={out}/ranks", *extra]

@@ -1,7 +1,7 @@
 """The ``tsf`` command: LightningCLI subcommands plus ``tsf pretrain``.
 
     tsf sample --config configs/digits/best_of_n.yaml [--model.init_args.sampler.init_args.num_particles=16]
-    tsf finetune --config configs/finetune/draft.yaml   (Lightning fit: checkpoints, --ckpt_path last to resume)
+    tsf finetune --config configs/finetune/draft.yaml   (Lightning fit into runs/finetune_draft; --resume true continues it)
     tsf pretrain digits
     tsf table runs/*
     tsf compare configs/digits/*.yaml --output_dir runs/digits
@@ -25,13 +25,22 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from tsf.errors import ConfigError
 
-RUN_FILES = ("config.yaml", "metrics.json", "samples.pt")
+#: what a sampling run writes (a directory holding any of these but config.yaml holds a run)
+RUN_FILES = ("config.yaml", "metrics.json", "samples.pt", "grid.png", "per_condition.json", "diagnostics.pt", "shards")
+#: what a fine-tuning run writes
+FINETUNE_FILES = ("config.yaml", "adapter", "checkpoints", "val_metrics.jsonl", "metrics.jsonl")
 
 
 # ----------------------------------------------------------------------------- run directory
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
+def _holds(path: Path) -> bool:
+    """A run's file, or a folder of its with anything in it."""
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, files: tuple[str, ...] = RUN_FILES) -> None:
     """Refuse a directory that holds another run, unless ``overwrite`` (start again) or ``resume``
-    (keep its verified shards, sample the rest)."""
+    (keep what it holds: verified shards, or a fine-tuning run's last checkpoint). ``files`` are what a
+    run writes there."""
     import shutil
 
     if overwrite and resume:
@@ -40,18 +49,45 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> Non
         raise ConfigError(f"output path {run_dir} exists and is not a directory")
     # a run that wrote only its config (it failed before any batch, e.g. on a bad model path) holds nothing
     # to lose: the same command runs again
-    started = run_dir.is_dir() and (any((run_dir / name).exists() for name in RUN_FILES if name != "config.yaml")
-                                    or any((run_dir / "shards").glob("*.safetensors")))
+    started = run_dir.is_dir() and any(_holds(run_dir / name) for name in files if name != "config.yaml")
     if started and not resume:
         if not overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run; choose another --run_name or --output_dir, "
                 "pass --resume true to finish it, or --overwrite true to replace it"
             )
-        for name in (*RUN_FILES, "grid.png"):
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "shards", ignore_errors=True)
+        for name in files:
+            path = run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def default_run_name(name: str) -> str:
+    """``name``, made unique per run of a wandb sweep (whose runs differ in more than a name shows)."""
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        return f"{name}_{os.environ['WANDB_RUN_ID']}"
+    return name
+
+
+SAMPLE_KEYS = ("model", "data", "seed_everything")
+
+
+def check_same_run(run_dir: Path, config: Optional[dict]) -> None:
+    """On ``--resume``, refuse a run directory whose ``config.yaml`` asks for other samples (another
+    model, sampler, reward or data section) than ``config``: its shards would be mixed into this run."""
+    import yaml
+
+    saved = run_dir / "config.yaml"
+    if config is None or not saved.is_file():
+        return
+    old = {k: v for k, v in flatten_config(yaml.safe_load(saved.read_text()) or {}).items() if k.split(".")[0] in SAMPLE_KEYS}
+    new = {k: v for k, v in flatten_config(config).items() if k.split(".")[0] in SAMPLE_KEYS}
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise ConfigError(f"{run_dir} holds a run of another config ({shown}{more}); --resume finishes the same "
+                          "run only: choose another --run_name or --output_dir, or pass --overwrite true to replace it")
 
 
 def save_grid(images: torch.Tensor, path: Path, conditions: Optional[list] = None, max_images: int = 64,
@@ -203,8 +239,9 @@ class TsfTrainer(Trainer):
     """A Lightning ``Trainer`` with the ``sample`` subcommand."""
 
     run_dir: Optional[Path] = None
-    #: method name for default run names (the config file's stem, set by the CLI)
+    #: method name for default run names (the config file's stem, set by the CLI), and the config's folder
     method_name: Optional[str] = None
+    config_folder: Optional[str] = None
 
     def __init__(self, *args, **kwargs) -> None:
         # a run shorter than its validation interval validates at its end instead of failing
@@ -237,17 +274,8 @@ class TsfTrainer(Trainer):
         if datamodule is None:
             raise ConfigError("tsf sample needs a data module: set data.class_path (e.g. tsf.lightning.SampleIdsDataModule)")
         model.check_conditions(datamodule.sample_conditions())  # before any directory or weight file
-        if run_name is None:
-            run_name = model.run_name(datamodule.seed, self.method_name)
-            if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
-                run_name += f"_{os.environ['WANDB_RUN_ID']}"  # sweep runs differ in more than K and seed
-        run_dir = Path(output_dir) / run_name
-        if self.is_global_zero:
-            prepare_run_dir(run_dir, overwrite, resume)
-        self.run_dir = run_dir
-        if not self.loggers and wandb_mode != "disabled":
-            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode,
-                                         getattr(self, "run_config", None), self.method_name)]
+        name = run_name or default_run_name(model.run_name(datamodule.seed, self.method_name))
+        run_dir = self.open_run(output_dir, name, overwrite, resume, RUN_FILES, wandb_project, wandb_mode)
         self.test(model, datamodule=datamodule, verbose=True)
         results = model.results
         if self.is_global_zero:
@@ -261,6 +289,67 @@ class TsfTrainer(Trainer):
                     logger.experiment.finish()
             print(f"run directory: {run_dir}")
         return results
+
+    def open_run(self, output_dir: str, run_name: str, overwrite: bool, resume: bool, files: tuple[str, ...],
+                 wandb_project: Optional[str], wandb_mode: str) -> Path:
+        """The run directory ``output_dir/run_name``, prepared (refused if it holds another run unless
+        ``resume`` or ``overwrite``), and the wandb logger writing into it when none is configured."""
+        run_dir = Path(output_dir) / run_name
+        if self.is_global_zero:
+            prepare_run_dir(run_dir, overwrite, resume, files)
+            if resume:
+                check_same_run(run_dir, getattr(self, "run_config", None))
+        self.run_dir = run_dir
+        self._default_root_dir = str(run_dir)  # what Lightning and the modules write beside the run's files
+        if not self.loggers and wandb_mode != "disabled":
+            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode,
+                                         getattr(self, "run_config", None), self.method_name)]
+        return run_dir
+
+    def finetune(
+        self,
+        model: LightningModule,
+        datamodule: Optional[LightningDataModule] = None,
+        output_dir: str = "runs",
+        run_name: Optional[str] = None,
+        overwrite: bool = False,
+        resume: bool = False,
+        ckpt_path: Optional[str] = None,
+        wandb_project: Optional[str] = None,
+        wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto",
+    ) -> None:
+        """Fine-tune a LoRA baseline (Lightning fit) into one run directory.
+
+        The run directory ``output_dir/run_name`` holds everything: ``config.yaml``, ``checkpoints/``
+        (the adapters and the optimiser), ``adapter/``, ``val_metrics.jsonl`` and the wandb run.
+
+        Args:
+            output_dir: parent of the run directory.
+            run_name: the run directory's name (default: ``<config folder>_<config name>``, e.g.
+                ``finetune_ddpo`` for ``configs/finetune/ddpo.yaml``; a wandb sweep's run adds its run id).
+            overwrite: replace a run already in the run directory.
+            resume: continue the run in the run directory from its ``checkpoints/last.ckpt`` (a finished
+                run stays as it is).
+            ckpt_path: start from this Lightning checkpoint instead (e.g. another run's).
+            wandb_project: Weights & Biases project (default: ``WANDB_PROJECT``, else ``tsf``).
+            wandb_mode: ``auto`` is online when an API key is configured, else offline.
+        """
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        method = self.method_name or type(model).__name__.lower()
+        name = run_name or default_run_name(f"{self.config_folder or 'finetune'}_{method}")
+        run_dir = self.open_run(output_dir, name, overwrite, resume, FINETUNE_FILES, wandb_project, wandb_mode)
+        for cb in self.callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                cb.dirpath = str(run_dir / "checkpoints")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if ckpt_path is None and resume and last.is_file():
+            ckpt_path = str(last)
+        if ckpt_path is not None:
+            print(f"resuming from {ckpt_path}")
+        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        if self.is_global_zero:
+            print(f"run directory: {run_dir}")
 
 
 class RunDirConfig(SaveConfigCallback):
@@ -318,16 +407,42 @@ class TsfArgumentParser(LightningArgumentParser):
         return super().error(message, *args, **kwargs)
 
 
+def run_dir_settings(config: dict) -> list[str]:
+    """The settings of a fine-tuning config that would place files outside its run directory (which
+    ``tsf finetune`` derives once, from ``--output_dir`` and ``--run_name``)."""
+    trainer = config.get("trainer") or {}
+    found = ["trainer.default_root_dir"] if trainer.get("default_root_dir") else []
+    for i, cb in enumerate(trainer.get("callbacks") or []):
+        if isinstance(cb, dict) and (cb.get("init_args") or {}).get("dirpath"):
+            found.append(f"trainer.callbacks[{i}].init_args.dirpath")
+    loggers = trainer.get("logger")
+    for i, lg in enumerate(loggers if isinstance(loggers, list) else [loggers]):
+        if isinstance(lg, dict) and (lg.get("init_args") or {}).get("save_dir"):
+            found.append("trainer.logger.init_args.save_dir")
+    return found
+
+
 class TsfCLI(LightningCLI):
-    def before_sample(self) -> None:
-        configs = self.config["sample"].get("config") or []
+    def _name_run(self, subcommand: str) -> None:
+        configs = self.config[subcommand].get("config") or []
         if configs:
             self.trainer.method_name = Path(str(configs[-1])).stem
-        self.trainer.run_config = self.config["sample"].as_dict()  # the config that config.yaml holds
+            self.trainer.config_folder = Path(str(configs[-1])).resolve().parent.name
+        self.trainer.run_config = self.config[subcommand].as_dict()  # the config that config.yaml holds
+
+    def before_sample(self) -> None:
+        self._name_run("sample")
+
+    def before_finetune(self) -> None:
+        self._name_run("finetune")
+        found = run_dir_settings(self.trainer.run_config)
+        if found:
+            raise ConfigError(f"tsf finetune derives the run directory from --output_dir and --run_name: remove "
+                              f"{', '.join(found)} from the config")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}, "finetune": {"model", "datamodule"}}
 
 
 #: ``tsf <tool> ...`` commands that are not LightningCLI subcommands: name -> "module:function"
@@ -380,10 +495,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         module, function = TOOLS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
-    if argv[:1] == ["finetune"]:  # fine-tuning baselines: Lightning fit
-        argv = ["fit", *argv[1:]]
-        if from_sys:  # LightningCLI reads sys.argv itself (given both, it warns)
-            sys.argv = [sys.argv[0], *argv]
     import tsf.rewards  # noqa: F401  (registers rewards)
     import tsf.samplers  # noqa: F401
 

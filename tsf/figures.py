@@ -601,14 +601,15 @@ def overopt(argv=None) -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     tsf = [sys.executable, "-m", "tsf.cli"]
     if not args.skip_runs:
-        for m in ("draft", "ddpo"):
-            if subprocess.run([*tsf, "finetune", "--config", str(root / f"finetune/{m}.yaml")]).returncode:
+        for m in ("draft", "ddpo"):  # --resume: a finished fine-tuning run is kept, a stopped one continued
+            if subprocess.run([*tsf, "finetune", "--config", str(root / f"finetune/{m}.yaml"),
+                               f"--output_dir={args.output_dir}", "--resume=true"]).returncode:
                 sys.exit(f"tsf overopt: fine-tuning {m} failed")
         cmd = [*tsf, "compare", *map(str, sorted((root / "overopt").glob("*.yaml"))), "--output_dir",
                str(args.output_dir), "--", "--wandb_mode=disabled"]
         if subprocess.run(cmd).returncode:
             sys.exit("tsf overopt: the samplers failed")
-    runs = load_runs([*sorted(args.output_dir.glob("*_K*")), *(Path(f"runs/finetune_{m}") for m in ("draft", "ddpo"))])
+    runs = load_runs([*sorted(args.output_dir.glob("*_K*")), *(args.output_dir / f"finetune_{m}" for m in ("draft", "ddpo"))])
     fig = args.figure or args.output_dir / "overoptimisation"
     save_overoptimisation(runs, fig)
     cross = _cross_key(runs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 COLUMNS = [("target/mean", "target mean"), ("target/median", "target median"), ("target/q90", "target q90"),
            ("cross/*", "cross {} mean"), ("diversity/pairwise", "diversity pairwise"),
@@ -50,32 +51,45 @@ def split_passthrough(argv) -> tuple[list[str], list[str]]:
     return argv[: argv.index("--")], argv[argv.index("--") + 1:]
 
 
-def run_sample(config: Path, output_dir: Path, *args: str) -> bool:
-    """``tsf sample --config CONFIG --output_dir DIR --overwrite=true ARGS`` in a fresh process; True on success."""
+def run_sample(config: Path, output_dir: Path, *args: str, overwrite: bool = False) -> Optional[Path]:
+    """``tsf sample --config CONFIG --output_dir DIR --resume=true ARGS`` in a fresh process: a finished run
+    of the same config is kept (its shards are reused, nothing is sampled again), a stopped one is finished,
+    one of another config is refused; ``overwrite`` passes ``--overwrite=true`` instead (start again).
+    Returns the run directory, or ``None`` when the run failed."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(config), f"--output_dir={output_dir}",
-           "--overwrite=true", *args]
+           "--overwrite=true" if overwrite else "--resume=true", *args]
     print("+", " ".join(cmd[2:]), flush=True)
-    return subprocess.run(cmd).returncode == 0
+    run_dir = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
+        for line in proc.stdout:  # echoed as it comes; the last line names the run directory
+            print(line, end="", flush=True)
+            if line.startswith("run directory: "):
+                run_dir = Path(line[len("run directory: "):].strip())
+    return run_dir if proc.returncode == 0 else None
+
+
+OVERWRITE_HELP = "run every config again, replacing its finished run (default: keep finished runs, finish stopped ones)"
 
 
 def compare(argv=None) -> None:
-    """``tsf compare CONFIGS... [--output_dir DIR] [-- extra tsf sample args]``: run every config, print the table."""
+    """``tsf compare CONFIGS... [--output_dir DIR] [--overwrite] [-- extra tsf sample args]``: run every
+    config (finished runs are kept), print the table."""
     import sys
 
     p = argparse.ArgumentParser(prog="tsf compare", description="Run several sampling configs and print one table.")
     p.add_argument("configs", nargs="+", type=Path)
     p.add_argument("--output_dir", default="runs/compare")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     own, extra = split_passthrough(argv)
     args = p.parse_args(own)
     run_dirs = []
     for cfg in args.configs:
-        before = set(Path(args.output_dir).glob("*")) if Path(args.output_dir).is_dir() else set()
-        if not run_sample(cfg, args.output_dir, *extra):
-            sys.exit(f"tsf compare: {cfg} failed; the table needs every run")
-        new = sorted(set(Path(args.output_dir).glob("*")) - before) or sorted(
-            Path(args.output_dir).glob(f"{cfg.stem}_K*"), key=lambda d: d.stat().st_mtime)[-1:]
-        run_dirs += new
+        run_dir = run_sample(cfg, args.output_dir, *extra, overwrite=args.overwrite)
+        if run_dir is None:
+            sys.exit(f"tsf compare: {cfg} failed; the table needs every run (--overwrite replaces runs of "
+                     "another config)")
+        run_dirs.append(run_dir)
     print(results_table(run_dirs))

@@ -1,6 +1,7 @@
 """``tsf scaling CONFIGS... --budgets 50 100 200 500``: methods at equal NFE budgets, a table and a plot.
 
-Each config runs once per budget, with its sampler's size set by the sampler's own
+Each config runs once per budget (a finished run is kept, a stopped one finished: the command resumes
+a sweep; ``--overwrite`` runs everything again), with its sampler's size set by the sampler's own
 ``for_budget`` (Best-of-N and SMC: ``N = B / T``; SVDD: ``M = (B - 1) / (T - 1)``; RBF: its
 budget), so that every point of a curve spends the same NFE per sample as the others at
 that budget. The figure (PNG and PDF; ``tsf figures`` draws the same from the run directories)
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tsf.report import results_table, run_sample, split_passthrough
+from tsf.report import OVERWRITE_HELP, results_table, run_sample, split_passthrough
 
 
 def _resolve(class_path: str):
@@ -54,14 +55,16 @@ def main(argv=None) -> None:
     p.add_argument("configs", nargs="+", type=Path)
     p.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 500])
     p.add_argument("--output_dir", type=Path, default=Path("runs/scaling"))
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     own, extra = split_passthrough(argv)
     args = p.parse_args(own)
     rows, dirs = [], []
     for cfg in args.configs:
         for b in args.budgets:
             name = f"{cfg.stem}_nfe{b}"
-            if not run_sample(cfg, args.output_dir, f"--run_name={name}", *budget_overrides(cfg, b), *extra):
-                sys.exit(f"tsf scaling: {cfg} at budget {b} failed")
+            if run_sample(cfg, args.output_dir, f"--run_name={name}", *budget_overrides(cfg, b), *extra,
+                          overwrite=args.overwrite) is None:
+                sys.exit(f"tsf scaling: {cfg} at budget {b} failed (--overwrite replaces runs of another config)")
             metrics = json.loads((args.output_dir / name / "metrics.json").read_text())
             rows.append({"method": cfg.stem, "budget": b, "metrics": metrics})
             dirs.append(args.output_dir / name)
