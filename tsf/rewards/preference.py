@@ -1,6 +1,6 @@
 """Human-preference rewards from their own packages: ``hpsv2`` (HPS v2/v2.1) and ``image_reward`` (ImageReward).
 
-Both packages are optional (``pip install "tsf[rewards]"``) and are imported only in
+Both packages are optional (``pip install -e ".[rewards]"``) and are imported only in
 :meth:`~tsf.loading.LazyLoadModule.load`; a missing package or weight file is a
 :class:`~tsf.errors.ConfigError` that names what to install or download and the config
 field to point at it. Both are differentiable through the same tensor preprocessing as
@@ -88,7 +88,7 @@ class HPSv2(_TextImageReward):
                 from hpsv2.src import open_clip  # the hpsv2 package bundles its own open_clip
             except ImportError as e:
                 raise ConfigError(f"{what} needs open_clip: `pip install hpsv2` (or `pip install open_clip_torch`), "
-                                  "or `pip install 'tsf[rewards]'`") from e
+                                  "or `pip install -e '.[rewards]'`") from e
         if path is None:
             try:
                 from huggingface_hub import hf_hub_download
@@ -152,7 +152,7 @@ class ImageRewardScore(_TextImageReward):
             import ImageReward as RM
         except ImportError as e:
             raise ConfigError(f"{what} needs the ImageReward package: `pip install image-reward` "
-                              "(or `pip install 'tsf[rewards]'`)") from e
+                              "(or `pip install -e '.[rewards]'`)") from e
         try:
             model = RM.load(ckpt, device="cpu", download_root=self.download_root, med_config=med)
         except Exception as e:
