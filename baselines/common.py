@@ -94,6 +94,7 @@ class FinetuneModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.val_samples, self.seed = val_samples, seed
         self._lora = False
+        self.strict_loading = False  # checkpoints hold the adapters only (on_save_checkpoint)
 
     def configure_model(self) -> None:
         if not self._lora:
@@ -110,6 +111,30 @@ class FinetuneModule(L.LightningModule):
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.base.net.parameters() if p.requires_grad]
+
+    # -- checkpoints: the adapters and the optimiser, not the frozen weights ---------------------------
+    def trainable_keys(self) -> set[str]:
+        """The state-dict keys of the trained parameters (the adapters)."""
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the frozen weights (the base model, the rewards) are what the config loads anyway: a checkpoint keeps
+        # only the adapters (beside the optimiser's state and Lightning's loops, which only they concern)
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # strict_loading is off (see __init__): the frozen weights are not in the checkpoint and stay as loaded;
+        # the adapters must all be there, and nothing this module lacks (a checkpoint that holds every weight, as
+        # tsf's did before, loads too)
+        saved = set(checkpoint.get("state_dict", {}))
+        missing = sorted(self.trainable_keys() - saved)
+        unknown = sorted(saved - set(self.state_dict()))
+        if missing or unknown:
+            which = (f"no weights for {len(missing)} of the adapters' parameters (e.g. {missing[0]})" if missing else
+                     f"{len(unknown)} weights this module does not have (e.g. {unknown[0]})")
+            raise ConfigError(f"the checkpoint has {which}: it comes from another model or LoRA configuration "
+                              "(target_modules)")
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.lora_parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -251,10 +251,12 @@ class DDPO(FinetuneModule):
         return path
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ddpo_stats"] = self.stats.state_dict()
         if self.rollouts is not None and self.global_step % self.steps_per_epoch:  # inside an epoch
             checkpoint["ddpo_rollouts"] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.rollouts.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.stats.load_state_dict(checkpoint.get("ddpo_stats", {}))
         self.rollouts = checkpoint.get("ddpo_rollouts")

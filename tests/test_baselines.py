@@ -63,9 +63,19 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(cls, tmp_path):
     # DDPO: 2 steps per epoch, the checkpoint at step 2 falls between epochs; ddpo_ppo: 8 per epoch, it
     # falls inside one (the checkpoint then holds the epoch's trajectories)
     straight, _ = fit(cls, tmp_path / "a", 4)
-    fit(cls, tmp_path / "b", 2)
+    first, _ = fit(cls, tmp_path / "b", 2)
+    ckpt = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
     if cls is ddpo_ppo:
-        assert "ddpo_rollouts" in torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
+        assert "ddpo_rollouts" in ckpt
+    # the checkpoint holds the adapters and their optimiser state, none of the frozen weights (the base
+    # denoiser, the target and cross rewards) that the config loads anyway
+    lora_keys = {f"base.net.{k}" for k in lora_state(first)}
+    assert lora_keys and set(ckpt["state_dict"]) == lora_keys
+    assert len(ckpt["optimizer_states"][0]["state"]) == len(lora_keys)
+    frozen = sum(v.numel() * v.element_size() for k, v in first.state_dict().items() if k not in lora_keys)
+    lora_bytes = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
+    assert lora_bytes < frozen / 10  # digits, rank 4: 0.1 MB of adapters against 5.6 MB of frozen weights
+    assert (tmp_path / "b" / "ckpt" / "last.ckpt").stat().st_size < frozen / 4
     resumed, _ = fit(cls, tmp_path / "b", 4, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     for k, v in lora_state(straight).items():
         torch.testing.assert_close(lora_state(resumed)[k], v, rtol=0, atol=1e-7)
@@ -76,6 +86,19 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(cls, tmp_path):
         assert [m["step"] for m in b] == [1, 2, 3, 4]
         for x, y in zip(a, b):
             assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-9) for k in x)
+
+
+def test_a_checkpoint_of_other_adapters_is_refused(tmp_path):
+    """Loading is not strict (the frozen weights are not in a checkpoint), yet a checkpoint whose adapters are
+    not this module's (other target_modules) is an error, not a run resumed on partly fresh adapters."""
+    from tsf.errors import ConfigError
+
+    fit(DRaFT, tmp_path, 1)
+    module = DRaFT(DigitsDiffusion(num_steps=5), batch_size=8, val_samples=20, seed=3, target_modules=["fc1", "fc2"])
+    trainer = L.Trainer(max_steps=2, default_root_dir=str(tmp_path / "other"), logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="does not have"):  # its adapters on inp and emb
+        trainer.fit(module, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
 
 
 def test_overoptimisation_figure_from_curves_and_points(tmp_path):
