@@ -348,3 +348,56 @@ def test_finetune_runs_have_the_run_directory_rules_of_sample(tmp_path, monkeypa
         assert finetune_exit("--trainer.max_steps=1", "--trainer.enable_checkpointing=false",
                              "--trainer.callbacks=[]", "--output_dir=sweep") == (0, "")
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["finetune_draft_a1", "finetune_draft_b2"]
+
+
+def test_runs_that_differ_in_alpha_T_or_adapter_get_their_own_directory_and_curve(tmp_path):
+    """The default run name carries what the command line changed from the config file, so runs that
+    differ only in alpha, in T or in the adapter never share a directory, and ``tsf figures`` / ``tsf
+    table`` tell them apart from their resolved configs, while replicates (another seed) share a method."""
+    from peft import LoraConfig, get_peft_model
+
+    from tsf.figures import by_method, load_runs
+    from tsf.models import DigitsDiffusion
+    from tsf.report import run_labels
+
+    net = DigitsDiffusion().load().net
+    adapter = tmp_path / "ft" / "adapter"
+    get_peft_model(net, LoraConfig(r=2, target_modules=["fc1"])).save_pretrained(str(adapter))
+    p = "--model.init_args."
+    small = ["--config", str(ROOT / "configs/digits/svdd_pm.yaml"), "--data.init_args.num_samples=4",
+             "--data.init_args.conditions=[3]", f"{p}fidelity_samples=0",
+             f"{p}base.init_args.num_steps=4", f"{p}sampler.init_args.num_particles=2", "--wandb_mode=disabled",
+             "--trainer.enable_progress_bar=false", f"--output_dir={tmp_path / 'runs'}"]
+    variants = [[f"{p}sampler.init_args.alpha=0.1"], [f"{p}sampler.init_args.alpha=1.0"],
+                [f"{p}base.init_args.num_steps=3"], [f"{p}base.init_args.adapter={adapter}"],
+                [f"{p}sampler.init_args.alpha=0.1", "--data.init_args.seed=1"]]
+    dirs = []
+    for extra in variants:
+        main(["sample", *small, *extra])
+        dirs = sorted((tmp_path / "runs").iterdir())
+    names = [d.name for d in dirs]
+    assert len(names) == 5, names  # none refused as "already holds a run", none overwritten
+    assert any("alpha=1.0" in n for n in names) and any("num_steps=3" in n for n in names)
+    assert any("adapter=ft-adapter" in n for n in names) and any("seed1" in n for n in names)
+    runs = load_runs(dirs, note=lambda _: None)
+    methods = by_method(runs)
+    assert len(methods) == 4, list(methods)  # the seed-1 run is a replicate of the alpha=0.1 run's method
+    labels = run_labels(dirs)
+    assert len(set(labels)) == 5
+
+
+def test_variant_suffix_is_readable_and_short():
+    from tsf.identity import config_variant, distinguishing_labels, variant_suffix
+
+    file = {"model": {"init_args": {"sampler": {"init_args": {"alpha": 0.1, "num_particles": 4, "max_batch": 64}},
+                                    "base": {"init_args": {"adapter": None}}}}, "data": {"init_args": {"seed": 0}}}
+    run = {"model": {"init_args": {"sampler": {"init_args": {"alpha": 1.0, "num_particles": 8, "max_batch": 8}},
+                                   "base": {"init_args": {"adapter": "runs/finetune_draft/adapter"}}}},
+           "data": {"init_args": {"seed": 3}}}
+    variant = config_variant(run, file)  # K and the seed are in the name already; max_batch changes no sample
+    assert variant_suffix(variant) == "alpha=1.0_adapter=finetune_draft-adapter"  # the sampler's first
+    many = {f"model.init_args.sampler.init_args.k{i}": "x" * 12 for i in range(9)}
+    other = {**many, "model.init_args.sampler.init_args.k8": "y" * 12}
+    assert len(variant_suffix(many)) <= 80 and variant_suffix(many).startswith("k0=xxxxxxxxxxxx_k1=")
+    assert variant_suffix(many) != variant_suffix(other)  # the hash tells apart what the shown part does not
+    assert distinguishing_labels(["das", "das", "svdd"], [{"a": 1}, {"a": 2}, {"a": 1}]) == ["das (a=1)", "das (a=2)", "svdd"]

@@ -19,30 +19,36 @@ def test_results_table_has_a_row_per_run_and_every_cross_reward(tmp_path):
 
 def test_compare_keeps_finished_runs_and_refuses_to_mix_in_another_config(tmp_path, capsys):
     """A second ``tsf compare`` of the same configs samples nothing again (the shards are not rewritten,
-    the metrics are the same); changing the data is refused rather than mixed into the finished run;
-    ``--overwrite`` runs it again."""
+    the metrics are the same); a config file edited since its run is refused rather than mixed into the
+    finished run; ``--overwrite`` runs it again."""
     import pytest
+    import yaml
 
     from tsf.report import compare
 
-    root = Path(__file__).resolve().parents[1] / "configs/gmm"
-    extra = ["--wandb_mode=disabled", "--trainer.enable_progress_bar=false", "--model.init_args.fidelity_samples=20"]
+    cfg = tmp_path / "best_of_n.yaml"
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/gmm/best_of_n.yaml").read_text())
+    cfg.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    extra = ["--wandb_mode=disabled", "--trainer.enable_progress_bar=false", "--model.init_args.fidelity_samples=20",
+             "--data.init_args.num_samples=10"]
 
-    def run(*args):
-        own = [a for a in args[:1] if a]
-        compare([str(root / "best_of_n.yaml"), "--output_dir", str(tmp_path), *own, "--", *extra, *args[1:]])
+    def run(*own):
+        compare([str(cfg), "--output_dir", str(out), *own, "--", *extra])
 
-    run("", "--data.init_args.num_samples=10")
-    (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    run()
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
     shards = {p: p.stat().st_mtime_ns for p in (run_dir / "shards").iterdir()}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    run("", "--data.init_args.num_samples=10")
+    run()
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "shards").iterdir()} == shards
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
-    assert "| best_of_n_K" in capsys.readouterr().out  # the table, with the kept run
+    assert f"| {run_dir.name} |" in capsys.readouterr().out  # the table, with the kept run
 
+    config["model"]["init_args"]["base"]["init_args"]["num_steps"] = 7  # the file is edited: same run name
+    cfg.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match="failed"):
-        run("", "--data.init_args.num_samples=12")
+        run()
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "shards").iterdir()} == shards
-    run("--overwrite", "--data.init_args.num_samples=12")
-    assert len(torch.load(run_dir / "samples.pt", weights_only=True)["sample_id"]) == 12
+    run("--overwrite")
+    assert json.loads((run_dir / "metrics.json").read_text())["compute/nfe"] != metrics["compute/nfe"]

@@ -24,6 +24,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from tsf.errors import ConfigError
+from tsf.identity import config_variant, flatten_config, variant_suffix
 
 #: what a sampling run writes (a directory holding any of these but config.yaml holds a run)
 RUN_FILES = ("config.yaml", "metrics.json", "samples.pt", "grid.png", "per_condition.json", "diagnostics.pt", "shards")
@@ -70,8 +71,6 @@ def default_run_name(name: str) -> str:
 
 
 SAMPLE_KEYS = ("model", "data", "seed_everything")
-
-
 def check_same_run(run_dir: Path, config: Optional[dict]) -> None:
     """On ``--resume``, refuse a run directory whose ``config.yaml`` asks for other samples (another
     model, sampler, reward or data section) than ``config``: its shards would be mixed into this run."""
@@ -165,24 +164,6 @@ def wandb_has_api_key() -> bool:
         return False
 
 
-def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config as one level of dotted keys (``model.init_args.sampler.init_args.num_particles``),
-    the form a wandb sweep's parameters take, so that runs can be filtered and grouped by them."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten_config(value, name + "."))
-        else:
-            flat[name] = [_plain(v) for v in value] if isinstance(value, (list, tuple)) else _plain(value)
-    return flat
-
-
-def _plain(value: Any) -> Any:
-    """A config value as wandb stores it: numbers, strings, booleans and None as they are, paths as text."""
-    return value if value is None or isinstance(value, (str, int, float, bool, dict)) else str(value)
-
-
 def run_identity(config: dict, method: str) -> tuple[str, list[str]]:
     """A run's wandb ``group`` (``<config folder>/<config name>``, e.g. ``digits/das``) and ``tags``
     (the config folder, the config name, the sampler and the reward) from its resolved config."""
@@ -239,9 +220,11 @@ class TsfTrainer(Trainer):
     """A Lightning ``Trainer`` with the ``sample`` subcommand."""
 
     run_dir: Optional[Path] = None
-    #: method name for default run names (the config file's stem, set by the CLI), and the config's folder
+    #: method name for default run names (the config file's stem, set by the CLI), the config's folder, and
+    #: the run-name suffix of the settings the command line changed (:func:`variant_suffix`)
     method_name: Optional[str] = None
     config_folder: Optional[str] = None
+    variant: str = ""
 
     def __init__(self, *args, **kwargs) -> None:
         # a run shorter than its validation interval validates at its end instead of failing
@@ -265,7 +248,8 @@ class TsfTrainer(Trainer):
 
         Args:
             output_dir: parent of the run directory.
-            run_name: the run directory's name (default: ``<config name>_K<K>_<reward>_seed<seed>``).
+            run_name: the run directory's name (default: ``<config name>_K<K>_<reward>_seed<seed>``, then
+                each setting the command line changed from the config file, e.g. ``_alpha=1.0``).
             overwrite: replace a run already in the run directory.
             resume: finish a stopped run: batches whose shards verify are not sampled again.
             wandb_project: Weights & Biases project (default: ``WANDB_PROJECT``, else ``tsf``).
@@ -274,7 +258,8 @@ class TsfTrainer(Trainer):
         if datamodule is None:
             raise ConfigError("tsf sample needs a data module: set data.class_path (e.g. tsf.lightning.SampleIdsDataModule)")
         model.check_conditions(datamodule.sample_conditions())  # before any directory or weight file
-        name = run_name or default_run_name(model.run_name(datamodule.seed, self.method_name))
+        name = run_name or default_run_name("_".join(
+            filter(None, (model.run_name(datamodule.seed, self.method_name), self.variant))))
         run_dir = self.open_run(output_dir, name, overwrite, resume, RUN_FILES, wandb_project, wandb_mode)
         self.test(model, datamodule=datamodule, verbose=True)
         results = model.results
@@ -326,7 +311,8 @@ class TsfTrainer(Trainer):
         Args:
             output_dir: parent of the run directory.
             run_name: the run directory's name (default: ``<config folder>_<config name>``, e.g.
-                ``finetune_ddpo`` for ``configs/finetune/ddpo.yaml``; a wandb sweep's run adds its run id).
+                ``finetune_ddpo`` for ``configs/finetune/ddpo.yaml``, then each setting the command line
+                changed from the config file, e.g. ``_rank=8``; a wandb sweep's run adds its run id).
             overwrite: replace a run already in the run directory.
             resume: continue the run in the run directory from its ``checkpoints/last.ckpt`` (a finished
                 run stays as it is).
@@ -337,7 +323,8 @@ class TsfTrainer(Trainer):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         method = self.method_name or type(model).__name__.lower()
-        name = run_name or default_run_name(f"{self.config_folder or 'finetune'}_{method}")
+        name = run_name or default_run_name("_".join(filter(None, (f"{self.config_folder or 'finetune'}_{method}",
+                                                                     self.variant))))
         run_dir = self.open_run(output_dir, name, overwrite, resume, FINETUNE_FILES, wandb_project, wandb_mode)
         for cb in self.callbacks:
             if isinstance(cb, ModelCheckpoint):
@@ -429,6 +416,10 @@ class TsfCLI(LightningCLI):
             self.trainer.method_name = Path(str(configs[-1])).stem
             self.trainer.config_folder = Path(str(configs[-1])).resolve().parent.name
         self.trainer.run_config = self.config[subcommand].as_dict()  # the config that config.yaml holds
+        if configs:  # what the command line changed from the config files: a part of the default run name
+            files = [a for c in configs for a in ("--config", str(c))]
+            file_config = self._subcommand_parsers[subcommand].parse_args(files).as_dict()
+            self.trainer.variant = variant_suffix(config_variant(self.trainer.run_config, file_config))
 
     def before_sample(self) -> None:
         self._name_run("sample")

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from tsf.errors import ConfigError
+from tsf.identity import distinguishing_labels, method_identity
 
 SINGLE_COLUMN, FULL_WIDTH = 3.3, 7.0  # inches, a two-column paper
 TARGET, DIVERSITY = "target/mean", "diversity/pairwise"
@@ -77,6 +78,7 @@ class Run:
     sampler: str                      # the sampler's (or fine-tuning module's) class name
     metrics: dict[str, float]         # metrics.json, or the last validation row of a fine-tuning run
     curve: list[dict] = field(default_factory=list)  # fine-tuning validation rows over steps
+    identity: dict[str, Any] = field(default_factory=dict)  # what makes it its method (tsf.identity.method_identity)
 
     @property
     def is_finetune(self) -> bool:
@@ -129,12 +131,15 @@ def load_run(run_dir: Path) -> Run:
     """Read one run directory; :class:`ConfigError` when it holds neither kind of run."""
     d = Path(run_dir)
     config = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
+    identity = method_identity(config)
     if (d / "metrics.json").is_file():
-        return Run(d, method_label(d), _sampler_name(config), json.loads((d / "metrics.json").read_text()))
+        return Run(d, method_label(d), _sampler_name(config), json.loads((d / "metrics.json").read_text()),
+                   identity=identity)
     if (d / "val_metrics.jsonl").is_file():
         curve = [json.loads(line) for line in (d / "val_metrics.jsonl").read_text().splitlines() if line.strip()]
         if curve:
-            return Run(d, method_label(d), _sampler_name(config) if config else "fine-tuning", curve[-1], curve)
+            return Run(d, method_label(d), _sampler_name(config) if config else "fine-tuning", curve[-1], curve,
+                       identity)
     raise ConfigError(f"{d} is not a run directory (no metrics.json or val_metrics.jsonl)")
 
 
@@ -167,30 +172,29 @@ def wandb_runs(project: str, note: Callable[[str], None] = print, api=None) -> l
     for r in found:
         numbers = {k: float(v) for k, v in dict(r.summary).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_")}
-        sampler = _sampler_name(r.config if isinstance(r.config, dict) else {})
+        config = r.config if isinstance(r.config, dict) else {}
+        sampler, identity = _sampler_name(config), method_identity(config)
         label = method_label(Path(r.name))
         if TARGET in numbers:
-            runs.append(Run(None, label, sampler, numbers))
+            runs.append(Run(None, label, sampler, numbers, identity=identity))
         elif f"val/{TARGET}" in numbers:
             curve = [{"step": row.get("trainer/global_step", row.get("_step")),
                       **{k[4:]: v for k, v in row.items() if k.startswith("val/") and v is not None}}
                      for row in r.history(pandas=False) if row.get(f"val/{TARGET}") is not None]
             if curve:
-                runs.append(Run(None, label, sampler if sampler != "?" else "fine-tuning", curve[-1], curve))
+                runs.append(Run(None, label, sampler if sampler != "?" else "fine-tuning", curve[-1], curve, identity))
         else:
             note(f"note: wandb run {r.name!r} has no {TARGET} or val/{TARGET}; left out")
     return runs
 
 
 def distinct_labels(runs: list[Run]) -> list[Run]:
-    """A label that two sampler classes share gets the class name appended, so that different
-    methods never share a curve or a colour."""
-    by_label: dict[str, set[str]] = {}
-    for r in runs:  # an unknown sampler ("?", a wandb run without its config) conflicts with none
-        by_label.setdefault(r.label, set()).update({r.sampler} - {"?"})
-    for r in runs:
-        if len(by_label[r.label]) > 1 and r.sampler != "?":
-            r.label = f"{r.label} ({r.sampler})"
+    """Runs that share a label (a run name's method part) but not their resolved config's method settings
+    get the settings that differ appended (another sampler class, alpha, T, an adapter, ...), so that
+    different methods never share a curve or a colour; replicates (other seeds, sizes or budgets) keep
+    one label."""
+    for r, label in zip(runs, distinguishing_labels([r.label for r in runs], [r.identity for r in runs])):
+        r.label = label
     return runs
 
 

@@ -17,8 +17,25 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if float(v).is_integer() else f"{v:.4g}"
 
 
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """A row label per run: its directory's name; runs that share a name get the settings in which their
+    resolved configs differ appended (:func:`tsf.identity.distinguishing_labels`), or, the same config,
+    their parent directory."""
+    import yaml
+
+    from tsf.identity import distinguishing_labels, method_identity
+
+    names = [Path(d).name for d in run_dirs]
+    configs = [Path(d) / "config.yaml" for d in run_dirs]
+    identities = [method_identity(yaml.safe_load(c.read_text()) or {}) if c.is_file() else {} for c in configs]
+    labels = distinguishing_labels(names, identities)
+    return [f"{label} ({Path(d).parent.name})" if labels.count(label) > 1 else label
+            for label, d in zip(labels, run_dirs)]
+
+
 def results_table(run_dirs: list[Path]) -> str:
-    runs = [(Path(d).name, json.loads((Path(d) / "metrics.json").read_text())) for d in run_dirs]
+    runs = [(label, json.loads((Path(d) / "metrics.json").read_text()))
+            for label, d in zip(run_labels(run_dirs), run_dirs)]
     cross = sorted({k for _, m in runs for k in m if k.startswith("cross/")})
     keys, heads = [], ["run"]
     for key, head in COLUMNS:

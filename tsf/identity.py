@@ -1,0 +1,156 @@
+"""A run's identity: its resolved config as flat keys, what the command line changed from the config
+file (a readable part of the default run name), and the settings that make it one method rather than
+another (how ``tsf figures`` and ``tsf table`` group runs). No Lightning, no wandb: plain dicts."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys (``model.init_args.sampler.init_args.num_particles``),
+    the form a wandb sweep's parameters take, so that runs can be filtered and grouped by them."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, name + "."))
+        else:
+            flat[name] = [_plain(v) for v in value] if isinstance(value, (list, tuple)) else _plain(value)
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    """A config value as wandb stores it: numbers, strings, booleans and None as they are, paths as text."""
+    return value if value is None or isinstance(value, (str, int, float, bool, dict)) else str(value)
+
+
+#: settings that change how a run computes, never what it samples (left out of its identity)
+EXECUTION_KEYS = {"batch_size", "max_batch", "grad_batch", "decode_batch", "num_workers", "batch_invariant",
+                  "gradient_checkpointing", "dtype"}
+#: keys that a run name already shows (K and the seed)
+NAMED_KEYS = {"model.init_args.sampler.init_args.num_particles", "data.init_args.seed"}
+
+
+def config_variant(config: dict, file_config: dict) -> dict[str, Any]:
+    """The settings of a run's resolved ``config`` that differ from its config file's (``file_config``:
+    the same files parsed without command-line overrides), as dotted keys of the ``model`` and ``data``
+    sections, without those a run name already shows or that only change how a run computes."""
+    new, old = flatten_config(config), flatten_config(file_config)
+    return {k: new.get(k) for k in sorted(new.keys() | old.keys())
+            if k.split(".")[0] in ("model", "data") and k not in NAMED_KEYS
+            and k.rsplit(".", 1)[-1] not in EXECUTION_KEYS and new.get(k) != old.get(k)}
+
+
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Each dotted key's shortest unique tail without ``init_args`` (``...sampler.init_args.alpha`` -> ``alpha``)."""
+    parts = {k: [p for p in k.split(".") if p != "init_args"] for k in keys}
+    short = {}
+    for k, ps in parts.items():
+        for n in range(1, len(ps) + 1):
+            tail = ps[-n:]
+            if all(q[-n:] != tail for j, q in parts.items() if j != k):
+                short[k] = ".".join(tail)
+                break
+        else:
+            short[k] = ".".join(ps)
+    return short
+
+
+def short_value(value: Any) -> str:
+    """A value as a name token: numbers as they print, a path by its last parts (``runs/ft/adapter`` ->
+    ``ft-adapter``), a class path by its class name."""
+    text = "none" if value is None else str(value)
+    if "/" in text:
+        text = "-".join(Path(text).parts[-2:])
+    elif re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Z]\w*", text):
+        text = text.rsplit(".", 1)[-1]
+    return re.sub(r"[^\w.+-]+", "-", text).strip("-") or "x"
+
+
+def _rank(key: str) -> tuple[int, str]:
+    """The order of a variant's keys in a name: the sampler's, the base model's, the rest of the model's, the data's."""
+    for n, part in enumerate(("model.init_args.sampler.", "model.init_args.base.", "model.")):
+        if key.startswith(part):
+            return n, key
+    return 3, key
+
+
+def variant_suffix(variant: dict[str, Any], max_len: int = 80) -> str:
+    """A readable run-name suffix for ``variant`` (``alpha=1.0_num_steps=10``: the sampler's settings first,
+    then the model's, then the data's); when that would pass ``max_len`` characters, the tokens that fit
+    and a hash of the whole variant (so that two variants never share a name)."""
+    if not variant:
+        return ""
+    keys = sorted(variant, key=_rank)
+    short = short_keys(keys)
+    tokens = [f"{short[k]}={short_value(variant[k])}" for k in keys]
+    text = "_".join(tokens)
+    if len(text) <= max_len:
+        return text
+    digest = hashlib.sha1(json.dumps(variant, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    kept = []
+    for t in tokens:
+        if len("_".join([*kept, t, digest])) > max_len:
+            break
+        kept.append(t)
+    return "_".join([*kept, digest])
+
+
+#: data settings that do not make another method (replicates of one method: other seeds, other sizes)
+REPLICATE_KEYS = {"data.init_args.seed", "data.init_args.num_samples", "seed_everything"}
+
+
+def budget_keys(flat: dict[str, Any]) -> set[str]:
+    """The sampler settings that its ``for_budget`` sizes (``num_particles``, RBF's ``budget``, ...): they
+    move a method along its compute axis, so they are not part of what the method is."""
+    path = flat.get("model.init_args.sampler.class_path")
+    names = {"num_particles", "budget"}
+    if isinstance(path, str) and "." in path:
+        module, _, name = path.rpartition(".")
+        try:
+            names |= set(getattr(importlib.import_module(module), name).for_budget(1000, 10))
+        except Exception:  # a class that does not import here (a wandb run of another machine)
+            pass
+    return {f"model.init_args.sampler.init_args.{n}" for n in names}
+
+
+def method_identity(config: dict) -> dict[str, Any]:
+    """What makes a run one method rather than another: its resolved config (nested, or flat as wandb
+    keeps it) without the settings that only change how it computes, how many samples or which seed it
+    draws, and how large its sampler is (the budget axis of a scaling curve). Empty for no config."""
+    flat = flatten_config(config)
+    drop = REPLICATE_KEYS | budget_keys(flat)
+    return {k: v for k, v in sorted(flat.items()) if k.split(".")[0] in ("model", "data") and k not in drop
+            and k.rsplit(".", 1)[-1] not in EXECUTION_KEYS}
+
+
+def distinguishing_labels(labels: list[str], identities: list[dict[str, Any]], max_keys: int = 3) -> list[str]:
+    """Each label, with the settings that tell apart runs sharing that label but not that identity
+    appended (``das (adapter=ft-adapter)`` beside ``das (adapter=none)``), so that two different methods
+    never share a curve; an empty identity (unknown config) conflicts with none."""
+    groups: dict[str, dict[str, dict]] = {}
+    for label, ident in zip(labels, identities):
+        if ident:
+            groups.setdefault(label, {})[json.dumps(ident, sort_keys=True, default=str)] = ident
+    out = []
+    for label, ident in zip(labels, identities):
+        distinct = list(groups.get(label, {}).values())
+        if len(distinct) < 2 or not ident:
+            out.append(label)
+            continue
+        keys = sorted((k for k in set().union(*distinct) if len({json.dumps(d.get(k), default=str) for d in distinct}) > 1),
+                      key=_rank)
+        short = short_keys(keys)
+        tokens = [short_value(ident.get(k)) if k.endswith("class_path") else f"{short[k]}={short_value(ident.get(k))}"
+                  for k in keys]
+        if len(tokens) > max_keys:
+            digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:6]
+            tokens = tokens[:max_keys - 1] + [digest]
+        out.append(f"{label} ({', '.join(tokens)})")
+    return out
