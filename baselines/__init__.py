@@ -1,4 +1,4 @@
-"""Training-based comparators (ALGORITHMS.md section 6): DDPO and DRaFT fine-tune LoRA adapters (peft)
+"""Training-based comparators (docs/algorithms.md, section 6): DDPO and DRaFT fine-tune LoRA adapters (peft)
 on the base model's denoiser, and are judged by tsf's one evaluator."""
 
 from baselines.common import FinetuneModule, add_lora

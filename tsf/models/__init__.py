@@ -1,4 +1,4 @@
-"""Base models behind the Gaussian-kernel interface (ALGORITHMS.md section 1)."""
+"""Base models behind the Gaussian-kernel interface (docs/algorithms.md, section 1)."""
 
 from tsf.models.base import BaseModel, Transition
 from tsf.models.diffusion import EpsDiffusionModel

@@ -1,6 +1,6 @@
 """The analytic testbed: a Gaussian mixture under a VP diffusion, with everything exact.
 
-ALGORITHMS.md section 7. Data ``p0 = sum_k pi_k N(m_k, S_k)``; under
+docs/algorithms.md, section 7. Data ``p0 = sum_k pi_k N(m_k, S_k)``; under
 ``x_t = a x0 + s eps`` (``a = sqrt(abar_t)``, ``s^2 = 1 - abar_t``) the marginal is
 ``sum_k pi_k N(a m_k, C_k)``, ``C_k = a^2 S_k + s^2 I``, so the score, eps and the
 posterior mean are closed forms. For a linear reward ``r(x) = w.x`` the tilted target

@@ -1,4 +1,4 @@
-"""Rollover Budget Forcing (Kim et al. 2025, arXiv 2503.19385; ALGORITHMS.md section 5).
+"""Rollover Budget Forcing (Kim et al. 2025, arXiv 2503.19385; docs/algorithms.md, section 5).
 
 ``N`` chains per output and a budget of ``B`` NFE per output, all of it spent. Each chain starts
 from the best of ``n0`` prior noises, scored by the one-step Tweedie (posterior-mean) value, and

@@ -1,4 +1,4 @@
-"""SVDD: soft value-based decoding (Li et al. 2024, arXiv 2408.08252; ALGORITHMS.md section 3).
+"""SVDD: soft value-based decoding (Li et al. 2024, arXiv 2408.08252; docs/algorithms.md, section 3).
 
 Per output, one state. Each step draws ``M`` children from the base kernel, values each
 at the child's own grid point (one look-ahead model call per child with the posterior-

@@ -1,4 +1,4 @@
-"""Value estimates ``v(x_i)`` for the particle samplers (ALGORITHMS.md sections 1 and 3).
+"""Value estimates ``v(x_i)`` for the particle samplers (docs/algorithms.md, sections 1 and 3).
 
 * ``posterior_mean`` (PM): ``v(x_i) = r(decode(x0_hat(x_i)))``, one model call per row;
   that call's output is returned so the sampler can reuse it for the next transition.
