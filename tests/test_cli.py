@@ -325,18 +325,19 @@ def test_finetune_runs_have_the_run_directory_rules_of_sample(tmp_path, monkeypa
     elsewhere is one clear error."""
     monkeypatch.chdir(tmp_path)
     assert finetune_exit("--trainer.max_steps=2", "--trainer.val_check_interval=2") == (0, "")
-    run = tmp_path / "runs" / "finetune_draft"
+    (run,) = (tmp_path / "runs").iterdir()  # the config's name and what the command line changed in the model
+    assert run.name == "finetune_draft_num_steps=4_batch_size=8_val_samples=10", run.name
     assert {"config.yaml", "adapter", "checkpoints", "val_metrics.jsonl"} <= {p.name for p in run.iterdir()}
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "lightning_logs").exists()
 
     code, line = finetune_exit("--trainer.max_steps=2")
     assert code == 2 and "already holds a run" in line and "--resume" in line
 
-    # resumed to 4 steps: the curve continues from the checkpoint's step
+    # resumed to 4 steps (a trainer setting: the same run): the curve continues from the checkpoint's step
     assert finetune_exit("--trainer.max_steps=4", "--trainer.val_check_interval=2", "--resume=true") == (0, "")
     steps = [json.loads(x)["step"] for x in (run / "val_metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
-    code, line = finetune_exit("--trainer.max_steps=6", "--resume=true", "--model.init_args.lr=0.1")
+    code, line = finetune_exit("--trainer.max_steps=6", "--resume=true", "--model.init_args.lr=0.1", f"--run_name={run.name}")
     assert code == 2 and "another config" in line and "model.init_args.lr" in line
 
     code, line = finetune_exit("--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path / 'x'}")
@@ -347,7 +348,8 @@ def test_finetune_runs_have_the_run_directory_rules_of_sample(tmp_path, monkeypa
         monkeypatch.setenv("WANDB_RUN_ID", run_id)
         assert finetune_exit("--trainer.max_steps=1", "--trainer.enable_checkpointing=false",
                              "--trainer.callbacks=[]", "--output_dir=sweep") == (0, "")
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["finetune_draft_a1", "finetune_draft_b2"]
+    names = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert len(names) == 2 and names[0].endswith("_a1") and names[1].endswith("_b2"), names
 
 
 def test_runs_that_differ_in_alpha_T_or_adapter_get_their_own_directory_and_curve(tmp_path):

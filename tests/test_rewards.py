@@ -1,5 +1,7 @@
 """Rewards: registry, digit classifiers and their confidence, compressibility, brightness."""
 
+import math
+
 import pytest
 import torch
 
@@ -92,3 +94,62 @@ def test_brightness_is_mean_intensity_and_differentiable():
     torch.testing.assert_close(out, x.detach().flatten(1).mean(1))
     out.sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 64))
+
+
+def _sample_error(*args, config="configs/digits/best_of_n.yaml", lines=False):
+    """``tsf sample`` in this process on a tiny digits run: (exit code, the error line, or with ``lines`` all of
+    stderr); (0, stderr) when it ran."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from tsf.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(["sample", "--config", str(root / config), "--data.init_args.num_samples=8",
+                  "--model.init_args.fidelity_samples=0", "--model.init_args.base.init_args.num_steps=4",
+                  "--wandb_mode=disabled", "--trainer.enable_progress_bar=false", *args])
+        except SystemExit as done:
+            text = err.getvalue().strip()
+            return int(done.code or 0), text if lines else text.splitlines()[-1]
+    return 0, err.getvalue()
+
+
+@pytest.mark.parametrize("cls, says", [
+    ("Scalar", "returned shape [] for 2 images"), ("Wide", "returned shape [2, 8]"),
+    ("Column", "drop the last dimension"), ("Detached", "carries no gradient")])
+def test_a_users_reward_that_returns_the_wrong_thing_is_one_clear_line_before_any_sampling(tmp_path, cls, says):
+    code, line = _sample_error(f"--output_dir={tmp_path}", f"--model.init_args.reward.class_path=user_rewards.{cls}")
+    assert code == 2 and says in line and "user_rewards" in line, line
+    assert not list(tmp_path.glob("*/shards/*"))  # refused before any batch
+
+
+def test_a_gradient_sampler_names_the_flag_a_reward_needs(tmp_path):
+    code, line = _sample_error(f"--output_dir={tmp_path}", "--model.init_args.reward.class_path=user_rewards.NotMarked",
+                               config="configs/digits/das.yaml")
+    assert code == 2 and "differentiable = True" in line and "not marked differentiable" in line, line
+
+
+def test_a_reward_module_that_does_not_import_shows_why(tmp_path):
+    code, err = _sample_error(f"--output_dir={tmp_path}", "--model.init_args.reward.class_path=no_such_module.MyReward",
+                              lines=True)
+    assert code == 2, err
+    assert "cannot import class_path 'no_such_module.MyReward' (ModuleNotFoundError: No module named 'no_such_module')" in err
+    assert "PYTHONPATH" in err and "known samplers" not in err  # not a typo of a tsf name: no list of tsf's
+
+
+def test_non_finite_target_rewards_are_counted_and_left_out_of_the_statistics(tmp_path):
+    import json
+
+    code, err = _sample_error(f"--output_dir={tmp_path}", "--model.init_args.reward.class_path=user_rewards.SometimesNaN",
+                              "--model.init_args.reward.init_args={}", "--model.init_args.cross_rewards=[]",
+                              config="configs/digits/base.yaml")
+    assert code == 0, err
+    (run,) = tmp_path.iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    bad = metrics["target/nonfinite"]
+    assert 0 < bad < 8 and math.isfinite(metrics["target/mean"]), metrics
+    assert f"{bad:.0f} of 8 samples have a non-finite target reward" in err

@@ -361,8 +361,9 @@ def known_names() -> str:
             f"known rewards (a name, or a class_path to a tsf.rewards.Reward): {', '.join(REWARDS.names())}")
 
 
-def unresolved_class_path(message: str) -> Optional[str]:
-    """The first class path named in a parser message that does not import."""
+def unresolved_class_path(message: str) -> Optional[tuple[str, str]]:
+    """The first class path named in a parser message that does not import, with why (the import's own
+    error: a module that is not on the path, or an error inside it)."""
     import importlib
     import re
 
@@ -370,9 +371,21 @@ def unresolved_class_path(message: str) -> Optional[str]:
         module, _, attr = path.rpartition(".")
         try:
             getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError, ValueError):
-            return path
+        except Exception as err:  # the module's own errors too: they are the user's to see
+            return path, f"{type(err).__name__}: {err}"
     return None
+
+
+def import_error_message(path: str, cause: str) -> str:
+    """What ``tsf`` says about a class path that does not import."""
+    lines = [f"cannot import class_path {path!r} ({cause})"]
+    if path.startswith("tsf."):
+        lines.append(known_names())
+    else:
+        lines.append("a class of your own must be in an importable module: run tsf from the folder that holds it "
+                     "(tsf adds the working directory to the import path), put that folder on PYTHONPATH, or "
+                     "install it")
+    return "\n".join(lines)
 
 
 def config_error_message(text: str) -> Optional[str]:
@@ -388,9 +401,9 @@ class TsfArgumentParser(LightningArgumentParser):
             plain = config_error_message(message)
             if plain is not None:
                 self.exit(2, f"tsf: error: {plain}\n")
-            path = unresolved_class_path(message)
-            if path is not None:
-                self.exit(2, f"tsf: error: cannot import class_path {path!r}\n{known_names()}\n")
+            unresolved = unresolved_class_path(message)
+            if unresolved is not None:
+                self.exit(2, f"tsf: error: {import_error_message(*unresolved)}\n")
         return super().error(message, *args, **kwargs)
 
 
@@ -486,6 +499,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         module, function = TOOLS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
+    if os.getcwd() not in sys.path:  # a user's reward or sampler module beside the config, as `python -m` finds it
+        sys.path.append(os.getcwd())
     import tsf.rewards  # noqa: F401  (registers rewards)
     import tsf.samplers  # noqa: F401
 

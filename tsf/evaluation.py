@@ -1,10 +1,12 @@
-"""The shared evaluator (ALGORITHMS.md section 8): every sample of every method is judged here.
+"""The shared evaluator (docs/algorithms.md, section 8): every sample of every method is judged here.
 
 A torchmetrics ``Metric``: per-sample states are concatenated (and synced across
 processes by torchmetrics, uneven shards included), ``compute`` returns the flat
-dict of DESIGN.md's metric keys:
+dict of the metric keys of docs/run_directory.md (metrics.json):
 
-``target/mean``, ``target/median``, ``target/q90``, ``cross/<reward>/mean``,
+``target/mean``, ``target/median``, ``target/q90``, ``target/nonfinite`` (samples whose target reward
+is NaN or infinite: counted there, left out of the statistics), ``cross/<reward>/mean`` (and
+``cross/<reward>/nonfinite`` when some are),
 ``diversity/pairwise``, ``diversity/vendi``, ``fidelity/fd`` (when a reference set of
 plain base samples is given), ``compute/<key>`` per sample for every key of
 :data:`tsf.samplers.base.COMPUTE_KEYS` (``nfe``, ``nfe_grad``, ``reward_calls``, ``reward_grad_calls``:
@@ -229,10 +231,19 @@ class Evaluator(Metric):
     def _sample_metrics(self, target: Tensor, cross: list[Tensor], feats: Tensor, rows: Tensor) -> dict[str, float]:
         """Target statistics, cross-reward means and diversity of the samples ``rows`` (indices)."""
         t = target[rows]
-        out = {"target/mean": float(t.mean()), "target/median": float(t.median()),
-               "target/q90": float(torch.quantile(t, 0.9))}
+        finite = t[torch.isfinite(t)]  # a non-finite reward is counted, not averaged in
+        out = {"target/nonfinite": float(len(t) - len(finite))}
+        if len(finite):
+            out.update({"target/mean": float(finite.mean()), "target/median": float(finite.median()),
+                        "target/q90": float(torch.quantile(finite, 0.9))})
+        else:
+            out.update({"target/mean": float("nan"), "target/median": float("nan"), "target/q90": float("nan")})
         for r, values in zip(self.cross, cross):
-            out[f"cross/{r.name}/mean"] = float(values[rows].mean())
+            v = values[rows]
+            ok = torch.isfinite(v)
+            out[f"cross/{r.name}/mean"] = float(v[ok].mean()) if ok.any() else float("nan")
+            if not ok.all():
+                out[f"cross/{r.name}/nonfinite"] = float((~ok).sum())
         out["diversity/pairwise"] = pairwise_cosine_distance(feats[rows])
         out["diversity/vendi"] = vendi_score(feats[rows])
         if self.lpips is not None:

@@ -30,9 +30,15 @@ def _plain(value: Any) -> Any:
     return value if value is None or isinstance(value, (str, int, float, bool, dict)) else str(value)
 
 
-#: settings that change how a run computes, never what it samples (left out of its identity)
-EXECUTION_KEYS = {"batch_size", "max_batch", "grad_batch", "decode_batch", "num_workers", "batch_invariant",
+#: settings that change how a run computes, never what it samples (left out of its identity): these
+#: names anywhere, and the data module's batch size (a fine-tuning module's ``batch_size`` is its method's)
+EXECUTION_KEYS = {"max_batch", "grad_batch", "decode_batch", "num_workers", "batch_invariant",
                   "gradient_checkpointing", "dtype"}
+EXECUTION_PATHS = {"data.init_args.batch_size"}
+
+
+def is_execution_key(key: str) -> bool:
+    return key in EXECUTION_PATHS or key.rsplit(".", 1)[-1] in EXECUTION_KEYS
 #: keys that a run name already shows (K and the seed)
 NAMED_KEYS = {"model.init_args.sampler.init_args.num_particles", "data.init_args.seed"}
 
@@ -42,14 +48,16 @@ def config_variant(config: dict, file_config: dict) -> dict[str, Any]:
     the same files parsed without command-line overrides), as dotted keys of the ``model`` and ``data``
     sections, without those a run name already shows or that only change how a run computes."""
     new, old = flatten_config(config), flatten_config(file_config)
-    return {k: new.get(k) for k in sorted(new.keys() | old.keys())
+    return {k: new[k] for k in sorted(new)  # a key only the file has was replaced by finer ones (a class's init_args)
             if k.split(".")[0] in ("model", "data") and k not in NAMED_KEYS
-            and k.rsplit(".", 1)[-1] not in EXECUTION_KEYS and new.get(k) != old.get(k)}
+            and not is_execution_key(k) and new.get(k) != old.get(k)}
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:
-    """Each dotted key's shortest unique tail without ``init_args`` (``...sampler.init_args.alpha`` -> ``alpha``)."""
+    """Each dotted key's shortest unique tail without ``init_args`` (``...sampler.init_args.alpha`` -> ``alpha``);
+    a ``class_path`` is named by what it is the class of (``model.init_args.reward.class_path`` -> ``reward``)."""
     parts = {k: [p for p in k.split(".") if p != "init_args"] for k in keys}
+    parts = {k: ps[:-1] if ps[-1] == "class_path" and len(ps) > 1 else ps for k, ps in parts.items()}
     short = {}
     for k, ps in parts.items():
         for n in range(1, len(ps) + 1):
@@ -65,6 +73,8 @@ def short_keys(keys: list[str]) -> dict[str, str]:
 def short_value(value: Any) -> str:
     """A value as a name token: numbers as they print, a path by its last parts (``runs/ft/adapter`` ->
     ``ft-adapter``), a class path by its class name."""
+    if isinstance(value, (list, tuple)):
+        return "-".join(short_value(v) for v in value) or "none"
     text = "none" if value is None else str(value)
     if "/" in text:
         text = "-".join(Path(text).parts[-2:])
@@ -127,7 +137,7 @@ def method_identity(config: dict) -> dict[str, Any]:
     flat = flatten_config(config)
     drop = REPLICATE_KEYS | budget_keys(flat)
     return {k: v for k, v in sorted(flat.items()) if k.split(".")[0] in ("model", "data") and k not in drop
-            and k.rsplit(".", 1)[-1] not in EXECUTION_KEYS}
+            and not is_execution_key(k)}
 
 
 def distinguishing_labels(labels: list[str], identities: list[dict[str, Any]], max_keys: int = 3) -> list[str]:
@@ -147,8 +157,7 @@ def distinguishing_labels(labels: list[str], identities: list[dict[str, Any]], m
         keys = sorted((k for k in set().union(*distinct) if len({json.dumps(d.get(k), default=str) for d in distinct}) > 1),
                       key=_rank)
         short = short_keys(keys)
-        tokens = [short_value(ident.get(k)) if k.endswith("class_path") else f"{short[k]}={short_value(ident.get(k))}"
-                  for k in keys]
+        tokens = [f"{short[k]}={short_value(ident.get(k))}" for k in keys]
         if len(tokens) > max_keys:
             digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:6]
             tokens = tokens[:max_keys - 1] + [digest]

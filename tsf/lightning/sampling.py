@@ -25,7 +25,7 @@ from tsf.errors import ConfigError
 from tsf.evaluation import Evaluator
 from tsf.lightning.shards import ShardStore
 from tsf.models.base import BaseModel
-from tsf.rewards.base import Reward, build_reward
+from tsf.rewards.base import Reward, build_reward, check_reward, require_differentiable
 from tsf.samplers.base import BaseSampler, Sampler, SampleBatch
 
 REFERENCE_SEED = 2**31 - 1  # the reference set's noise never coincides with a run's default seeds
@@ -179,8 +179,26 @@ class SamplingModule(L.LightningModule):
         self._conditions = conditions
 
     def on_test_start(self) -> None:
+        self.check_rewards(self._conditions)
         if self.fidelity_samples > 0:
             self.evaluator.set_reference(self.reference_images(self._conditions))
+
+    def check_rewards(self, conditions: list, n: int = 2) -> None:
+        """Before any sampling, every reward is called on ``n`` real images from the model (the Tweedie
+        estimates of ``n`` prior draws, one model call each, not counted in the run's compute) and refused
+        in one line if its output is not what the samplers need (:func:`tsf.rewards.base.check_reward`);
+        a sampler that follows the reward's gradient refuses a reward not marked differentiable."""
+        if getattr(self.sampler, "uses_reward_gradient", False):
+            require_differentiable(self.reward, repr(self.sampler))
+        conds = [conditions[i % len(conditions)] for i in range(n)]
+        generator = torch.Generator().manual_seed(REFERENCE_SEED)
+        with torch.no_grad():
+            x = self.base.prior(torch.randn(n, *self.base.sample_shape, generator=generator).to(self.device))
+            x0 = self.base.x0_hat(x, 0, self.base(x, 0, self.base.encode_conditions(conds)))
+            images = self.base.decode(x0)
+        with torch.inference_mode(False):
+            for r in {id(r): r for r in [self.reward, *self.evaluator.cross]}.values():
+                check_reward(r, images.clone(), conds)
 
     @torch.no_grad()
     def reference_images(self, conditions: list) -> Tensor:
@@ -249,6 +267,11 @@ class SamplingModule(L.LightningModule):
         if diagnostics is not None:
             self.results["diagnostics"] = diagnostics
         self.write_diagnostics(diagnostics, samples["sample_id"])
+        bad = int(metrics.get("target/nonfinite", 0))
+        if bad and self.trainer.is_global_zero:
+            print(f"tsf: warning: {bad} of {len(samples['sample_id'])} samples have a non-finite target reward "
+                  f"({self.reward.name}); the target metrics are over the {len(samples['sample_id']) - bad} finite "
+                  "ones (target/nonfinite counts the others; samples.pt keeps every sample)", file=sys.stderr)
         # already synced by torchmetrics: log as is (self.log's sync_dist mis-averages uneven shards)
         self.log_dict(metrics, sync_dist=False, rank_zero_only=True)
         self.evaluator.reset()

@@ -40,6 +40,47 @@ class Reward(LazyLoadModule):
 REWARDS: Registry[Reward] = Registry("reward")
 
 
+def describe(reward: Reward) -> str:
+    """``reward 'name' (module.Class)``: how errors name a reward."""
+    return f"reward {reward.name!r} ({type(reward).__module__}.{type(reward).__qualname__})"
+
+
+def require_differentiable(reward: Reward, sampler: str) -> None:
+    """Refuse a reward without ``differentiable = True`` for a sampler that follows its gradient."""
+    if not reward.differentiable:
+        raise ConfigError(
+            f"{sampler} follows the reward's gradient, and {describe(reward)} is not marked differentiable: set "
+            "`differentiable = True` on the class if its forward is differentiable torch code (gradients flow from "
+            "its output to the images), or choose a sampler that needs no gradient (best_of_n, svdd, smc, fk)")
+
+
+def check_reward(reward: Reward, images: Tensor, conditions: Sequence[Any]) -> None:
+    """Call ``reward`` on a few real ``images`` (with their ``conditions``) and refuse, in one line that says
+    what to change, an output the samplers cannot use: not a tensor, not of shape ``[N]``, not floating
+    point, or (for a reward marked ``differentiable``) an output that carries no gradient to the images."""
+    n, where = len(images), describe(reward)
+    x = images.detach().clone().requires_grad_(reward.differentiable)
+    with torch.enable_grad() if reward.differentiable else torch.no_grad():
+        out = reward(x, list(conditions))
+    must = f"forward(images, conditions) must return a float tensor of shape [N], one reward per image (here [{n}])"
+    if not torch.is_tensor(out):
+        raise ConfigError(f"{where} returned a {type(out).__name__}; {must}")
+    if tuple(out.shape) != (n,):
+        hint = ("; it returned one number for the whole batch (do not reduce over images, e.g. no .mean())"
+                if out.dim() == 0 else "; drop the last dimension (out[:, 0] or out.squeeze(-1))"
+                if tuple(out.shape) == (n, 1) else "")
+        raise ConfigError(f"{where} returned shape {list(out.shape)} for {n} images; {must}{hint}")
+    if not out.is_floating_point():
+        raise ConfigError(f"{where} returned dtype {out.dtype}; {must} (e.g. .float())")
+    if reward.differentiable:
+        grad = torch.autograd.grad(out.sum(), x, allow_unused=True)[0] if out.requires_grad else None
+        if grad is None:
+            raise ConfigError(
+                f"{where} is marked `differentiable = True` but its output carries no gradient to the images "
+                "(computed under torch.no_grad, detached, or through numpy / .item()): keep its forward in "
+                "differentiable torch operations, or set `differentiable = False` (gradient samplers then refuse it)")
+
+
 def build_reward(spec: Any) -> Reward:
     """A registered name (``"digit"``) or a :class:`Reward` instance (e.g. from a config's ``class_path``)."""
     reward = REWARDS.build(spec)

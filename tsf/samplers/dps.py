@@ -1,4 +1,4 @@
-"""DPS-style reward guidance (Chung et al. 2023), the derivative-based baseline.
+"""DPS-style reward guidance (Chung et al. 2023; docs/algorithms.md, section 9), the derivative-based baseline.
 
 Each step moves the base kernel's sample along the reward gradient of the Tweedie
 estimate: ``x_prev = mu + s z + scale * grad_{x_t} r(decode(x0_hat(x_t)))``.
@@ -8,6 +8,7 @@ One model forward+backward per step (``nfe_grad = T``).
 from __future__ import annotations
 
 from tsf.errors import ConfigError
+from tsf.rewards.base import require_differentiable
 from tsf.samplers.base import Sampler
 from tsf.samplers.value import PosteriorMeanValue
 
@@ -21,6 +22,7 @@ class DPS(Sampler):
     """
 
     name = "dps"
+    uses_reward_gradient = True
 
     def __init__(self, guidance_scale: float = 1.0, grad_batch: int = 256, max_batch: int = 4096) -> None:
         super().__init__(num_particles=1, max_batch=max_batch)
@@ -33,8 +35,7 @@ class DPS(Sampler):
         return f"DPS(guidance_scale={self.guidance_scale})"
 
     def _sample(self, model, reward, conditions, c, noise):
-        if not reward.differentiable:
-            raise ConfigError(f"DPS needs a differentiable reward; {reward.name!r} is not")
+        require_differentiable(reward, "DPS")
         x = model.prior(noise.randn(1, model.sample_shape))
         for i in range(model.num_steps):
             _, out, g = self.value(model, reward, self.value_fn, x, i, c, list(conditions), 1.0,

@@ -1,4 +1,4 @@
-"""The sequential Monte Carlo family: SMC/TDS, FK steering and DAS (ALGORITHMS.md section 4).
+"""The sequential Monte Carlo family: SMC/TDS, FK steering and DAS (docs/algorithms.md, section 4).
 
 Twisted SMC with ``K`` particles per output (Wu et al. 2023; Singhal et al. 2025; Kim et
 al., ICLR 2025, "DAS"). Twist at grid point ``i``: ``psi_i(x) = lambda_i v(x) / alpha``.
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from tsf.errors import ConfigError
+from tsf.rewards.base import require_differentiable
 from tsf.samplers.base import Sampler
 from tsf.samplers.value import ValueFunction, build_value
 
@@ -189,6 +190,11 @@ class SMC(Sampler):
         self.resample_steps = None if resample_steps is None else sorted(int(s) for s in resample_steps)
         self.output, self.grad_batch = output, int(grad_batch)
 
+    @property
+    def uses_reward_gradient(self) -> bool:
+        """Whether the sampler follows the reward's gradient (the gradient proposal of TDS and DAS)."""
+        return self.proposal == "gradient"
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(K={self.num_particles}, alpha={self.alpha}, proposal={self.proposal}, "
                 f"tempering={self.tempering}, potential={self.potential})")
@@ -203,8 +209,8 @@ class SMC(Sampler):
         conds, c = self.repeat(conditions, c, K)
         lam = tempering_schedule(T, self.tempering, self.gamma, self.tempering_fraction)
         grad = self.proposal == "gradient"
-        if grad and not reward.differentiable:
-            raise ConfigError(f"proposal: gradient needs a differentiable reward; {reward.name!r} is not")
+        if grad:
+            require_differentiable(reward, "proposal: gradient (TDS, DAS)")
         counts = {"nonfinite_values": 0, "nonfinite_grads": 0}
         dev = model.device
         offsets = K * torch.arange(B, device=dev)[:, None]       # row of particle 0 of each group
