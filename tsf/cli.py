@@ -451,7 +451,7 @@ class TsfCLI(LightningCLI):
 
 #: ``tsf <tool> ...`` commands that are not LightningCLI subcommands: name -> "module:function"
 TOOLS = {"pretrain": "tsf.pretrain:main", "table": "tsf.report:main", "compare": "tsf.report:compare",
-         "scaling": "tsf.scaling:main", "overopt": "tsf.figures:overopt", "bench": "tsf.bench:main", "figures": "tsf.figures:main"}
+         "scaling": "tsf.scaling:main", "sweep": "tsf.sweep:main", "overopt": "tsf.figures:overopt", "bench": "tsf.bench:main", "figures": "tsf.figures:main"}
 
 
 #: every ``tsf`` command with its one line (``tsf --help``)
@@ -466,6 +466,7 @@ COMMANDS = {
     "table": "the results table (markdown) of run directories",
     "compare": "run several sampling configs and print one table",
     "scaling": "methods at equal NFE budgets: runs, a table and a plot",
+    "sweep": "run a wandb sweep file here, offline, without an account (grid, or seeded random draws)",
     "overopt": "the over-optimisation comparison: fine-tuning against test-time samplers, one figure",
     "bench": "framework overhead, throughput, memory, and tsf against diffusers on a pipeline",
     "figures": "paper figures from run directories",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -68,21 +69,25 @@ def split_passthrough(argv) -> tuple[list[str], list[str]]:
     return argv[: argv.index("--")], argv[argv.index("--") + 1:]
 
 
-def run_sample(config: Path, output_dir: Path, *args: str, overwrite: bool = False) -> Optional[Path]:
-    """``tsf sample --config CONFIG --output_dir DIR --resume=true ARGS`` in a fresh process: a finished run
-    of the same config is kept (its shards are reused, nothing is sampled again), a stopped one is finished,
-    one of another config is refused; ``overwrite`` passes ``--overwrite=true`` instead (start again).
-    Returns the run directory, or ``None`` when the run failed."""
+def run_tsf(command: str, output_dir: Path, *args: str, overwrite: bool = False,
+            log: Optional[Path] = None) -> Optional[Path]:
+    """``tsf COMMAND --output_dir DIR --resume=true ARGS`` (``sample`` or ``finetune``) in a fresh process: a
+    finished run of the same config is kept (nothing is sampled or trained again), a stopped one is finished,
+    one of another config is refused; ``overwrite`` passes ``--overwrite=true`` instead (start again). Its
+    output is echoed, or written to ``log``. Returns the run directory, or ``None`` when the run failed."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(config), f"--output_dir={output_dir}",
+    cmd = [sys.executable, "-m", "tsf.cli", command, f"--output_dir={output_dir}",
            "--overwrite=true" if overwrite else "--resume=true", *args]
-    print("+", " ".join(cmd[2:]), flush=True)
+    print("+", " ".join(["tsf", *cmd[3:]]) + (f"  (log: {log})" if log else ""), flush=True)
     run_dir = None
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
-        for line in proc.stdout:  # echoed as it comes; the last line names the run directory
-            print(line, end="", flush=True)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") if log is not None else contextlib.nullcontext() as sink, \
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sink, text=True, bufsize=1) as proc:
+        for line in proc.stdout:  # the last "run directory:" line names the run directory
+            print(line, end="", flush=True, file=sink or sys.stdout)
             if line.startswith("run directory: "):
                 run_dir = Path(line[len("run directory: "):].strip())
     return run_dir if proc.returncode == 0 else None
@@ -104,7 +109,7 @@ def compare(argv=None) -> None:
     args = p.parse_args(own)
     run_dirs = []
     for cfg in args.configs:
-        run_dir = run_sample(cfg, args.output_dir, *extra, overwrite=args.overwrite)
+        run_dir = run_tsf("sample", args.output_dir, f"--config={cfg}", *extra, overwrite=args.overwrite)
         if run_dir is None:
             sys.exit(f"tsf compare: {cfg} failed; the table needs every run (--overwrite replaces runs of "
                      "another config)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tsf.report import OVERWRITE_HELP, results_table, run_sample, split_passthrough
+from tsf.report import OVERWRITE_HELP, results_table, run_tsf, split_passthrough
 
 
 def _resolve(class_path: str):
@@ -62,8 +62,8 @@ def main(argv=None) -> None:
     for cfg in args.configs:
         for b in args.budgets:
             name = f"{cfg.stem}_nfe{b}"
-            if run_sample(cfg, args.output_dir, f"--run_name={name}", *budget_overrides(cfg, b), *extra,
-                          overwrite=args.overwrite) is None:
+            if run_tsf("sample", args.output_dir, f"--config={cfg}", f"--run_name={name}", *budget_overrides(cfg, b),
+                       *extra, overwrite=args.overwrite) is None:
                 sys.exit(f"tsf scaling: {cfg} at budget {b} failed (--overwrite replaces runs of another config)")
             metrics = json.loads((args.output_dir / name / "metrics.json").read_text())
             rows.append({"method": cfg.stem, "budget": b, "metrics": metrics})
