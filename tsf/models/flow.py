@@ -139,7 +139,17 @@ class FlowModel(BaseModel):
         k = torch.arange(self.num_steps + 1, dtype=torch.float64) / self.num_steps
         grid = 1 - k if self.time_grid == "uniform" else torch.sqrt(1 - k**2)
         grid = shift * grid / (1 + (shift - 1) * grid)
-        self.shift = float(shift)
+        self.use_grid(grid, shift)
+
+    def use_grid(self, grid: Tensor, shift: Optional[float] = None) -> None:
+        """Sample on the time grid ``grid`` (``T + 1`` points from ``s_0 = 1`` down to ``s_T = 0``): its schedule,
+        diffusion coefficients and kernel scalars; ``shift`` is the warp that made it, when one number says it."""
+        grid = torch.as_tensor(grid, dtype=torch.float64).flatten().cpu()
+        if len(grid) != self.num_steps + 1 or not bool((grid[:-1] > grid[1:]).all()) or float(grid[-1]) != 0.0 \
+                or abs(float(grid[0]) - 1.0) > 1e-6:
+            raise ConfigError(f"a time grid of {self.num_steps} steps runs down from 1 to 0 in {self.num_steps + 1} "
+                              f"decreasing points, got {grid.tolist()}")
+        self.shift = None if shift is None else float(shift)
         sched = (vp_schedule if self.interpolant == "vp" else linear_schedule)(grid)
         for key, val in sched.items():
             self.register_buffer(f"_{key}", val, persistent=False)
