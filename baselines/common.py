@@ -32,15 +32,31 @@ LORA_TARGETS = {
 
 def add_lora(model: EpsDiffusionModel, rank: int = 4, alpha: Optional[float] = None,
              target_modules: Optional[list[str]] = None) -> None:
-    """Load the model and wrap its denoiser in peft LoRA adapters; base weights are frozen."""
+    """Load the model and put LoRA adapters on its denoiser; base weights are frozen. A diffusers pipeline
+    (:class:`~tsf.models.pipelines.StableDiffusion`, ...) injects them into its UNet or transformer the way
+    diffusers' training scripts do (``add_adapter``, saved in diffusers' format); the digits models wrap
+    theirs in a peft ``PeftModel`` (saved in peft's format)."""
     model.load()
     net = model.net
     targets = target_modules or LORA_TARGETS.get(type(net).__name__)
     if targets is None:
         raise ConfigError(f"no default LoRA targets for {type(net).__name__}; set target_modules")
+    if hasattr(model, "add_lora"):
+        model.add_lora(rank, alpha, targets)
+        return
     net.requires_grad_(False)
     model.net = get_peft_model(net, LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
                                                lora_dropout=0.0))
+
+
+def save_lora(model: EpsDiffusionModel, path: Path) -> None:
+    """The model's trained adapter to ``path``: diffusers' ``pytorch_lora_weights.safetensors`` for a pipeline,
+    peft's ``adapter_config.json`` and ``adapter_model.safetensors`` for the digits models (what each model's
+    ``adapter`` option loads)."""
+    if hasattr(model, "save_lora"):
+        model.save_lora(path)
+    else:
+        model.net.save_pretrained(str(path))
 
 
 def trim_curve(path: Path, step: int) -> None:
@@ -82,6 +98,8 @@ class FinetuneModule(L.LightningModule):
                  weight_decay: float = 0.01) -> None:
         super().__init__()
         conditions = conditions_or_prompts(conditions, prompts)
+        if getattr(base, "cpu_offload", False):
+            raise ConfigError("fine-tuning keeps the denoiser on its device: set the base model's cpu_offload false")
         self.base = base
         self.reward = build_reward(reward)
         cross = [build_reward(r) for r in (["digit_holdout"] if cross_rewards is None else cross_rewards)]
@@ -237,5 +255,5 @@ class FinetuneModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
             path = Path(self.trainer.default_root_dir) / "adapter"
-            self.base.net.save_pretrained(str(path))
+            save_lora(self.base, path)
             print(f"LoRA adapter: {path}")

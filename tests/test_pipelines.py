@@ -31,16 +31,15 @@ def model(pipelines, kind, **kw):
     return FAMILIES[kind](pretrained=str(pipelines[kind]), num_steps=4, **{**extra, **kw})
 
 
-def diffusers_images(pipelines, kind, m, noise, guidance):
-    """The same prompts and initial latents through the diffusers pipeline itself."""
-    pipe = m._pipe
+def diffusers_images(pipelines, kind, m, noise, guidance, pipe=None):
+    """The same prompts and initial latents through the diffusers pipeline itself (``m``'s own, or ``pipe``)."""
+    pipe = m._pipe if pipe is None else pipe
     T = m.num_steps
     kw = dict(prompt=PROMPTS, num_inference_steps=T, guidance_scale=guidance, output_type="pt")
     if kind in ("sd15", "sd2v", "sdxl"):  # tsf's kernel is DDIM's whatever scheduler the checkpoint names
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         kw.update(latents=noise, eta=0.0)
-    else:  # the flows: the uniform grid s_k = 1 - k / T, shifted by the scheduler as tsf shifts it
-        kw.update(sigmas=[1 - k / T for k in range(T)])
+    else:  # the flows: the pipeline's own time grid (tsf's default time_grid: scheduler)
         if kind == "flux":
             n, ch, h, w = noise.shape
             kw.update(latents=pipe._pack_latents(noise, n, ch, h, w), height=16, width=16,
@@ -190,6 +189,11 @@ def test_real_model_config_writes_a_complete_run_directory(pipelines, tiny_clip,
 
 @pytest.mark.parametrize("method", ["draft", "ddpo"])
 def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_clip, tmp_path, method):
+    """``tsf finetune`` on a Stable Diffusion pipeline: the adapter is diffusers' LoRA format, a plain
+    ``StableDiffusionPipeline`` loads it with ``load_lora_weights`` and its output changes, and tsf's ``adapter``
+    gives the same samples as that pipeline; the checkpoint holds the adapters alone."""
+    from safetensors.torch import load_file
+
     from tsf.cli import main
 
     base = "--model.init_args.base.init_args"
@@ -199,15 +203,329 @@ def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_
           f"--model.init_args.reward.init_args.head={tiny_clip / 'head.pth'}",
           f"--model.init_args.cross_rewards=[{{class_path: tsf.rewards.ClipScore, init_args: {{model: {tiny_clip}}}}}]",
           "--model.init_args.batch_size=2", "--model.init_args.val_samples=2", "--trainer.max_steps=2",
+          "--model.init_args.lr=0.01",  # (so that 2 steps move the adapter well clear of zero)
           "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
-          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false", f"--output_dir={tmp_path}", "--run_name=run",
           *(["--model.init_args.micro_batch=1"] if method == "ddpo" else [])])
-    from peft import PeftModel
-    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    lora = load_file(str(run / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("unet.") and "lora" in k for k in lora)  # diffusers' names
+    assert any("lora.up" in k and v.abs().max() > 0 for k, v in lora.items())  # B (up) starts at zero: it trained
+    assert (run / "val_metrics.jsonl").read_text().count("target/mean") == 1
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"] and all(".lora_" in k for k in ckpt["state_dict"])  # no UNet, VAE or CLIP weights
+    assert len(ckpt["state_dict"]) == len(lora) == len(ckpt["optimizer_states"][0]["state"])  # one per LoRA matrix
 
-    lora = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())  # B starts at zero: it trained
-    assert (tmp_path / "val_metrics.jsonl").read_text().count("target/mean") == 1
-    # the adapter loads back onto the model through the `adapter` option, as the configs' header says
-    m = StableDiffusion(pretrained=str(pipelines["sd15"]), num_steps=2, adapter=str(tmp_path / "adapter")).load()
-    assert isinstance(m.net, PeftModel)
+    # the adapter in diffusers alone: it loads as an adapter of the UNet and changes the pipeline's output
+    plain = diffusers.StableDiffusionPipeline.from_pretrained(str(pipelines["sd15"]))
+    plain.set_progress_bar_config(disable=True)
+    m = model(pipelines, "sd15", eta=0.0, guidance_scale=5.0)
+    noise = Noise(3, range(2), m.device).randn(1, (4, 8, 8))
+    without = diffusers_images(pipelines, "sd15", m.load(), noise, 5.0, pipe=plain)
+    plain.load_lora_weights(str(run / "adapter"))
+    assert plain.get_list_adapters() == {"unet": ["default_0"]}
+    with_lora = diffusers_images(pipelines, "sd15", m, noise, 5.0, pipe=plain)
+    assert (with_lora - without).abs().max() > 1e-2
+    # and through tsf's `adapter`: the samples of the pipeline with the LoRA
+    tuned = model(pipelines, "sd15", eta=0.0, guidance_scale=5.0, adapter=str(run / "adapter"))
+    out = BaseSampler().sample(tuned, None, PROMPTS, range(2), seed=3)
+    torch.testing.assert_close(out.images, with_lora.float(), atol=2e-4, rtol=0)
+
+
+# -- LoRA adapters in diffusers' format, both ways, on every family -------------------------------------------
+PIPELINE_CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+DENOISER = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
+
+
+def plain_pipeline(pipelines, kind, lora=None):
+    """The tiny pipeline loaded by diffusers alone, with a LoRA through its own ``load_lora_weights``."""
+    pipe = getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(str(pipelines[kind]))
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    return pipe
+
+
+def randomise_lora_b(net, seed=0):
+    """LoRA's B starts at zero (the adapter a no-op): random values stand for a trained adapter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def deterministic(pipelines, kind, **kw):
+    """The pipeline's own deterministic sampler (DDIM eta 0, the flow ODE), as the equality test above runs it."""
+    guidance = 1.0 if kind == "flux" else 5.0
+    return model(pipelines, kind, guidance_scale=guidance,
+                 **({"eta": 0.0} if kind in ("sd15", "sdxl") else {"diffusion": "none"}), **kw), guidance
+
+
+@pytest.mark.parametrize("kind", list(PIPELINE_CLASSES))
+def test_a_lora_saved_by_diffusers_loads_in_tsf(pipelines, tmp_path, kind):
+    """A LoRA made as diffusers' training scripts make one (``add_adapter``, Gaussian init; B random here as if
+    trained) and saved by the pipeline class's ``save_lora_weights``: tsf's ``adapter`` loads it, and its samples
+    are the pipeline's with that LoRA."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = plain_pipeline(pipelines, kind)
+    net = getattr(pipe, DENOISER[kind])
+    net.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                               target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    randomise_lora_b(net)
+    layers = get_peft_model_state_dict(net)
+    if DENOISER[kind] == "unet":  # the UNet scripts rename the keys, the SD3 and FLUX ones do not
+        layers = convert_state_dict_to_diffusers(layers)
+    type(pipe).save_lora_weights(str(tmp_path / "lora"), **{f"{DENOISER[kind]}_lora_layers": layers})
+
+    m, guidance = deterministic(pipelines, kind, adapter=str(tmp_path / "lora"))
+    out = BaseSampler().sample(m, None, PROMPTS, range(2), seed=3)
+    noise = Noise(3, range(2), m.device).randn(1, m.sample_shape)
+    ref = diffusers_images(pipelines, kind, m, noise, guidance, pipe=plain_pipeline(pipelines, kind, tmp_path / "lora"))
+    torch.testing.assert_close(out.images, ref.float(), atol=2e-4, rtol=0)
+    base = BaseSampler().sample(deterministic(pipelines, kind)[0], None, PROMPTS, range(2), seed=3)
+    assert (out.images - base.images).abs().max() > 1e-2  # the adapter is in use
+
+
+@pytest.mark.parametrize("kind", list(PIPELINE_CLASSES))
+def test_an_adapter_saved_by_tsf_loads_in_diffusers(pipelines, tmp_path, kind):
+    """The baselines' LoRA (``add_lora``: injected as diffusers' scripts do, seeded) saved by ``save_lora``: one
+    ``pytorch_lora_weights.safetensors`` that a plain pipeline's ``load_lora_weights`` takes as an adapter of its
+    denoiser, sampling as tsf's model with that adapter does."""
+    from baselines.common import add_lora, save_lora
+
+    m, guidance = deterministic(pipelines, kind)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_lora(m, rank=4)
+    trainable = [n for n, p in m.net.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert m.net.peft_config["default"].init_lora_weights == "gaussian"  # diffusers' scripts' init
+    again = deterministic(pipelines, kind)[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_lora(again, rank=4)
+    first = dict(m.net.named_parameters())
+    assert all(torch.equal(p, first[n]) for n, p in again.net.named_parameters() if "lora_A" in n)  # seeded
+    randomise_lora_b(m.net)
+    save_lora(m, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    pipe = plain_pipeline(pipelines, kind, tmp_path / "adapter")
+    assert pipe.get_list_adapters() == {DENOISER[kind]: ["default_0"]}
+    out = BaseSampler().sample(m, None, PROMPTS, range(2), seed=3)
+    ref = diffusers_images(pipelines, kind, m, Noise(3, range(2), m.device).randn(1, m.sample_shape), guidance, pipe=pipe)
+    torch.testing.assert_close(out.images, ref.float(), atol=2e-4, rtol=0)
+
+
+def test_a_peft_adapter_directory_of_an_older_run_still_loads(pipelines, tmp_path):
+    """What ``tsf finetune`` wrote before (a peft ``PeftModel``'s ``save_pretrained``): the same denoiser as peft's."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    unet = plain_pipeline(pipelines, "sd15").unet
+    peft = get_peft_model(unet, LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    randomise_lora_b(peft)
+    peft.save_pretrained(str(tmp_path / "peft"))
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    m = model(pipelines, "sd15", adapter=str(tmp_path / "peft")).load()
+    ref = PeftModel.from_pretrained(plain_pipeline(pipelines, "sd15").unet, str(tmp_path / "peft"))
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
+    t = torch.tensor([500, 20])
+    with torch.no_grad():
+        ours, theirs = m.net(x, t, encoder_hidden_states=e).sample, ref(x, t, encoder_hidden_states=e).sample
+        plain = plain_pipeline(pipelines, "sd15").unet(x, t, encoder_hidden_states=e).sample
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    assert (ours - plain).abs().max() > 1e-3  # (lora_alpha 8 on rank 4: the scale 2 is peft's config's)
+
+
+def test_adapter_errors_say_what_adapter_takes(pipelines, tmp_path):
+    from baselines.common import add_lora, save_lora
+    from tsf.errors import ConfigError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="takes diffusers' LoRA format"):
+        model(pipelines, "sd15", adapter=str(tmp_path / "empty")).load()
+    sd3 = model(pipelines, "sd3")
+    add_lora(sd3, rank=2)
+    save_lora(sd3, tmp_path / "sd3_lora")
+    with pytest.raises(ConfigError, match="no LoRA weights for any component"):  # an SD3 LoRA on an SD 1.5 UNet
+        model(pipelines, "sd15", adapter=str(tmp_path / "sd3_lora")).load()
+
+
+# -- the flows' time grid is their pipeline's scheduler's -------------------------------------------------------
+SCHEDULER_VARIANTS = {"default": {}, "shift_terminal": {"shift_terminal": 0.1},
+                      "dynamic_shifting": {"use_dynamic_shifting": True, "base_image_seq_len": 1, "max_image_seq_len": 64},
+                      "dynamic_and_terminal": {"use_dynamic_shifting": True, "shift_terminal": 0.05}}
+
+
+def with_scheduler(pipelines, kind, tmp_path, **changes):
+    """A copy of the tiny pipeline whose scheduler config has ``changes``."""
+    import json
+    import shutil
+
+    if not changes:
+        return pipelines[kind]
+    path = tmp_path / kind
+    shutil.copytree(pipelines[kind], path)
+    cfg_file = path / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), **changes}))
+    return path
+
+
+def pipeline_grid(path, kind, T, **call):
+    """The sigmas the diffusers pipeline itself samples on (its scheduler's after a call)."""
+    pipe = getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"height": 16, "width": 16, "max_sequence_length": 16} if kind == "flux" else {}
+    with torch.no_grad():
+        pipe(prompt=PROMPTS[:1], num_inference_steps=T, guidance_scale=1.0, output_type="latent", **extra, **call)
+    return pipe.scheduler.sigmas.double()
+
+
+@pytest.mark.parametrize("variant", list(SCHEDULER_VARIANTS))
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flows_sample_on_the_grid_their_pipeline_samples_on(pipelines, tmp_path, kind, variant):
+    """tsf's grid is the pipeline's own (its scheduler's set_timesteps with its shift, dynamic shifting with mu
+    from the pipeline's calculate_shift, shift_terminal), bit for bit, for the tiny pipelines' default schedulers
+    (SD3: shift 3; FLUX: no shift) and with shift_terminal and dynamic shifting set."""
+    path = with_scheduler(pipelines, kind, tmp_path, **SCHEDULER_VARIANTS[variant])
+    extra = {"height": 16, "width": 16} if kind == "flux" else {}
+    m = FAMILIES[kind](pretrained=str(path), num_steps=5, **extra).load()
+    grid = pipeline_grid(path, kind, 5)
+    assert torch.equal(m._grid, grid), (m._grid, grid)
+    assert float(grid[0]) == 1.0 and float(grid[-1]) == 0.0
+    if variant != "default":  # the setting does move the grid (off the default's)
+        assert not torch.allclose(grid, pipeline_grid(pipelines[kind], kind, 5))
+
+
+def test_time_grid_and_shift_options_go_through_the_scheduler(pipelines, tmp_path):
+    T = 4  # model()'s num_steps
+    # uniform: the points 1 - k / T handed to set_timesteps (the scheduler shifts them), as a pipeline's sigmas
+    m = model(pipelines, "sd3", time_grid="uniform").load()
+    assert torch.equal(m._grid, pipeline_grid(pipelines["sd3"], "sd3", T, sigmas=[1 - i / T for i in range(T)]))
+    assert not torch.equal(m._grid, model(pipelines, "sd3").load()._grid)  # SD3's own spacing is another
+    # shift: the scheduler's shift replaced (and its dynamic shifting off)
+    shifted = model({"sd3": with_scheduler(pipelines, "sd3", tmp_path, shift=2.0)}, "sd3").load()
+    assert torch.equal(model(pipelines, "sd3", shift=2.0).load()._grid, shifted._grid)
+    assert shifted.shift == 2.0 and model(pipelines, "sd3").load().shift == 3.0
+    # reference: sqrt(1 - (k / T)^2), shifted by the scheduler
+    ref = model(pipelines, "sd3", time_grid="reference").load()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(sigmas=[(1 - (i / T) ** 2) ** 0.5 for i in range(T)])
+    assert torch.equal(ref._grid, sched.sigmas.double())
+
+
+# -- placement: text encoders off the device after encoding, model CPU offload ------------------------------------
+@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+def test_text_encoders_are_not_moved_with_the_model_unless_kept(pipelines, kind):
+    """The text encoders are no submodules (so moving the model to a GPU leaves them on the CPU, and they go to
+    the device only while they encode); ``keep_text_encoders_on_device`` makes them submodules. Here on the CPU,
+    the dtype stands for the device: ``Module.to`` casts and moves the same modules."""
+    m = model(pipelines, kind).load()
+    encoders = m._text_encoders
+    assert len(encoders) == (1 if kind == "sd15" else 3)
+    inside = {id(mod) for mod in m.modules()}
+    assert not any(id(te) in inside for te in encoders)
+    m.to(torch.float64)
+    assert m.net.dtype == torch.float64 and all(te.dtype == torch.float32 for te in encoders)
+    kept = model(pipelines, kind, keep_text_encoders_on_device=True).load()
+    kept.to(torch.float64)
+    assert all(te.dtype == torch.float64 for te in kept._text_encoders)
+    # the samples are the same either way
+    a = BaseSampler().sample(model(pipelines, kind), None, PROMPTS, range(2), seed=1).x0
+    b = BaseSampler().sample(model(pipelines, kind, keep_text_encoders_on_device=True), None, PROMPTS, range(2), seed=1).x0
+    assert torch.equal(a, b)
+
+
+def test_cpu_offload_runs_through_diffusers_hooks(pipelines):
+    """``cpu_offload`` is diffusers' ``enable_model_cpu_offload``: accelerate hooks on every component's forward,
+    which tsf's own calls of the denoiser and the VAE go through. On this CPU the hooks' device is the CPU (what
+    they move where is for the GPU test); the samples are the same, and gradients through a decode are refused."""
+    from tsf.errors import ConfigError
+
+    m = model(pipelines, "sd15", cpu_offload="cpu").load()
+    for part in (m.net, m.vae, *m._text_encoders):
+        assert hasattr(part, "_hf_hook")
+    out = BaseSampler().sample(m, None, PROMPTS, range(2), seed=1)
+    ref = BaseSampler().sample(model(pipelines, "sd15"), None, PROMPTS, range(2), seed=1)
+    assert torch.equal(out.x0, ref.x0)
+    x0 = out.x0.clone().requires_grad_(True)
+    with pytest.raises(ConfigError, match="no gradient"):
+        m.decode(x0)
+    from baselines import DRaFT
+
+    with pytest.raises(ConfigError, match="cpu_offload false"):
+        DRaFT(model(pipelines, "sd15", cpu_offload="cpu"), reward="brightness", cross_rewards=[], conditions=["a"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            model(pipelines, "sd15", cpu_offload=True).load()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+def test_text_encoders_leave_the_gpu_and_cpu_offload_on_cuda(pipelines, kind):
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    m = model(pipelines, kind).load().to(cuda)
+    assert all(p.device.type == "cpu" for te in m._text_encoders for p in te.parameters())
+    seen = []
+    hook = m._text_encoders[0].register_forward_pre_hook(lambda mod, args: seen.append(next(mod.parameters()).device))
+    c = m.encode_conditions(PROMPTS)
+    hook.remove()
+    assert seen and seen[0].type == "cuda"  # they encoded on the GPU
+    assert all(p.device.type == "cpu" for te in m._text_encoders for p in te.parameters())  # and left it
+    assert c.device.type == "cuda" and m.prompts.get("emb", c).device.type == "cuda"
+    out = BaseSampler().sample(m, None, PROMPTS, range(2), seed=1)
+    kept = model(pipelines, kind, keep_text_encoders_on_device=True).load().to(cuda)
+    ref = BaseSampler().sample(kept, None, PROMPTS, range(2), seed=1)
+    assert all(p.device.type == "cuda" for te in kept._text_encoders for p in te.parameters())
+    torch.testing.assert_close(out.x0, ref.x0, atol=1e-5, rtol=0)
+    # diffusers' model offload: each component on the GPU while it runs, the denoiser back on the CPU after decoding
+    off = model(pipelines, kind, cpu_offload=True).load()
+    assert off.device == cuda
+    res = BaseSampler().sample(off, None, PROMPTS, range(2), seed=1)
+    assert res.x0.device.type == "cuda" and next(off.net.parameters()).device.type == "cpu"
+    assert next(off.vae.parameters()).device.type == "cuda"
+    torch.testing.assert_close(res.x0, ref.x0, atol=1e-5, rtol=0)
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+def test_revision_selects_the_hub_snapshot(tmp_path):
+    """A hub name at a ``revision`` (a branch or a commit) loads that snapshot: an offline hub cache whose
+    ``main`` and ``v2`` are two different tiny pipelines, read by a process with HF_HUB_CACHE pointing at it."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--tsf-test--tiny-sd"
+    first = {}
+    for rev, seed, commit in (("main", 0, "a" * 40), ("v2", 1, "b" * 40)):
+        path = tiny_pipeline("sd15", repo / "snapshots" / commit, seed=seed)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / rev).write_text(commit)
+        first[rev] = float(StableDiffusion(pretrained=str(path)).load().net.conv_in.weight.flatten()[0])
+    assert first["main"] != first["v2"]
+    code = ("from tsf.models import StableDiffusion\n"
+            "for rev in (None, 'main', 'v2', 'b' * 40):\n"
+            "    m = StableDiffusion(pretrained='tsf-test/tiny-sd', revision=rev).load()\n"
+            "    print(float(m.net.conv_in.weight.flatten()[0]))\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [float(v) for v in res.stdout.split()] == [first["main"], first["main"], first["v2"], first["v2"]]
+
+
+def test_flux_latent_packing_is_the_pipelines(pipelines):
+    """tsf writes out FLUX's (private) packing helpers; they agree with the pipeline's."""
+    from tsf.models.pipelines import latent_image_ids, pack_latents, unpack_latents
+
+    x = torch.randn(3, 16, 6, 10)
+    packed = pack_latents(x)
+    assert torch.equal(packed, diffusers.FluxPipeline._pack_latents(x, 3, 16, 6, 10))
+    assert torch.equal(unpack_latents(packed, 6, 10), x)
+    assert torch.equal(unpack_latents(packed, 6, 10), diffusers.FluxPipeline._unpack_latents(packed, 48, 80, 8))
+    assert torch.equal(latent_image_ids(3, 5, "cpu", torch.float32),
+                       diffusers.FluxPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32))
