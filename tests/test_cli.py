@@ -403,3 +403,41 @@ def test_variant_suffix_is_readable_and_short():
     assert len(variant_suffix(many)) <= 80 and variant_suffix(many).startswith("k0=xxxxxxxxxxxx_k1=")
     assert variant_suffix(many) != variant_suffix(other)  # the hash tells apart what the shown part does not
     assert distinguishing_labels(["das", "das", "svdd"], [{"a": 1}, {"a": 2}, {"a": 1}]) == ["das (a=1)", "das (a=2)", "svdd"]
+
+
+def test_ctrl_c_prints_the_resume_command_and_the_resumed_run_says_what_it_reused(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (Lightning's graceful stop) ends with the command that continues the run; that command
+    reads the kept batches back, says how many, and continues the same wandb run instead of leaving an
+    offline folder per attempt."""
+    import shlex
+    import signal
+
+    from tsf.lightning.shards import ShardStore
+
+    real_save, saved = ShardStore.save, []
+
+    def interrupt_after_two(self, batch):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(1)
+        real_save(self, batch)
+
+    monkeypatch.setattr(ShardStore, "save", interrupt_after_two)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(tmp_path, "--overwrite=true", name="cut", wandb="offline")
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
+    monkeypatch.setattr(ShardStore, "save", real_save)
+    err = capsys.readouterr().err
+    assert "2 finished batches are kept" in err and "Continue it with:" in err
+    command = err.split("Continue it with:")[1].strip().splitlines()[0]
+    args = shlex.split(command)
+    assert args[:2] == ["tsf", "sample"] and args[-2:] == ["--resume", "true"] and "--overwrite=true" not in args
+
+    main(args[1:])
+    out = capsys.readouterr().out
+    assert "resumed: 2 of 3 batches read from" in out and ", 1 sampled" in out
+    assert len(list((tmp_path / "cut" / "wandb").glob("offline-run-*"))) == 1  # the interrupted attempt's is gone
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["target/mean"] < 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -42,8 +43,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, files:
     """Refuse a directory that holds another run, unless ``overwrite`` (start again) or ``resume``
     (keep what it holds: verified shards, or a fine-tuning run's last checkpoint). ``files`` are what a
     run writes there."""
-    import shutil
-
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other: choose one")
     if run_dir.exists() and not run_dir.is_dir():
@@ -177,18 +176,31 @@ def run_identity(config: dict, method: str) -> tuple[str, list[str]]:
     return group, [t for t in dict.fromkeys((domain, method, sampler, reward)) if t]
 
 
+def previous_wandb_run(run_dir: Path) -> tuple[Optional[str], list[Path]]:
+    """The id of the wandb run an earlier attempt of this run started (from ``<run>/wandb/``) and its
+    offline folders (``offline-run-<time>-<id>``, one per attempt)."""
+    found = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime) \
+        if (run_dir / "wandb").is_dir() else []
+    found = [p for p in found if p.is_dir() and not p.is_symlink()]
+    if not found:
+        return None, []
+    run_id = found[-1].name.split("-")[3] if found[-1].name.count("-") >= 3 else found[-1].name.rsplit("-", 1)[-1]
+    return run_id, [p for p in found if p.name.startswith("offline-run-") and p.name.split("-")[3] == run_id]
+
+
 def wandb_logger(run_dir: Path, name: str, project: Optional[str], mode: str, config: Optional[dict] = None,
-                 method: Optional[str] = None):
+                 method: Optional[str] = None, run_id: Optional[str] = None):
     """Lightning's WandbLogger for one run: its resolved ``config`` (flattened, as sweeps name it), a group
-    and tags from it; the project is ``project``, else ``WANDB_PROJECT``, else ``tsf``."""
+    and tags from it; the project is ``project``, else ``WANDB_PROJECT``, else ``tsf``; ``run_id``
+    continues that wandb run (a resumed run)."""
     from lightning.pytorch.loggers import WandbLogger
 
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_api_key() else "offline")
-    extra = {}
+    extra: dict[str, Any] = {"id": run_id, "resume": "allow"} if run_id else {}
     if config is not None:
         group, tags = run_identity(config, method or name)
-        extra = {"config": flatten_config(config), "group": group, "tags": tags}
+        extra.update({"config": flatten_config(config), "group": group, "tags": tags})
     return WandbLogger(name=name, project=project or os.environ.get("WANDB_PROJECT") or "tsf", save_dir=str(run_dir),
                        offline=mode != "online", mode=mode if mode in ("online", "offline", "disabled") else None,
                        **extra)
@@ -261,9 +273,19 @@ class TsfTrainer(Trainer):
         name = run_name or default_run_name("_".join(
             filter(None, (model.run_name(datamodule.seed, self.method_name), self.variant))))
         run_dir = self.open_run(output_dir, name, overwrite, resume, RUN_FILES, wandb_project, wandb_mode)
-        self.test(model, datamodule=datamodule, verbose=True)
+        try:
+            self.test(model, datamodule=datamodule, verbose=True)
+        except SystemExit:
+            if self.interrupted:
+                done = len(list((run_dir / "shards").glob("*.safetensors")))
+                self.interrupted_run(run_dir, f"{done} finished batches are kept in {run_dir / 'shards'}")
+            raise
         results = model.results
         if self.is_global_zero:
+            if resume:
+                b = results.get("batches", {})
+                print(f"resumed: {b.get('reused', 0)} of {b.get('reused', 0) + b.get('sampled', 0)} batches read "
+                      f"from {run_dir / 'shards'} (checksums verified), {b.get('sampled', 0)} sampled")
             write_run_dir(run_dir, results)
             grid_path = run_dir / "grid.png"
             for logger in self.loggers:
@@ -287,9 +309,19 @@ class TsfTrainer(Trainer):
         self.run_dir = run_dir
         self._default_root_dir = str(run_dir)  # what Lightning and the modules write beside the run's files
         if not self.loggers and wandb_mode != "disabled":
+            run_id, stale = previous_wandb_run(run_dir) if resume else (None, [])
+            if files == RUN_FILES and self.is_global_zero:
+                # a sampling run logs only at its end: an interrupted attempt's offline folder holds nothing
+                for folder in stale:
+                    shutil.rmtree(folder, ignore_errors=True)
             self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode,
-                                         getattr(self, "run_config", None), self.method_name)]
+                                         getattr(self, "run_config", None), self.method_name, run_id)]
         return run_dir
+
+    def interrupted_run(self, run_dir: Path, how: str) -> None:
+        """After Ctrl-C (Lightning's graceful stop), say what was kept and the command that continues."""
+        if self.is_global_zero:
+            print(f"\ntsf: interrupted; {how}. Continue it with:\n  {resume_command()}", file=sys.stderr, flush=True)
 
     def finetune(
         self,
@@ -334,7 +366,16 @@ class TsfTrainer(Trainer):
             ckpt_path = str(last)
         if ckpt_path is not None:
             print(f"resuming from {ckpt_path}")
-        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        elif resume:
+            print(f"resume: {last} does not exist; training starts from step 0")
+        try:
+            self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit:
+            if self.interrupted:
+                kept = f"the last checkpoint is {last}" if last.is_file() else (
+                    "no checkpoint was written yet (ModelCheckpoint's every_n_train_steps): the run starts again")
+                self.interrupted_run(run_dir, f"stopped at step {self.global_step}; {kept}")
+            raise
         if self.is_global_zero:
             print(f"run directory: {run_dir}")
 
@@ -350,6 +391,28 @@ class RunDirConfig(SaveConfigCallback):
         if run_dir is not None:
             self.parser.save(self.config, str(Path(run_dir) / self.config_filename), skip_none=False,
                              overwrite=True, multifile=False)
+
+
+#: the arguments of this process's tsf command (set by :func:`main`)
+COMMAND_LINE: list[str] = []
+
+
+def resume_command(argv: Optional[list[str]] = None) -> str:
+    """The command that continues this run: the same arguments, ``--overwrite`` dropped, ``--resume true``."""
+    import shlex
+
+    args, out, skip = list(COMMAND_LINE if argv is None else argv), [], False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if a in ("--overwrite", "--resume"):
+            skip = i + 1 < len(args) and not args[i + 1].startswith("--")
+            continue
+        if a.startswith(("--overwrite=", "--resume=")):
+            continue
+        out.append(a)
+    return shlex.join(["tsf", *out, "--resume", "true"])
 
 
 def known_names() -> str:
@@ -487,6 +550,7 @@ def overview() -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     from_sys = argv is None
     argv = sys.argv[1:] if from_sys else list(argv)
+    COMMAND_LINE[:] = argv
     if not argv or argv[0] in ("-h", "--help"):
         print(overview())
         return

@@ -149,7 +149,8 @@ class SamplingModule(L.LightningModule):
         self.diagnostics = DiagnosticsCollector()
         self.fidelity_samples = int(fidelity_samples)
         self.results: dict[str, Any] = {}
-        self.sampled_batches = 0  # batches sampled in this process (the others came from shards)
+        self.sampled_batches = 0  # batches sampled in this process
+        self.reused_batches = 0   # batches read from verified shards of an earlier attempt (--resume)
 
     def _feature_reward(self, features: Optional[str], cross: list[Reward]) -> Optional[Reward]:
         candidates = {r.name: r for r in [self.reward, *cross]}
@@ -232,6 +233,7 @@ class SamplingModule(L.LightningModule):
         seed = self.trainer.datamodule.seed
         store = self.shards()
         out = store.load(batch["sample_ids"], self.device) if store is not None else None
+        self.reused_batches += out is not None
         if out is None:
             with torch.inference_mode(False):  # gradient samplers (DAS, DPS) differentiate inside test_step
                 out = self.sampler.sample(self.base, self.reward, batch["conditions"], batch["sample_ids"].clone(),
@@ -262,8 +264,12 @@ class SamplingModule(L.LightningModule):
         samples = self.collector.compute()
         diagnostics = self.diagnostics.compute()
         per_condition = self.evaluator.per_condition(self._conditions)
+        counts = torch.tensor([self.sampled_batches, self.reused_batches], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self.results = {"metrics": metrics, "samples": samples, "conditions": self._conditions,
-                        "per_condition": {str(c): m for c, m in per_condition.items()}}
+                        "per_condition": {str(c): m for c, m in per_condition.items()},
+                        "batches": {"sampled": int(counts[0]), "reused": int(counts[1])}}
         if diagnostics is not None:
             self.results["diagnostics"] = diagnostics
         self.write_diagnostics(diagnostics, samples["sample_id"])
