@@ -229,3 +229,40 @@ def test_the_sampler_is_read_from_a_nested_or_a_flattened_config():
     nested = {"model": {"init_args": {"sampler": {"class_path": "tsf.samplers.SMC"}}}}
     assert _sampler_name(nested) == _sampler_name({"model.init_args.sampler.class_path": "tsf.samplers.SMC"}) == "SMC"
     assert _sampler_name({}) == "?"
+
+
+def test_figure_axes_a_reviewer_accepts(run_dirs, tmp_path):
+    """Ticks that do not overlap, axes that name the reward, replicates as one point (no zigzag), a
+    compute axis with backward passes, and no trivial one-particle SMC diagnostics."""
+    import shutil
+
+    from tsf.figures import Run, metric_label, series, smc_figure, style, thinned
+
+    assert thinned([99, 100, 160, 170, 500]) == [99, 160, 500]  # never two ticks within 15%
+    runs = load_runs([run_dirs["bon2"], run_dirs["bon4"]])
+    assert metric_label("target/mean", runs) == "target reward: digit (mean)"
+    assert metric_label("cross/digit_holdout/mean") == "cross-reward: digit_holdout (mean)"
+
+    # a replicate of the NFE-16 run (another seed): the curve has one point per budget, over the pooled samples
+    twin = tmp_path / "best_of_n_nfe16_seed1"
+    shutil.copytree(run_dirs["bon2"], twin)
+    runs = load_runs([run_dirs["bon2"], run_dirs["bon4"], twin])
+    curve = series(runs, "compute/nfe", "target/mean")
+    assert curve.x.tolist() == [16.0, 32.0]
+    pooled = np.concatenate([r.per_sample("target/mean") for r in runs if r.nfe == 16])
+    assert curve.y[0] == pytest.approx(pooled.mean())
+
+    das = Run(None, "das", "SMC", {"target/mean": 1.0, "compute/nfe": 200.0, "compute/nfe_grad": 200.0})
+    assert das.cost("compute/nfe_total") == 400.0 and das.cost("compute/nfe") == 200.0
+
+    one = Run(run_dirs["smc"], "smc_k1", "SMC", {"target/mean": 0.0, "compute/nfe": 10.0},
+              settings={"model.init_args.sampler.init_args.num_particles": 1})
+    with style(), pytest.raises(Exception, match="more than one particle"):
+        smc_figure([one], {"smc_k1": "k"})
+
+
+def test_the_scaling_figure_draws_against_backward_passes_and_seconds(run_dirs, tmp_path, capsys):
+    for x in ("nfe_total", "seconds"):
+        main(["figures", str(run_dirs["bon2"]), str(run_dirs["bon4"]), "--out", str(tmp_path / x), "--only", "scaling",
+              "--x", x])
+        assert (tmp_path / x / "scaling.png").stat().st_size > 1000

@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from tsf.errors import ConfigError
-from tsf.identity import distinguishing_labels, method_identity
+from tsf.identity import distinguishing_labels, flatten_config, method_identity, short_value
 
 SINGLE_COLUMN, FULL_WIDTH = 3.3, 7.0  # inches, a two-column paper
 TARGET, DIVERSITY = "target/mean", "diversity/pairwise"
@@ -79,6 +79,7 @@ class Run:
     metrics: dict[str, float]         # metrics.json, or the last validation row of a fine-tuning run
     curve: list[dict] = field(default_factory=list)  # fine-tuning validation rows over steps
     identity: dict[str, Any] = field(default_factory=dict)  # what makes it its method (tsf.identity.method_identity)
+    settings: dict[str, Any] = field(default_factory=dict)  # its whole resolved config, flat (tsf.identity.flatten_config)
 
     @property
     def is_finetune(self) -> bool:
@@ -86,7 +87,30 @@ class Run:
 
     @property
     def nfe(self) -> float:
-        return float(self.metrics.get("compute/nfe", float("nan")))
+        return self.cost("compute/nfe")
+
+    def cost(self, key: str) -> float:
+        """A compute axis per sample: ``compute/nfe``, ``compute/nfe_total`` (forward evaluations plus the
+        backward passes of the gradient samplers, ``nfe + nfe_grad``) or ``compute/seconds``."""
+        if key == "compute/nfe_total":
+            return self.cost("compute/nfe") + float(self.metrics.get("compute/nfe_grad", 0.0))
+        return float(self.metrics.get(key, float("nan")))
+
+    @property
+    def num_particles(self) -> Optional[int]:
+        k = self.settings.get("model.init_args.sampler.init_args.num_particles")
+        return int(k) if isinstance(k, (int, float)) else None
+
+    @property
+    def target_name(self) -> Optional[str]:
+        """The target reward's name: from ``samples.pt`` (its rewards by name) or the config."""
+        rewards = (self.samples or {}).get("rewards") or {} if self.path is not None else {}
+        cross = {k.split("/")[1] for k in self.cross_keys()}
+        name = next((n for n in rewards if n not in cross), None)
+        if name is None:
+            value = self.settings.get("model.init_args.reward") or self.settings.get("model.init_args.reward.class_path")
+            name = None if value is None else short_value(value)
+        return name
 
     def _tensors(self, name: str) -> Optional[dict[str, Any]]:
         """The run directory's file ``name`` (tensors only: no arbitrary pickle), or ``None``."""
@@ -131,15 +155,15 @@ def load_run(run_dir: Path) -> Run:
     """Read one run directory; :class:`ConfigError` when it holds neither kind of run."""
     d = Path(run_dir)
     config = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
-    identity = method_identity(config)
+    identity, settings = method_identity(config), flatten_config(config)
     if (d / "metrics.json").is_file():
         return Run(d, method_label(d), _sampler_name(config), json.loads((d / "metrics.json").read_text()),
-                   identity=identity)
+                   identity=identity, settings=settings)
     if (d / "val_metrics.jsonl").is_file():
         curve = [json.loads(line) for line in (d / "val_metrics.jsonl").read_text().splitlines() if line.strip()]
         if curve:
             return Run(d, method_label(d), _sampler_name(config) if config else "fine-tuning", curve[-1], curve,
-                       identity)
+                       identity, settings)
     raise ConfigError(f"{d} is not a run directory (no metrics.json or val_metrics.jsonl)")
 
 
@@ -176,7 +200,7 @@ def wandb_runs(project: str, note: Callable[[str], None] = print, api=None) -> l
         sampler, identity = _sampler_name(config), method_identity(config)
         label = method_label(Path(r.name))
         if TARGET in numbers:
-            runs.append(Run(None, label, sampler, numbers, identity=identity))
+            runs.append(Run(None, label, sampler, numbers, identity=identity, settings=flatten_config(config)))
         elif f"val/{TARGET}" in numbers:
             curve = [{"step": row.get("trainer/global_step", row.get("_step")),
                       **{k[4:]: v for k, v in row.items() if k.startswith("val/") and v is not None}}
@@ -232,28 +256,60 @@ class Series:
     x_hi: Optional[np.ndarray] = None
 
 
-def _ci(runs: list[Run], key: str, ci: dict) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+COMPUTE_AXES = {"compute/nfe": "NFE per sample", "compute/nfe_total": "NFE + backward passes per sample",
+                "compute/seconds": "seconds per sample"}
+
+
+def _pooled(runs: list[Run], key: str) -> Optional[np.ndarray]:
+    """The per-sample values behind ``key`` of every run of a point (replicates pooled), or ``None``."""
     values = [r.per_sample(key) for r in runs]
-    if any(v is None or not len(v) for v in values):
+    return None if any(v is None or not len(v) for v in values) else np.concatenate(values)
+
+
+def _value(runs: list[Run], key: str) -> float:
+    """A point's value of ``key``: a compute axis averaged, a metric over the pooled samples (the mean of
+    the runs' means when they have no per-sample values)."""
+    if key in COMPUTE_AXES:
+        return float(np.mean([r.cost(key) for r in runs]))
+    pooled = _pooled(runs, key)
+    if pooled is not None and key in (TARGET,) + tuple(k for r in runs for k in r.cross_keys()):
+        finite = pooled[np.isfinite(pooled)]
+        return float(finite.mean()) if len(finite) else float("nan")
+    return float(np.mean([r.metrics[key] for r in runs]))
+
+
+def _interval(points: list[list[Run]], key: str, ci: dict) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    if key in COMPUTE_AXES:
         return None, None
-    lo, hi = zip(*(bootstrap_ci(v, **ci) for v in values))
+    pooled = [_pooled(p, key) for p in points]
+    if any(v is None for v in pooled):
+        return None, None
+    lo, hi = zip(*(bootstrap_ci(v[np.isfinite(v)], **ci) for v in pooled))
     return np.array(lo), np.array(hi)
 
 
 def series(runs: list[Run], x_key: str, y_key: str, ci: Optional[dict] = None) -> Series:
-    """The points of one method's runs, with bootstrap intervals of every per-sample mean metric."""
+    """One method's points, in order of its budget (NFE): runs at the same budget (replicates: other
+    seeds) are one point over their pooled samples, so a curve never zigzags between replicates; with
+    bootstrap intervals of every per-sample mean metric."""
     ci = ci or {}
-    x = np.array([r.nfe if x_key == "compute/nfe" else r.metrics[x_key] for r in runs], dtype=float)
-    y = np.array([r.metrics[y_key] for r in runs], dtype=float)
-    y_lo, y_hi = _ci(runs, y_key, ci)
-    x_lo, x_hi = _ci(runs, x_key, ci) if x_key != "compute/nfe" else (None, None)
+    points: dict[float, list[Run]] = {}
+    for r in sorted(runs, key=lambda r: r.nfe):
+        points.setdefault(round(r.nfe, 6) if np.isfinite(r.nfe) else float(len(points)), []).append(r)
+    groups = list(points.values())
+    x = np.array([_value(g, x_key) for g in groups], dtype=float)
+    y = np.array([_value(g, y_key) for g in groups], dtype=float)
+    y_lo, y_hi = _interval(groups, y_key, ci)
+    x_lo, x_hi = _interval(groups, x_key, ci)
     return Series(runs[0].label, x, y, y_lo, y_hi, x_lo, x_hi)
 
 
-def scaling_series(runs: list[Run], key: str = TARGET, ci: Optional[dict] = None) -> dict[str, Series]:
-    """Per method, ``key`` against NFE per sample with its bootstrap band (sampling runs that have ``key``)."""
-    sampling = [r for r in runs if not r.is_finetune and key in r.metrics and np.isfinite(r.nfe)]
-    return {m: series(group, "compute/nfe", key, ci) for m, group in by_method(sampling).items()}
+def scaling_series(runs: list[Run], key: str = TARGET, ci: Optional[dict] = None,
+                   x_key: str = "compute/nfe") -> dict[str, Series]:
+    """Per method, ``key`` against a compute axis (``x_key``) with its bootstrap band (sampling runs that
+    have ``key``)."""
+    sampling = [r for r in runs if not r.is_finetune and key in r.metrics and np.isfinite(r.cost(x_key))]
+    return {m: series(group, x_key, key, ci) for m, group in by_method(sampling).items()}
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -296,16 +352,26 @@ def draw(ax, s: Series, color: str, legend: str, band: bool = True, marker: str 
         tag(ax.fill_between(s.x, s.y_lo, s.y_hi, color=color, alpha=0.2, linewidth=0), s.label)
 
 
-def log_nfe_axis(ax, nfe: Iterable[float]) -> None:
-    """Log-scale NFE axis, ticked at the runs' NFE values when they are few, else at 1-2-5 steps."""
+def thinned(values: Iterable[float], ratio: float = 1.15) -> list[float]:
+    """Tick values no two of which are closer than ``ratio`` (on a log axis): 99 and 100 give one tick."""
+    kept: list[float] = []
+    for v in sorted({round(float(v), 1) for v in values if np.isfinite(v) and v > 0}):
+        if not kept or v >= kept[-1] * ratio:
+            kept.append(v)
+    return kept
+
+
+def log_nfe_axis(ax, nfe: Iterable[float], key: str = "compute/nfe") -> None:
+    """Log-scale compute axis, ticked at the runs' values when they are few (never two ticks closer than
+    15%, so that labels do not overlap), else at 1-2-5 steps."""
     import matplotlib.ticker as mt
 
     ax.set_xscale("log")
-    values = sorted({round(float(v), 1) for v in nfe})
+    values = thinned(nfe)
     ax.xaxis.set_major_locator(mt.FixedLocator(values) if len(values) <= 6 else mt.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(mt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(mt.NullFormatter())
-    ax.set_xlabel("NFE per sample")
+    ax.set_xlabel(COMPUTE_AXES.get(key, key))
 
 
 def legend_below(fig, axes) -> None:
@@ -320,18 +386,22 @@ def legend_below(fig, axes) -> None:
                    columnspacing=1.0)
 
 
-def metric_label(key: str) -> str:
+def metric_label(key: str, runs: Iterable[Run] = ()) -> str:
+    """An axis label that names the reward (``target reward: digit (mean)``) when the runs share one."""
     if key == TARGET:
-        return "target reward (mean)"
+        names = {r.target_name for r in runs} - {None}
+        return f"target reward: {names.pop()} (mean)" if len(names) == 1 else "target reward (mean)"
     if key.startswith("cross/"):
-        return f"cross-reward {key.split('/')[1]} (mean)"
-    return {"diversity/pairwise": "diversity (pairwise)", "diversity/vendi": "diversity (Vendi)"}.get(key, key)
+        return f"cross-reward: {key.split('/')[1]} (mean)"
+    return {"diversity/pairwise": "diversity (pairwise)", "diversity/vendi": "diversity (Vendi)",
+            **COMPUTE_AXES}.get(key, key)
 
 
 # ----------------------------------------------------------------------------- the figures
-def scaling_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
-    """Target reward against NFE per sample (log scale) with bootstrap bands; cross-reward (banded too)
-    and diversity beside it where the runs have them."""
+def scaling_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None, x_key: str = "compute/nfe"):
+    """Target reward against a compute axis (``x_key``: NFE per sample, NFE plus backward passes, or
+    seconds; log scale) with bootstrap bands; cross-reward (banded too) and diversity beside it where the
+    runs have them."""
     import matplotlib.pyplot as plt
 
     sampling = [r for r in runs if not r.is_finetune and TARGET in r.metrics]
@@ -342,10 +412,10 @@ def scaling_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] =
     fig, axes = plt.subplots(1, len(keys), figsize=(FULL_WIDTH if len(keys) > 1 else SINGLE_COLUMN, 2.3),
                              layout="constrained", squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for m, s in scaling_series(sampling, key, ci).items():
+        for m, s in scaling_series(sampling, key, ci, x_key).items():
             draw(ax, s, colors[m], m)
-        log_nfe_axis(ax, (r.nfe for r in sampling))
-        ax.set_title(metric_label(key))
+        log_nfe_axis(ax, (r.cost(x_key) for r in sampling), x_key)
+        ax.set_title(metric_label(key, sampling))
     axes[0, 0].set_ylabel(f"mean ({100 * (ci or {}).get('level', 0.95):g}% bootstrap band)")
     legend_below(fig, axes)
     return fig
@@ -365,8 +435,8 @@ def tradeoff(ax, runs: list[Run], colors: dict[str, str], x_key: str, y_key: str
             tag(ln, m)
             ax.annotate(f"step {rows[-1]['step']}", (rows[-1][x_key], rows[-1][y_key]), fontsize=5,
                         xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel(metric_label(x_key))
-    ax.set_ylabel(metric_label(y_key))
+    ax.set_xlabel(metric_label(x_key, runs))
+    ax.set_ylabel(metric_label(y_key, runs))
 
 
 def _cross_key(runs: list[Run]) -> str:
@@ -470,9 +540,13 @@ def smc_figure(runs: list[Run], colors: dict[str, str]):
     """ESS / K (mean over samples, 10-90% band) and the fraction of samples resampled at each step (full width)."""
     import matplotlib.pyplot as plt
 
-    smc = [r for r in runs if r.diagnostics is not None]
+    def trivial(r: Run) -> bool:  # one particle: ESS / K is 1 and nothing is resampled, at every step
+        d = r.diagnostics
+        return r.num_particles == 1 or (bool((d["ess_fraction"] == 1).all()) and not bool(d["resampled"].any()))
+
+    smc = [r for r in runs if r.diagnostics is not None and not trivial(r)]
     if not smc:
-        raise MissingInput("no run has diagnostics.pt (SMC-family samplers write it)")
+        raise MissingInput("no run has diagnostics.pt with more than one particle (SMC-family samplers write it)")
     fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.2), layout="constrained")
     for m, group in by_method(smc).items():
         for j, r in enumerate(group):
@@ -499,10 +573,11 @@ def smc_figure(runs: list[Run], colors: dict[str, str]):
 FIGURES = ("scaling", "frontier", "diversity", "overoptimisation", "grids", "smc_diagnostics")
 
 
-def build(name: str, runs: list[Run], colors: dict[str, str], ci: dict, grid_samples: int, note):
+def build(name: str, runs: list[Run], colors: dict[str, str], ci: dict, grid_samples: int, note,
+          x_key: str = "compute/nfe"):
     """The named figure (a matplotlib Figure); :class:`MissingInput` when the runs lack its inputs."""
     if name == "scaling":
-        return scaling_figure(runs, colors, ci)
+        return scaling_figure(runs, colors, ci, x_key)
     if name == "frontier":
         return frontier_figure(runs, colors, ci)
     if name == "diversity":
@@ -531,15 +606,15 @@ def save_figure(fig, out: Path, formats: Iterable[str] = ("png", "pdf"), dpi: in
 
 def make_figures(runs: list[Run], out: Path, only: Optional[Iterable[str]] = None, prefix: str = "",
                  ci: Optional[dict] = None, grid_samples: int = 10, formats: Iterable[str] = ("png", "pdf"),
-                 dpi: int = 200, note: Callable[[str], None] = print) -> list[Path]:
+                 dpi: int = 200, note: Callable[[str], None] = print, x_key: str = "compute/nfe") -> list[Path]:
     """Every figure (or those in ``only``) into ``out/<prefix><name>.{png,pdf}``; returns the files written.
-    A figure whose inputs no run has is skipped with a note."""
+    A figure whose inputs no run has is skipped with a note. ``x_key`` is the scaling figure's compute axis."""
     colors = method_colors(r.label for r in runs)
     written = []
     with style():
         for name in only or FIGURES:
             try:
-                fig = build(name, runs, colors, ci or {}, grid_samples, note)
+                fig = build(name, runs, colors, ci or {}, grid_samples, note, x_key)
             except MissingInput as why:
                 note(f"note: {name} skipped: {why}")
                 continue
@@ -559,6 +634,9 @@ def main(argv=None) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the confidence bands")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the bands")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--x", choices=["nfe", "nfe_total", "seconds"], default="nfe",
+                   help="the scaling figure's compute axis: NFE per sample, NFE plus backward passes (what a "
+                        "gradient sampler such as DAS also spends), or wall seconds per sample")
     p.add_argument("--wandb_project", default=None,
                    help="also draw the runs of this wandb project (entity/project; needs network and a login)")
     args = p.parse_args(argv)
@@ -576,7 +654,8 @@ def main(argv=None) -> None:
     if not runs:
         sys.exit("tsf figures: error: no run directory (metrics.json or val_metrics.jsonl) among the arguments")
     ci = {"num_resamples": args.bootstrap, "level": args.level, "seed": args.seed}
-    written = make_figures(runs, args.out, args.only, args.prefix, ci, args.grid_samples, args.formats, args.dpi)
+    written = make_figures(runs, args.out, args.only, args.prefix, ci, args.grid_samples, args.formats, args.dpi,
+                           x_key=f"compute/{args.x}")
     print(f"{len(runs)} runs, {len(by_method(runs))} methods; wrote:")
     print("\n".join(f"  {p}" for p in written))
 
