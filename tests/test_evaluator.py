@@ -1,5 +1,6 @@
 """The shared evaluator's diversity and fidelity math, and its metric keys."""
 
+import pytest
 import torch
 
 from tsf.evaluation import Evaluator, frechet_distance, pairwise_cosine_distance, vendi_score
@@ -50,10 +51,23 @@ def test_evaluator_keys_and_per_sample_compute():
                             compute={"nfe": 500.0, "reward_calls": 80.0, "seconds": 1.0})
         ev.update(batch, ev.rewards(batch, [None] * 10))
     m = ev.compute()
-    assert set(m) == {"target/mean", "target/median", "target/q90", "cross/half/mean", "diversity/pairwise",
+    assert set(m) == {"target/mean", "target/median", "target/q90", "target/nonfinite", "cross/half/mean", "diversity/pairwise",
                       "diversity/vendi", "fidelity/fd", "compute/nfe", "compute/nfe_grad", "compute/reward_calls",
                       "compute/reward_grad_calls", "compute/model_rows", "compute/decode_rows", "compute/reward_rows",
                       "compute/seconds"}
     assert m["compute/nfe"] == 50.0 and m["compute/reward_calls"] == 8.0 and m["compute/nfe_grad"] == 0.0
     assert abs(m["cross/half/mean"] - m["target/mean"] / 2) < 1e-6
     assert m["target/q90"] >= m["target/median"]
+
+
+def test_frechet_distance_matches_the_matrix_square_root_formula():
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` with scipy's sqrtm, on correlated features."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    a = torch.randn(400, 8, generator=g, dtype=torch.float64) @ mix
+    b = torch.randn(300, 8, generator=g, dtype=torch.float64) @ mix.T * 1.5 + 0.3
+    sa, sb = (torch.cov(x.T).numpy() for x in (a, b))
+    root = scipy_linalg.sqrtm(sa @ sb).real
+    expected = float(((a.mean(0) - b.mean(0)) ** 2).sum() + sa.trace() + sb.trace() - 2 * root.trace())
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)

@@ -25,7 +25,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.image.fid import _compute_fid
 from torchmetrics.utilities import dim_zero_cat
 
 from tsf.errors import ConfigError
@@ -34,9 +33,13 @@ from tsf.samplers.base import COMPUTE_KEYS, SampleBatch, chunked
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets ``[n, d]``."""
+    """Frechet distance between Gaussians fitted to two feature sets ``[n, d]``:
+    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))``, the trace of the matrix square root
+    being the sum of the square roots of the eigenvalues of ``S_a S_b`` (real and non-negative up to rounding)."""
     a, b = a.double(), b.double()
-    return float(_compute_fid(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T)))
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    root = torch.linalg.eigvals(sa @ sb).sqrt().real.sum()
+    return float((a.mean(0) - b.mean(0)).square().sum() + sa.trace() + sb.trace() - 2 * root)
 
 
 def pairwise_cosine_distance(features: Tensor) -> float:
@@ -76,9 +79,9 @@ def lpips_unavailable(net: str) -> Optional[str]:
     """
     if net not in LPIPS_NETS:
         return f"unknown LPIPS backbone {net!r}; choose one of {', '.join(LPIPS_NETS)}"
-    from torchmetrics.utilities.imports import _TORCHVISION_AVAILABLE
+    import importlib.util
 
-    if not _TORCHVISION_AVAILABLE:
+    if importlib.util.find_spec("torchvision") is None:
         return "LPIPS needs torchvision: `pip install torchvision` (the build matching your torch)"
     import torchvision
 
