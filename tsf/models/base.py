@@ -170,6 +170,26 @@ class BaseModel(LazyLoadModule):
         uses it to skip work that only a noisy step needs, e.g. SMC's gradient for a deterministic last step."""
         return None
 
+    def marginal(self, i: int) -> tuple[float, float]:
+        """``(a_i, s_i)`` of the forward process at grid point ``i`` (``0 .. num_steps``): the states there are
+        ``x_i = a_i x0 + s_i eps``. A model that does not say has no :meth:`renoise`."""
+        raise NotImplementedError(f"{type(self).__name__} does not give its forward process (marginal)")
+
+    def renoise(self, x: Tensor, i: int, j: int, noise: Tensor) -> Tensor:
+        """States ``x`` at grid point ``i`` noised forward to the noisier grid point ``j <= i`` by the forward process,
+        ``q(x_j | x_i) = N((a_j / a_i) x, (s_j^2 - (a_j / a_i)^2 s_i^2) I)``, which keeps the marginals: from
+        ``x_i = a_i x0 + s_i eps`` it gives ``a_j x0 + s_j eps'``. ``noise`` is standard normal like ``x``;
+        ``j = i`` returns ``x``."""
+        if not 0 <= j <= i <= self.num_steps:
+            raise ValueError(f"renoise goes from grid point i to a noisier j <= i in 0 .. {self.num_steps}, "
+                             f"got {i} -> {j}")
+        if j == i:
+            return x
+        (a_i, s_i), (a_j, s_j) = self.marginal(i), self.marginal(j)
+        ratio = a_j / a_i
+        std = math.sqrt(max(s_j * s_j - ratio * ratio * s_i * s_i, 0.0))
+        return x * ratio + noise * std  # separate products, no fused multiply-add (see constant_std)
+
     def log_prob(self, x_prev: Tensor, transition: Transition) -> Tensor:
         """``log p(x_prev | x_t)`` per row (summed over dimensions)."""
         return gaussian_log_prob(x_prev, transition.mean, transition.std)

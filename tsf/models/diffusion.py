@@ -153,6 +153,11 @@ class EpsDiffusionModel(BaseModel):
     def step_std(self, i: int) -> Tensor:
         return torch.tensor(self._kernel[i][4], device=self.abar.device)
 
+    def marginal(self, i: int) -> tuple[float, float]:
+        """``(sqrt(abar), sqrt(1 - abar))`` at grid point ``i``; at ``i = T`` the last step's ``abar_prev``."""
+        abar = float(self.abar[i]) if i < self.num_steps else float(self.abar_prev[-1])
+        return math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
+
     def eps(self, output: Tensor) -> Tensor:
         """The eps prediction inside a model output (the output itself here)."""
         return output

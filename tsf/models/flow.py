@@ -208,6 +208,10 @@ class FlowModel(BaseModel):
     def score(self, x: Tensor, i: int, output: Tensor) -> Tensor:
         return output * self._kernel["sc_u"][i] - x * self._kernel["sc_x"][i]
 
+    def marginal(self, i: int) -> tuple[float, float]:
+        """``(alpha, sigma)`` of the sampled interpolant (linear or VP) at grid point ``i``."""
+        return float(self._alpha[i]), float(self._sigma[i])
+
     def step_std(self, i: int) -> float:
         return self._kernel["std"][i]
 

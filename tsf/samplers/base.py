@@ -364,6 +364,7 @@ class Sampler:
         conditions = list(conditions)
         if len(conditions) != len(sample_ids):
             raise ConfigError(f"{len(conditions)} conditions for {len(sample_ids)} sample ids")
+        reward = self.guide(model, reward)
         if self.uses_reward and reward is None:
             raise ConfigError(f"sampler {self.name!r} needs a reward")
         if self.needs_stochastic_kernel and not model.is_stochastic:
@@ -388,6 +389,11 @@ class Sampler:
         return SampleBatch(x0=x0.detach(), sample_ids=sample_ids, images=images,
                            rewards=None if rewards is None else rewards.detach(),
                            compute=counter.counts, diagnostics=diagnostics)
+
+    def guide(self, model: BaseModel, reward: Optional[Reward]) -> Optional[Reward]:
+        """The reward the sampler scores with, handed to :meth:`_sample` and counted in ``reward_calls``: the
+        target reward, or a search's own verifier (Best-of-N's and zero-order search's ``verifier``)."""
+        return reward
 
     def _sample(self, model: BaseModel, reward: Optional[Reward], conditions: list, c: Tensor, noise: Noise):
         """Return ``x0 [B, ...]`` or ``(x0, rewards [B] or None, diagnostics[, images])``: the images of
