@@ -102,7 +102,7 @@ def test_a_checkpoint_of_other_adapters_is_refused(tmp_path):
 
 
 def test_overoptimisation_figure_from_curves_and_points(tmp_path):
-    from tsf.figures import overoptimisation_figure
+    from tsf.commands.overopt import overoptimisation_figure
 
     point = {"target/mean": -1.0, "cross/digit_holdout/mean": -2.0, "diversity/pairwise": 0.4}
     curve = [{"step": s, "target/mean": -s / 100, "cross/digit_holdout/mean": -1.0, "diversity/pairwise": 0.5}

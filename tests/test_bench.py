@@ -5,7 +5,7 @@ in the benchmarks (README), never asserted here."""
 import json
 import math
 
-from tsf.bench import CONFIGS, run
+from tsf.commands.bench import CONFIGS, run
 
 COUNTED = ("nfe", "nfe_grad", "reward_calls", "reward_grad_calls")
 

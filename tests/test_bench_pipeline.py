@@ -6,7 +6,7 @@ import json
 import math
 
 from tiny import tiny_pipeline
-from tsf.bench import pipeline_sampler, run
+from tsf.commands.bench import pipeline_sampler, run
 from tsf.rewards import Reward
 
 STEPS = 2

@@ -358,9 +358,9 @@ def test_runs_that_differ_in_alpha_T_or_adapter_get_their_own_directory_and_curv
     table`` tell them apart from their resolved configs, while replicates (another seed) share a method."""
     from peft import LoraConfig, get_peft_model
 
-    from tsf.figures import by_method, load_runs
+    from tsf.commands.figures import by_method, load_runs
     from tsf.models import DigitsDiffusion
-    from tsf.report import run_labels
+    from tsf.commands.table import run_labels
 
     net = DigitsDiffusion().load().net
     adapter = tmp_path / "ft" / "adapter"

@@ -61,7 +61,7 @@ def test_conditional_model_draws_the_requested_class():
 
 
 def test_recipe_makes_loadable_weights_and_a_report(tmp_path):
-    from tsf.pretrain import main
+    from tsf.commands.pretrain import main
 
     main(["digits", "--out", str(tmp_path), "--denoiser_steps", "30", "--classifier_steps", "20"])
     report = json.loads((tmp_path / "digits.json").read_text())

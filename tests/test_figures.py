@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tsf.cli import load_samples, main
-from tsf.figures import (FIGURES, bootstrap_ci, build, load_runs, method_colors, method_label, scaling_series,
+from tsf.commands.figures import (FIGURES, bootstrap_ci, build, load_runs, method_colors, method_label, scaling_series,
                          style)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ class FakeApi:
 def test_runs_of_a_wandb_project_are_drawn_from_their_metrics(run_dirs, tmp_path, monkeypatch, capsys):
     import wandb
 
-    from tsf.figures import main as figures_main
+    from tsf.commands.figures import main as figures_main
 
     m = {"target/mean": 0.4, "cross/digit_holdout/mean": 0.3, "diversity/pairwise": 1.1, "compute/nfe": 400.0}
     fake = FakeApi([
@@ -212,7 +212,7 @@ def test_runs_of_a_wandb_project_are_drawn_from_their_metrics(run_dirs, tmp_path
     assert "wandb run 'crashed' has no target/mean" in out
     assert "4 runs, 3 methods" in out  # best_of_n (dir), das (2 wandb runs, one without its config), ddpo
     assert (tmp_path / "scaling.png").is_file() and (tmp_path / "frontier.png").is_file()
-    from tsf.figures import wandb_runs
+    from tsf.commands.figures import wandb_runs
 
     runs = {(r.label, r.nfe): r for r in wandb_runs("lab/tsf", api=fake, note=lambda s: None)}
     ddpo = next(r for (label, _), r in runs.items() if label == "ddpo")
@@ -224,7 +224,7 @@ def test_runs_of_a_wandb_project_are_drawn_from_their_metrics(run_dirs, tmp_path
 
 
 def test_the_sampler_is_read_from_a_nested_or_a_flattened_config():
-    from tsf.figures import _sampler_name
+    from tsf.commands.figures import _sampler_name
 
     nested = {"model": {"init_args": {"sampler": {"class_path": "tsf.samplers.SMC"}}}}
     assert _sampler_name(nested) == _sampler_name({"model.init_args.sampler.class_path": "tsf.samplers.SMC"}) == "SMC"
@@ -236,7 +236,7 @@ def test_figure_axes_a_reviewer_accepts(run_dirs, tmp_path):
     compute axis with backward passes, and no trivial one-particle SMC diagnostics."""
     import shutil
 
-    from tsf.figures import Run, metric_label, series, smc_figure, style, thinned
+    from tsf.commands.figures import Run, metric_label, series, smc_figure, style, thinned
 
     assert thinned([99, 100, 160, 170, 500]) == [99, 160, 500]  # never two ticks within 15%
     runs = load_runs([run_dirs["bon2"], run_dirs["bon4"]])

@@ -136,7 +136,7 @@ def test_for_budget_sizes_every_method_to_the_same_counted_nfe(budget):
 
 
 def test_scaling_command_writes_table_and_figure(tmp_path):
-    from tsf.scaling import main
+    from tsf.commands.scaling import main
 
     root = Path(__file__).resolve().parents[1] / "configs/gmm_flow"
     main([str(root / "ode_bon.yaml"), str(root / "svdd_vp.yaml"), "--budgets", "40", "80",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny import tiny_pipeline
-from tsf.bench import WorkCounter
+from tsf.commands.bench import WorkCounter
 from tsf.models import Flux, StableDiffusion, StableDiffusion3
 from tsf.rewards import build_reward
 from tsf.samplers import SMC, SVDD, BestOfN

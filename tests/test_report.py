@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from tsf.report import results_table
+from tsf.commands.table import results_table
 
 
 def test_results_table_has_a_row_per_run_and_every_cross_reward(tmp_path):
@@ -24,7 +24,7 @@ def test_compare_keeps_finished_runs_and_refuses_to_mix_in_another_config(tmp_pa
     import pytest
     import yaml
 
-    from tsf.report import compare
+    from tsf.commands.compare import main as compare
 
     cfg = tmp_path / "best_of_n.yaml"
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/gmm/best_of_n.yaml").read_text())

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tsf.cli import main
-from tsf.sweep import command_args, expand
+from tsf.commands.sweep import command_args, expand
 
 sweeps = pytest.importorskip("sweeps")  # the wandb[sweeps] extra (in the test extra)
 from pathlib import Path  # noqa: E402
@@ -35,7 +35,7 @@ def test_every_generated_command_validates(path, capsys, monkeypatch):
 
 
 def test_a_grid_sweep_runs_offline_one_run_directory_per_configuration_and_resumes(tmp_path):
-    from tsf.sweep import main as sweep
+    from tsf.commands.sweep import main as sweep
 
     spec = {"program": "tsf", "method": "grid", "metric": {"name": "target/mean", "goal": "maximize"},
             "command": ["tsf", "sample", "--wandb_mode=offline", "--trainer.enable_progress_bar=false",

@@ -513,8 +513,8 @@ class TsfCLI(LightningCLI):
 
 
 #: ``tsf <tool> ...`` commands that are not LightningCLI subcommands: name -> "module:function"
-TOOLS = {"pretrain": "tsf.pretrain:main", "table": "tsf.report:main", "compare": "tsf.report:compare",
-         "scaling": "tsf.scaling:main", "sweep": "tsf.sweep:main", "overopt": "tsf.figures:overopt", "bench": "tsf.bench:main", "figures": "tsf.figures:main"}
+TOOLS = {"pretrain": "tsf.commands.pretrain:main", "table": "tsf.commands.table:main", "compare": "tsf.commands.compare:main",
+         "scaling": "tsf.commands.scaling:main", "sweep": "tsf.commands.sweep:main", "overopt": "tsf.commands.overopt:main", "bench": "tsf.commands.bench:main", "figures": "tsf.commands.figures:main"}
 
 
 #: every ``tsf`` command with its one line (``tsf --help``)

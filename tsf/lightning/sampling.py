@@ -198,7 +198,10 @@ class SamplingModule(L.LightningModule):
             x0 = self.base.x0_hat(x, 0, self.base(x, 0, self.base.encode_conditions(conds)))
             images = self.base.decode(x0)
         with torch.inference_mode(False):
-            for r in {id(r): r for r in [self.reward, *self.evaluator.cross]}.values():
+            verifier = getattr(self.sampler, "verifier", None)  # a search's own scorer (random, zero-order search)
+            if verifier is not None:
+                verifier.load().to(self.device)
+            for r in {id(r): r for r in [self.reward, *self.evaluator.cross, verifier] if r is not None}.values():
                 check_reward(r, images.clone(), conds)
 
     @torch.no_grad()

@@ -118,7 +118,7 @@ CONFIGS = {
 
 def config_path(rel: str) -> Path:
     """A config by its path relative to the working directory or, failing that, to the repository."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
         if (root / rel).is_file():
             return root / rel
     raise FileNotFoundError(f"{rel} not found (run `tsf bench` from the repository root)")

@@ -25,8 +25,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import yaml
 
+from tsf.commands.compare import run_tsf
+from tsf.commands.table import results_table
 from tsf.errors import ConfigError
-from tsf.report import results_table, run_tsf
 
 
 def _engine():

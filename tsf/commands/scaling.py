@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from tsf.report import OVERWRITE_HELP, results_table, run_tsf, split_passthrough
+from tsf.commands.compare import OVERWRITE_HELP, run_tsf, split_passthrough
+from tsf.commands.table import results_table
 
 
 def _resolve(class_path: str):
@@ -42,8 +43,8 @@ def budget_overrides(config: Path, budget: int) -> list[str]:
 
 
 def plot(run_dirs: list[Path], out: Path) -> list[Path]:
-    """The scaling figure of :mod:`tsf.figures` (bootstrap bands, the shared method colours) at ``out.{png,pdf}``."""
-    from tsf.figures import load_runs, method_colors, save_figure, scaling_figure, style
+    """The scaling figure of :mod:`tsf.commands.figures` (bootstrap bands, the shared method colours) at ``out.{png,pdf}``."""
+    from tsf.commands.figures import load_runs, method_colors, save_figure, scaling_figure, style
 
     runs = load_runs(run_dirs)
     with style():
