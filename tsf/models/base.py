@@ -1,6 +1,6 @@
 """The one view of every base model: a prior, a time grid and a Gaussian transition kernel.
 
-ALGORITHMS.md section 1. A sampler needs nothing else of a model: for a batch of
+docs/algorithms.md, section 1. A sampler needs nothing else of a model: for a batch of
 states ``x`` at grid point ``i`` (``i = 0`` is the prior, ``i = num_steps`` is x0)
 and per-row conditions ``c``, the model gives the mean and standard deviation of
 ``p(x_{i+1} | x_i)`` and the Tweedie estimate ``x0_hat(x_i)``.

@@ -2,7 +2,7 @@
 
 The schedule (``alphas_cumprod``, the timestep grid) comes from diffusers'
 ``DDIMScheduler`` / ``DDPMScheduler``; tsf owns only the Gaussian-kernel math of
-ALGORITHMS.md section 1:
+docs/algorithms.md, section 1:
 
     x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
     s      = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)

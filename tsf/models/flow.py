@@ -1,4 +1,4 @@
-"""Flow-matching models behind the Gaussian-kernel interface (ALGORITHMS.md section 5).
+"""Flow-matching models behind the Gaussian-kernel interface (docs/algorithms.md, section 5).
 
 Conventions: ``s = 1`` is noise, ``s = 0`` data, ``x_s = alpha_s x0 + sigma_s eps``. The network
 predicts the velocity ``u = d x_t / d t`` of the linear path (``alpha = 1 - t``, ``sigma = t``).

@@ -1,4 +1,4 @@
-"""Best-of-N (ALGORITHMS.md section 2).
+"""Best-of-N (docs/algorithms.md, section 2; random search over noises: section 10).
 
 ``N`` independent trajectories of the base sampler per output; return the one whose
 final ``x0`` has the highest reward. NFE = ``N * T``.

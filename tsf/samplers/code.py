@@ -1,4 +1,4 @@
-"""CoDe: blockwise controlled decoding (the RBF paper's baseline, ``N = 2``, ``K = 25``, ``L = 2``).
+"""CoDe: blockwise controlled decoding (the RBF paper's baseline, ``N = 2``, ``K = 25``, ``L = 2``; docs/algorithms.md, section 10).
 
 SVDD with look-ahead blocks: ``N`` chains per output. At each block, from its state at grid point ``i``, a chain draws
 ``K`` children from the base kernel and rolls each forward ``L`` kernel steps (fresh noise at every step) to

@@ -1,4 +1,4 @@
-"""Noise-space search (Ma et al. 2025, arXiv 2501.09732): search over the initial noise of a deterministic sampler.
+"""Noise-space search (Ma et al. 2025, arXiv 2501.09732; docs/algorithms.md, section 10): search over the initial noise of a deterministic sampler.
 
 With the ODE (a flow model's ``diffusion: none``, DDIM with ``eta = 0``) a sample is a function of its initial
 noise, so a search over noises needs no stochastic kernel.

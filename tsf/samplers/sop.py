@@ -1,4 +1,4 @@
-"""Search over Paths (SoP; Ma et al. 2025, arXiv 2501.09732; the RBF paper's baseline, ``N = 2``, ``K = 5``).
+"""Search over Paths (SoP; Ma et al. 2025, arXiv 2501.09732; the RBF paper's baseline, ``N = 2``, ``K = 5``; docs/algorithms.md, section 10).
 
 ``N`` paths per output, started by the model's kernel (the ODE: a flow model's ``diffusion: none``, DDIM with
 ``eta = 0``) from the prior to a first grid point ``i0``. Then, while a path is short of ``x0``: each path at
