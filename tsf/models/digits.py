@@ -239,7 +239,10 @@ class DigitsDiffusion(EpsDiffusionModel):
     ) -> None:
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"adapter {adapter!r} is not a LoRA adapter directory (no adapter_config.json); "
-                              "tsf finetune writes one to <trainer.default_root_dir>/adapter")
+                              "tsf finetune writes one to <run directory>/adapter")
+        if guidance_scale != 1.0 and not conditional:
+            raise ConfigError(f"guidance_scale {guidance_scale} guides towards each sample's class, but this model is "
+                              "unconditional (conditional: false): set conditional: true, or leave guidance_scale at 1")
         self.weights, self.adapter = weights, adapter
         net = build_network(weights)  # reads only the header: architecture, no weights
         super().__init__(net, SCHEDULER_CONFIG, scheduler=scheduler, num_steps=num_steps, eta=eta,
