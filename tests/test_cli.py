@@ -441,3 +441,43 @@ def test_ctrl_c_prints_the_resume_command_and_the_resumed_run_says_what_it_reuse
     assert "resumed: 2 of 3 batches read from" in out and ", 1 sampled" in out
     assert len(list((tmp_path / "cut" / "wandb").glob("offline-run-*"))) == 1  # the interrupted attempt's is gone
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["target/mean"] < 0
+
+
+def test_runs_print_none_of_the_known_noise(tmp_path):
+    """No litlogger tip, no pytree deprecation, no note that frozen parts are in eval mode or that a short
+    run logs less often than 50 steps, and no "Epoch 0/-2" in a fine-tuning run's bar; a bad value is one line."""
+    import subprocess
+
+    def tsf(*args):
+        done = subprocess.run([sys.executable, "-m", "tsf", *args, f"--output_dir={tmp_path}", "--wandb_mode=disabled"],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        return done.returncode, done.stdout + done.stderr
+
+    code, out = tsf("finetune", "--config", str(ROOT / "configs/finetune/draft.yaml"), "--trainer.max_steps=2",
+                    *FINETUNE_SMALL[:3])
+    assert code == 0, out[-3000:]
+    code2, out2 = tsf("sample", "--config", str(ROOT / "configs/digits/best_of_n.yaml"), "--data.init_args.num_samples=4")
+    assert code2 == 0, out2[-3000:]
+    for noise in ("litlogger", "LeafSpec", "eval mode", "logging interval", "Epoch 0/-2", "sync_dist"):
+        assert noise not in out + out2, noise
+    code, out = tsf("sample", "--config", str(ROOT / "configs/digits/smc.yaml"), "--model.init_args.sampler.init_args.resampler=foo")
+    lines = [x for x in out.strip().splitlines() if x.strip()]
+    assert code == 2 and lines[-2].startswith("tsf: error: model.sampler.resampler: Expected a typing.Literal"), lines[-3:]
+    assert "usage:" not in out
+
+
+def test_samples_pt_holds_each_samples_condition_and_compute_is_said_per_sample(tmp_path):
+    d = run(tmp_path)
+    samples = load_samples(d)
+    conds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # the config's classes, cycled over the sample ids
+    assert samples["conditions"] == [conds[i % 10] for i in samples["sample_id"].tolist()]
+    from tsf.models import DigitsDiffusion
+    from tsf.rewards import build_reward
+    from tsf.samplers import BestOfN
+
+    batch = BestOfN(num_particles=2).sample(DigitsDiffusion(num_steps=3), build_reward("digit"), [3] * 4, range(4))
+    assert batch.compute["nfe"] == 2 * 3 * 4 and batch.compute_per_sample["nfe"] == 2 * 3  # batch total, per sample
+    from tsf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unconditional"):
+        DigitsDiffusion(guidance_scale=3.0)

@@ -140,11 +140,14 @@ def write_run_dir(run_dir: Path, results: dict[str, Any]) -> None:
     if len(results.get("per_condition", {})) > 1:  # the per-prompt (per-class) breakdown
         (run_dir / "per_condition.json").write_text(json.dumps(results["per_condition"], indent=2))
     samples = {k: results["samples"][k] for k in ("x0", "images", "sample_id", "rewards") if k in results["samples"]}
+    conds = results.get("conditions") or [None]
+    conditions = [conds[i % len(conds)] for i in samples["sample_id"].tolist()]
+    # each sample's condition (class, prompt or None) beside its rewards; other kinds as text (samples.pt loads
+    # with weights_only, which takes numbers, strings and None)
+    samples["conditions"] = [c if c is None or isinstance(c, (int, float, str)) else repr(c) for c in conditions]
     torch.save(samples, run_dir / "samples.pt")
     if "images" in samples:
-        conds = results.get("conditions") or [None]
-        save_grid(samples["images"], run_dir / "grid.png",
-                  [conds[i % len(conds)] for i in samples["sample_id"].tolist()])
+        save_grid(samples["images"], run_dir / "grid.png", conditions)
 
 
 def load_samples(run_dir: Path) -> dict[str, Any]:
@@ -228,6 +231,25 @@ def log_to_wandb(logger, results: dict[str, Any], grid) -> None:
 
 
 # ----------------------------------------------------------------------------- trainer + CLI
+def steps_progress_bar():
+    """Lightning's rich progress bar, except that a run bounded by steps alone (``max_epochs`` unset: the
+    fine-tuning baselines) is labelled by its steps, not "Epoch 0/-2"; ``None`` without ``rich``."""
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+        import rich  # noqa: F401
+    except ImportError:
+        return None
+
+    class StepsProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            if self.trainer.max_epochs not in (None, -1):
+                return super()._get_train_description(current_epoch)
+            text = "Training steps"
+            return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
+
+    return StepsProgressBar()
+
+
 class TsfTrainer(Trainer):
     """A Lightning ``Trainer`` with the ``sample`` subcommand."""
 
@@ -243,6 +265,15 @@ class TsfTrainer(Trainer):
         max_steps, every = kwargs.get("max_steps"), kwargs.get("val_check_interval")
         if isinstance(max_steps, int) and max_steps > 0 and isinstance(every, int) and every > max_steps:
             kwargs["val_check_interval"] = max_steps
+        if isinstance(max_steps, int) and max_steps > 0 and kwargs.get("log_every_n_steps", 50) > max_steps:
+            kwargs["log_every_n_steps"] = max_steps  # a short run logs its steps (no Lightning note about it)
+        callbacks = kwargs.get("callbacks")
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if kwargs.get("enable_progress_bar", True) is not False and not any(
+                type(cb).__name__.endswith("ProgressBar") for cb in callbacks):
+            bar = steps_progress_bar()
+            if bar is not None:
+                kwargs["callbacks"] = [*callbacks, bar]
         super().__init__(*args, **kwargs)
 
     def sample(
@@ -456,8 +487,31 @@ def config_error_message(text: str) -> Optional[str]:
     return next((m for m in reversed(ConfigError.raised) if m in text), None)
 
 
+def parser_error_line(message: str) -> str:
+    """The one useful line of a nested jsonargparse error: the path of keys down to the innermost problem
+    and what was expected there (``model.sampler.resampler: Expected a typing.Literal[...]. Got value: foo``)."""
+    import re
+
+    keys, problem = [], None
+    for line in (x.strip() for x in message.splitlines()):
+        key = re.fullmatch(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:
+            keys.append(key.group(1))
+            if key.group(2):
+                problem = key.group(2)
+                break
+        elif line and not line.startswith(("Does not validate", "Subtypes:", "Errors:", "- Problem with", "Problem with",
+                                           "- Expected a <class 'NoneType'>", "Given value")):
+            problem = line.lstrip("- ")
+            break
+    if problem is None:
+        return " ".join(x.strip() for x in message.strip().splitlines()[:2])
+    return f"{'.'.join(keys)}: {problem}" if keys else problem
+
+
 class TsfArgumentParser(LightningArgumentParser):
-    """Reports configuration errors in one line; names the known samplers and rewards."""
+    """Reports configuration errors in one line (no page of usage before it); names the known samplers
+    and rewards."""
 
     def error(self, message: str, *args, **kwargs):
         if getattr(self, "exit_on_error", True):
@@ -467,6 +521,8 @@ class TsfArgumentParser(LightningArgumentParser):
             unresolved = unresolved_class_path(message)
             if unresolved is not None:
                 self.exit(2, f"tsf: error: {import_error_message(*unresolved)}\n")
+            prog = self.prog.replace(" [options]", "")
+            self.exit(2, f"tsf: error: {parser_error_line(message)}\n(`{prog} --help` lists the options)\n")
         return super().error(message, *args, **kwargs)
 
 
@@ -547,6 +603,26 @@ def overview() -> str:
     return "\n".join(lines)
 
 
+def quiet_known_noise() -> None:
+    """Silence what every run printed and no user can act on: Lightning's litlogger tip, the pytree
+    deprecation that Lightning's own code triggers, the advice to sync metrics that torchmetrics has
+    already synced (tsf logs them with ``sync_dist=False`` on purpose), and the note that a fine-tuning
+    run's frozen parts (rewards, VAE, base weights) are in eval mode, which they are meant to be."""
+    import logging
+    import warnings
+
+    for pattern in (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                    r"It is recommended to use `self\.log\(.*sync_dist=True",
+                    r"Found \d+ module\(s\) in eval mode at the start of training"):
+        warnings.filterwarnings("ignore", message=pattern)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(getattr(f, "tsf", False) for f in rank_zero.filters):
+        tip = logging.Filter()
+        tip.filter = lambda record: "litlogger" not in record.getMessage()  # type: ignore[method-assign]
+        tip.tsf = True  # type: ignore[attr-defined]
+        rank_zero.addFilter(tip)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from_sys = argv is None
     argv = sys.argv[1:] if from_sys else list(argv)
@@ -564,6 +640,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         module, function = TOOLS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
+    quiet_known_noise()
     if os.getcwd() not in sys.path:  # a user's reward or sampler module beside the config, as `python -m` finds it
         sys.path.append(os.getcwd())
     import tsf.rewards  # noqa: F401  (registers rewards)

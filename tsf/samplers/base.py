@@ -37,9 +37,10 @@ COMPUTE_KEYS = ("nfe", "nfe_grad", "reward_calls", "reward_grad_calls", "model_r
 
 @dataclass
 class SampleBatch:
-    """``B`` final samples. ``compute`` holds totals over the batch (divide by ``B`` for per sample);
-    ``diagnostics`` are the sampler's own (SMC: ``log_z``, ``ess_fraction``, ``resampled``), tensors
-    with one row per output in the order of ``sample_ids``."""
+    """``B`` final samples. ``compute`` holds **totals over the batch** (``compute["nfe"]`` is the NFE of
+    all ``B`` outputs); :attr:`compute_per_sample` divides by ``B``, which is what the CLI's metrics
+    (``compute/nfe``, ...) report. ``diagnostics`` are the sampler's own (SMC: ``log_z``,
+    ``ess_fraction``, ``resampled``), tensors with one row per output in the order of ``sample_ids``."""
 
     x0: Tensor
     sample_ids: Tensor
@@ -50,6 +51,11 @@ class SampleBatch:
 
     def __len__(self) -> int:
         return self.x0.shape[0]
+
+    @property
+    def compute_per_sample(self) -> dict[str, float]:
+        """``compute`` per output sample: the numbers of ``metrics.json``'s ``compute/*`` keys."""
+        return {k: v / max(len(self), 1) for k, v in self.compute.items()}
 
 
 # ----------------------------------------------------------------------------- randomness
