@@ -1,4 +1,5 @@
-"""What DDPO and DRaFT share: LoRA on the denoiser, seeded trajectories, validation by the evaluator."""
+"""What DDPO and DRaFT share: LoRA on the denoiser (of a diffusion or a flow model), seeded trajectories,
+validation by the evaluator (docs/algorithms.md, section 6)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from tsf.data.prompts import conditions_or_prompts
 from tsf.errors import ConfigError
 from tsf.evaluation import Evaluator
 from tsf.lightning.data import ConditionSampleIds, ShardSampler, collate
-from tsf.models.diffusion import EpsDiffusionModel
+from tsf.models.base import BaseModel
 from tsf.rewards.base import Reward, build_reward
 from tsf.samplers.base import BaseSampler, Noise
 
 #: LoRA targets per model family (module-name suffixes, as peft matches them)
 LORA_TARGETS = {
+    # the digits models' MLP (DigitsDiffusion's eps network, DigitsFlow's velocity network)
     "ResidualMLPDenoiser": ["inp", "emb", "fc1", "fc2"],
     # the attention projections of the diffusers models (Stable Diffusion UNets, SD3, FLUX)
     "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -30,15 +32,25 @@ LORA_TARGETS = {
 }
 
 
-def add_lora(model: EpsDiffusionModel, rank: int = 4, alpha: Optional[float] = None,
+def default_lora_targets(net) -> Optional[list[str]]:
+    """The LoRA targets of ``net``'s family, or of the network a thin wrapper holds as ``net.net`` (DigitsFlow's
+    time-scaling wrapper around its MLP); ``None`` when neither is known."""
+    for module in (net, getattr(net, "net", None)):
+        if module is not None and type(module).__name__ in LORA_TARGETS:
+            return LORA_TARGETS[type(module).__name__]
+    return None
+
+
+def add_lora(model: BaseModel, rank: int = 4, alpha: Optional[float] = None,
              target_modules: Optional[list[str]] = None) -> None:
-    """Load the model and put LoRA adapters on its denoiser; base weights are frozen. A diffusers pipeline
+    """Load the model and put LoRA adapters on its denoiser (a diffusion model's eps or v network, a flow
+    model's velocity network); base weights are frozen. A diffusers pipeline
     (:class:`~tsf.models.pipelines.StableDiffusion`, ...) injects them into its UNet or transformer the way
     diffusers' training scripts do (``add_adapter``, saved in diffusers' format); the digits models wrap
     theirs in a peft ``PeftModel`` (saved in peft's format)."""
     model.load()
     net = model.net
-    targets = target_modules or LORA_TARGETS.get(type(net).__name__)
+    targets = target_modules or default_lora_targets(net)
     if targets is None:
         raise ConfigError(f"no default LoRA targets for {type(net).__name__}; set target_modules")
     if hasattr(model, "add_lora"):
@@ -49,7 +61,26 @@ def add_lora(model: EpsDiffusionModel, rank: int = 4, alpha: Optional[float] = N
                                                lora_dropout=0.0))
 
 
-def save_lora(model: EpsDiffusionModel, path: Path) -> None:
+@contextlib.contextmanager
+def adapters_disabled(model: BaseModel):
+    """A context in which ``model``'s denoiser runs without its LoRA adapters: the frozen base model (peft's
+    ``PeftModel.disable_adapter``; ``disable_adapters`` / ``enable_adapters`` on a diffusers denoiser that got
+    them by ``add_adapter``)."""
+    from peft import PeftModel
+
+    net = model.net
+    if isinstance(net, PeftModel):
+        with net.disable_adapter():
+            yield
+        return
+    net.disable_adapters()
+    try:
+        yield
+    finally:
+        net.enable_adapters()
+
+
+def save_lora(model: BaseModel, path: Path) -> None:
     """The model's trained adapter to ``path``: diffusers' ``pytorch_lora_weights.safetensors`` for a pipeline,
     peft's ``adapter_config.json`` and ``adapter_model.safetensors`` for the digits models (what each model's
     ``adapter`` option loads)."""
@@ -74,7 +105,7 @@ class FinetuneModule(L.LightningModule):
     """Base of the fine-tuning baselines.
 
     Args:
-        base: the diffusion model to fine-tune (its denoiser gets LoRA adapters).
+        base: the base model to fine-tune, a diffusion or a flow model (its denoiser gets LoRA adapters).
         reward: the reward to maximise (a registered name or a Reward).
         cross_rewards: evaluated on validation samples, never optimised.
         conditions: classes (or prompts) cycled over the training and validation samples.
@@ -91,7 +122,7 @@ class FinetuneModule(L.LightningModule):
             ``(seed + 1000003, i)``; the ids of sampled batch ``k`` are ``k * batch_size, ...``) and of validation.
     """
 
-    def __init__(self, base: EpsDiffusionModel, reward: Union[str, Reward] = "digit",
+    def __init__(self, base: BaseModel, reward: Union[str, Reward] = "digit",
                  cross_rewards: Optional[list[Union[str, Reward]]] = None, conditions: Optional[list[Any]] = None,
                  batch_size: int = 32, lr: float = 3e-4, rank: int = 4, target_modules: Optional[list[str]] = None,
                  val_samples: int = 200, seed: int = 0, prompts: Optional[str] = None,
@@ -194,6 +225,12 @@ class FinetuneModule(L.LightningModule):
         rank, world = self.rank_and_world()
         ids = self.global_ids(index)[rank::world]
         return self.conditions_of(ids), Noise(self.seed + 1000003, ids, self.device)
+
+    def draw(self, noise: Noise) -> torch.Tensor:
+        """One standard normal draw of a state per trajectory (``noise.randn(1, sample_shape)``), in float64 when
+        the module was made float64 (``module.double()``, for a finite-difference check); as drawn otherwise."""
+        z = noise.randn(1, self.base.sample_shape)
+        return z.double() if self.dtype == torch.float64 else z
 
     def gather_global(self, local: torch.Tensor) -> torch.Tensor:
         """The rows of every rank's ``training_batch`` in global id order (rank ``r`` holds ids ``r::world``)."""

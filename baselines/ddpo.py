@@ -1,14 +1,16 @@
-"""DDPO (Black et al. 2023): policy-gradient fine-tuning of the sampling chain, with PPO clipping.
+"""DDPO (Black et al. 2023): policy-gradient fine-tuning of the sampling chain, with PPO clipping; on a flow
+model's stochastic kernel with Flow-GRPO's group-relative advantages (Liu et al. 2025) as an option.
 
 One DDPO *epoch* (the reference's outer loop) is:
 
 1. **sampling**: ``num_batches_per_epoch`` batches of ``batch_size`` trajectories drawn with the
-   current policy (DDIM with eta = 1, no gradients), storing every step's ``x_t``, ``x_prev`` and
-   ``log p(x_prev | x_t)`` (the Gaussian log-density's **mean** over dimensions; the sum is
-   numerically unstable) and the rewards;
+   current policy (DDIM with eta = 1, or a flow model's Linear-SDE or VP-SDE kernel; no gradients),
+   storing every step's ``x_t``, ``x_prev`` and ``log p(x_prev | x_t)`` (the Gaussian log-density's
+   **mean** over dimensions; the sum is numerically unstable) and the rewards;
 2. **advantages** from per-condition running statistics of the rewards (a buffer of 16 per
    condition that persists over epochs; the statistics of all the epoch's rewards until a condition
-   has 16; population std, ``ddof = 0``), clipped to +-5;
+   has 16; population std, ``ddof = 0``), or with ``advantages: grpo`` within each group of the
+   samples of one condition in one sampled batch (Flow-GRPO); clipped to +-5;
 3. **training**: ``num_inner_epochs`` passes over the epoch's samples in shuffled minibatches of
    ``train_batch_size``, each sample training on a ``timestep_fraction`` of its stochastic steps
    (the first ones of a fresh random permutation per sample and pass), gradients accumulated over
@@ -18,7 +20,10 @@ One DDPO *epoch* (the reference's outer loop) is:
 The first minibatch of an epoch sees the policy that sampled it (ratio exactly 1); every later one
 sees a policy that has moved, so the ratio departs from 1 and the clip acts. One Lightning training
 step is one optimiser step (``max_steps``, ``val_check_interval`` and checkpoint intervals count
-optimiser steps); the step that starts an epoch samples it first.
+optimiser steps); the step that starts an epoch samples it first. ``kl_coef > 0`` adds Flow-GRPO's
+penalty ``kl_coef KL(p_theta(. | x_t) || p_base(. | x_t))`` per trained (sample, step), in closed form for two
+Gaussians of one standard deviation, the frozen base model's mean computed with the adapters disabled.
+docs/algorithms.md, section 6.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from baselines.common import FinetuneModule
+from baselines.common import FinetuneModule, adapters_disabled
 from tsf.errors import ConfigError
 from tsf.samplers.base import chunked, sample_seed
 
@@ -39,6 +44,26 @@ def mean_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
     """Gaussian log-density averaged over dimensions (DDPO's per-step log-probability)."""
     var = std.expand_as(mean) ** 2
     return (-0.5 * ((x - mean) ** 2 / var + torch.log(2 * torch.pi * var))).flatten(1).mean(1)
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mean, s^2 I) || N(ref_mean, s^2 I))`` per row, averaged over dimensions as :func:`mean_log_prob`
+    is: ``mean over dims of (mean - ref_mean)^2 / (2 s^2)`` (two Gaussians of one standard deviation)."""
+    return ((mean - ref_mean) ** 2 / (2 * std.expand_as(mean) ** 2)).flatten(1).mean(1)
+
+
+def group_advantages(groups: list, rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Flow-GRPO's group-relative advantages: ``(r - mean) / (std + eps)`` over the rows of each group (rows with
+    equal ``groups`` keys), population std (``ddof = 0``); a group's advantages have mean 0 (a group of one
+    reward, or of equal ones, gets 0)."""
+    out = torch.empty_like(rewards)
+    r = rewards.detach().cpu().double()
+    for key in dict.fromkeys(groups):
+        rows = [j for j, g in enumerate(groups) if g == key]
+        pool = r[rows]
+        mean, std = pool.mean(), pool.std(correction=0)
+        out[rows] = ((pool - mean) / (std + eps)).to(out.dtype).to(out.device)
+    return out
 
 
 class PerConditionStats:
@@ -94,7 +119,15 @@ class DDPO(FinetuneModule):
         grad_clip: gradient-norm clip.
         stats_buffer_size, stats_min_count: the per-condition reward statistics (see
             :class:`PerConditionStats`).
+        advantages: ``ddpo`` (the per-condition running statistics above) or ``grpo``: Flow-GRPO's
+            group-relative advantages (:func:`group_advantages`), a group being the ``G`` samples of one
+            condition in one sampled batch (``G = batch_size / len(conditions)``, at least 2).
+        kl_coef: weight of the KL penalty to the frozen base model (0: none; Flow-GRPO uses 0.01 to 0.04).
         (the rest as :class:`~baselines.common.FinetuneModule`)
+
+    The base model's kernel must be stochastic: DDIM with ``eta = 1`` or a flow model with noise (the Linear-SDE,
+    the VP-SDE; not ``diffusion: none``). A step without noise (DDIM's last, a flow's ``last_step: tweedie``)
+    has no density and is not trained on.
 
     Under DDP every rank samples its share of each batch, the epoch's trajectories are gathered on
     every rank, and each rank trains on its share (``rank::world``) of every minibatch, whose order and
@@ -108,12 +141,29 @@ class DDPO(FinetuneModule):
     def __init__(self, *args, clip_range: float = 1e-4, adv_clip: float = 5.0, timestep_fraction: float = 1.0,
                  grad_clip: float = 1.0, micro_batch: Optional[int] = None, num_batches_per_epoch: int = 2,
                  train_batch_size: Optional[int] = None, num_inner_epochs: int = 1, stats_buffer_size: int = 16,
-                 stats_min_count: int = 16, weight_decay: float = 1e-4, **kwargs) -> None:
+                 stats_min_count: int = 16, weight_decay: float = 1e-4, advantages: str = "ddpo",
+                 kl_coef: float = 0.0, **kwargs) -> None:
         super().__init__(*args, weight_decay=weight_decay, **kwargs)
         if not 0 < timestep_fraction <= 1:
             raise ConfigError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
-        if self.base.eta != 1.0:
-            raise ConfigError("DDPO samples with DDIM eta = 1: set the base model's eta to 1")
+        if getattr(self.base, "eta", None) is not None:  # a diffusion model
+            if self.base.eta != 1.0:
+                raise ConfigError("DDPO samples with DDIM eta = 1: set the base model's eta to 1")
+        elif not self.base.is_stochastic:
+            raise ConfigError(
+                f"DDPO trains on the log-densities of a stochastic kernel, and {type(self.base).__name__} samples "
+                "its ODE (diffusion: none, or diffusion_norm 0), which has none: set the base model's diffusion to "
+                "square, linear or constant with diffusion_norm > 0 (the Linear-SDE; interpolant: vp for the VP-SDE)")
+        if advantages not in ("ddpo", "grpo"):
+            raise ConfigError(f"unknown advantages {advantages!r}; known: ddpo (per-condition running statistics), "
+                              "grpo (group-relative, Flow-GRPO)")
+        if advantages == "grpo" and self.batch_size // len(self.conditions) < 2:
+            raise ConfigError(f"advantages: grpo normalises within the samples of one condition in a sampled batch, "
+                              f"and batch_size {self.batch_size} gives some of the {len(self.conditions)} conditions "
+                              f"fewer than 2: set batch_size to at least {2 * len(self.conditions)}")
+        if kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.advantages, self.kl_coef = advantages, float(kl_coef)
         if micro_batch is not None and micro_batch < 1:
             raise ConfigError(f"micro_batch must be >= 1, got {micro_batch}")
         for name, v in (("num_batches_per_epoch", num_batches_per_epoch), ("num_inner_epochs", num_inner_epochs),
@@ -172,9 +222,16 @@ class DDPO(FinetuneModule):
         out = {k: torch.cat([self.gather_global(p[k]) for p in parts]) for k in ("chain", "old_logp", "rewards")}
         first = epoch * self.samples_per_epoch
         out["ids"] = torch.arange(first, first + self.samples_per_epoch)
-        adv = self.stats.advantages(self.conditions_of(out["ids"].tolist()), out["rewards"])
+        if self.advantages == "grpo":
+            adv = group_advantages(self.groups_of(out["ids"].tolist()), out["rewards"])
+        else:
+            adv = self.stats.advantages(self.conditions_of(out["ids"].tolist()), out["rewards"])
         out.update(adv=adv.clamp(-self.adv_clip, self.adv_clip), steps=parts[0]["steps"], epoch=epoch)
         return out
+
+    def groups_of(self, ids: list[int]) -> list[tuple]:
+        """GRPO's group of each trajectory id: its sampled batch and its condition."""
+        return [(i // self.batch_size, c) for i, c in zip(ids, self.conditions_of(ids))]
 
     def schedule(self, epoch: int, inner: int, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pass ``inner`` of epoch ``epoch``: the sample order ``[N]`` and each sample's training steps
@@ -209,8 +266,8 @@ class DDPO(FinetuneModule):
         mb = self.micro_batch or max(len(mine), 1)
         opt = self.optimizers()
         opt.zero_grad()
-        # loss, clipped pairs, sum of squared log-ratios (approx_kl), over this rank's pairs
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # loss, clipped pairs, sum of squared log-ratios (approx_kl), KL to the base model, over this rank's pairs
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         with self.no_gradient_sync():  # one gradient all-reduce per step, below
             for j, step in enumerate(steps):  # one network call per timestep over the rows trained on it
                 sel = mine[(chosen[mine] == j).any(1)]
@@ -218,16 +275,24 @@ class DDPO(FinetuneModule):
                     r = sel[s:s + mb]
                     r_dev = r.to(self.device)
                     c = model.encode_conditions(self.conditions_of(ro["ids"][r].tolist()))
-                    tr = self._transition(ro["chain"][r_dev, step], step, c)
+                    x_t = ro["chain"][r_dev, step]
+                    tr = self._transition(x_t, step, c)
                     diff = mean_log_prob(ro["chain"][r_dev, step + 1], tr.mean, tr.std) - ro["old_logp"][r_dev, j]
                     ratio = torch.exp(diff)
                     a = ro["adv"][r_dev]
                     loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range))
+                    kl = torch.zeros_like(loss)
+                    if self.kl_coef:
+                        with torch.no_grad(), adapters_disabled(model):
+                            ref = self._transition(x_t, step, c).mean
+                        kl = gaussian_kl(tr.mean, ref, tr.std)
+                        loss = loss + self.kl_coef * kl
                     loss = loss.sum() / count
                     self.manual_backward(loss)
                     d = diff.detach().double()
                     sums += torch.stack([loss.detach().double(),
-                                         ((ratio.detach() - 1).abs() > self.clip_range).sum().double(), (d * d).sum()])
+                                         ((ratio.detach() - 1).abs() > self.clip_range).sum().double(), (d * d).sum(),
+                                         kl.detach().double().sum()])
         self.sum_gradients_over_ranks()
         sums = self.sum_over_ranks(sums).cpu()
         self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
@@ -235,6 +300,8 @@ class DDPO(FinetuneModule):
         rewards = ro["rewards"]
         metrics = {"loss": float(sums[0]), "clipfrac": float(sums[1]) / count, "approx_kl": 0.5 * float(sums[2]) / count,
                    "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(correction=0))}
+        if self.kl_coef:
+            metrics["kl"] = float(sums[3]) / count  # mean KL to the base model per (sample, step) pair
         self.log_dict({f"train/{key}": v for key, v in metrics.items()}, prog_bar=False)
         self.log("train/reward", metrics["reward_mean"], prog_bar=True)
         if self.trainer.is_global_zero:  # the per-step curve, readable without wandb

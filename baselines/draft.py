@@ -6,6 +6,10 @@ checkpointing per step). DRaFT-K with ``K = 1`` is the cheapest. DRaFT-LV (``lv_
 samples the whole chain without gradients, then re-noises ``x0`` to the last grid time
 ``lv_samples`` times and denoises one step with gradients, averaging the reward over them
 (a lower-variance estimate of the one-step gradient).
+
+The kernel is the base model's, so the same code fine-tunes a diffusion model (DDIM) and a flow model
+through its sampler: the Linear-SDE, the VP-SDE or the ODE (``diffusion: none``, where a step's noise is
+multiplied by a zero standard deviation). docs/algorithms.md, section 6.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from baselines.common import FinetuneModule
 from tsf.errors import ConfigError
+from tsf.models.diffusion import EpsDiffusionModel
 
 
 class DRaFT(FinetuneModule):
@@ -41,20 +46,19 @@ class DRaFT(FinetuneModule):
         model, T = self.base, self.base.num_steps
         conds, noise = self.training_batch()
         c = model.encode_conditions(conds)
-        x = model.prior(noise.randn(1, model.sample_shape))
+        x = model.prior(self.draw(noise))
         K = 0 if self.lv_samples else self.truncation
         for i in range(T):
-            z = noise.randn(1, model.sample_shape)
+            z = self.draw(noise)
             if i < T - K:
                 with torch.no_grad():
                     x = model.transition(x, i, c).sample(z)
             else:
                 x = checkpoint(lambda xs, i=i, zs=z: model.transition(xs, i, c).sample(zs), x, use_reentrant=False)
         if self.lv_samples:
-            abar = model.abar[T - 1]
             rewards = []
             for _ in range(self.lv_samples):  # re-noise x0 to the last grid time, denoise one step with gradients
-                x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise.randn(1, model.sample_shape)
+                x_t = self.renoise_to_last(x, self.draw(noise))
                 x0 = model.transition(x_t, T - 1, c).mean
                 rewards.append(self.reward(model.decode(x0), conds))
             loss = -torch.stack(rewards).mean()
@@ -62,6 +66,15 @@ class DRaFT(FinetuneModule):
             loss = -self.reward(model.decode(x), conds).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def renoise_to_last(self, x0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``x0`` noised by the forward process to the last grid point ``T - 1``: ``sqrt(abar) x0 + sqrt(1 - abar) z``
+        on a diffusion model, ``alpha_s x0 + sigma_s z`` at ``s = s_{T-1}`` on a flow model (its ``renoise``)."""
+        model, T = self.base, self.base.num_steps
+        if isinstance(model, EpsDiffusionModel):
+            abar = model.abar[T - 1]
+            return abar.sqrt() * x0 + (1 - abar).sqrt() * z
+        return model.renoise(x0, T, T - 1, z)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")

@@ -197,3 +197,277 @@ def test_ddpo_advantages_use_population_statistics():
     torch.testing.assert_close(adv, torch.tensor([2 / (math.sqrt(8 / 3) + 1e-6)]))
     # a single reward of a single condition has std 0: advantage 0, not a division by zero
     assert PerConditionStats().advantages([None], torch.tensor([3.0])).tolist() == [0.0]
+
+
+# -- flow models: DDPO / GRPO on the stochastic kernel, DRaFT through the flow sampler ------------------------------
+from tsf.models import DigitsFlow  # noqa: E402
+from tsf.rewards import DigitReward  # noqa: E402
+from tsf.rewards.base import Reward  # noqa: E402
+
+
+def digit3(**kwargs):
+    """The fine-tuning configs' task: the unconditional model, a 3 under the target MLP, the holdout CNN as cross."""
+    return dict(reward=DigitReward("target", digit=3), cross_rewards=[DigitReward("holdout", digit=3)],
+                conditions=[None], **kwargs)
+
+
+def grpo_kl(*args, **kwargs):
+    return DDPO(*args, advantages="grpo", kl_coef=0.1, **kwargs)
+
+
+def fit_flow(cls, root, steps, base=None, callbacks=(), validate=True, **kwargs):
+    module = cls(base or DigitsFlow(num_steps=4), **{**digit3(batch_size=8, val_samples=20, seed=3), **kwargs})
+    trainer = L.Trainer(max_steps=steps, default_root_dir=str(root), logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=steps, num_sanity_val_steps=0,
+                        limit_val_batches=None if validate else 0, enable_checkpointing=False,
+                        callbacks=list(callbacks))
+    trainer.fit(module)
+    return module, trainer
+
+
+FLOW_KERNELS = {"linear_sde": {}, "vp_sde": {"interpolant": "vp"}, "ode": {"diffusion": "none"}}
+FLOW_METHODS = [(DDPO, "linear_sde"), (grpo_kl, "linear_sde"), (grpo_kl, "vp_sde"), (DRaFT, "linear_sde"),
+                (DRaFT, "ode"), (draft_lv, "vp_sde")]
+
+
+@pytest.mark.parametrize("cls,kernel", FLOW_METHODS, ids=lambda v: getattr(v, "__name__", v))
+def test_flow_finetuning_trains_the_adapter_only_and_digits_flow_loads_it(cls, kernel, tmp_path):
+    base = {k: v.clone() for k, v in DigitsFlow().load().net.state_dict().items()}
+    module, trainer = fit_flow(cls, tmp_path, 3, DigitsFlow(num_steps=4, **FLOW_KERNELS[kernel]))
+    lora = lora_state(module)
+    assert lora and any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at 0
+    trained = module.base.net.get_base_model().state_dict()
+    for k, v in base.items():  # the velocity network's weights are the shipped ones
+        key = next(n for n in trained if n.replace(".base_layer", "") == k)
+        assert torch.equal(trained[key], v), k
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in trainer.callback_metrics.values())
+    assert "val/cross/digit_holdout/mean" in trainer.callback_metrics
+    if cls is grpo_kl:
+        assert trainer.callback_metrics["train/kl"] >= 0
+    # the saved adapter loads into DigitsFlow (`adapter:`) with the trained weights, and changes its samples
+    tuned = DigitsFlow(num_steps=4, adapter=str(tmp_path / "adapter"), **FLOW_KERNELS[kernel]).load()
+    assert "adapter=" in repr(tuned)  # (another cache key than the base model's)
+    loaded = {k: v for k, v in tuned.net.named_parameters() if "lora_" in k}
+    assert loaded.keys() == lora.keys() and all(torch.equal(loaded[k], v) for k, v in lora.items())
+    a = BaseSampler().sample(tuned, None, [None] * 2, [0, 1]).x0
+    b = BaseSampler().sample(DigitsFlow(num_steps=4, **FLOW_KERNELS[kernel]), None, [None] * 2, [0, 1]).x0
+    assert not torch.equal(a, b)
+
+
+class ZeroReward(Reward):
+    """A reward of 0 for every image (differentiable: its gradient is 0 too)."""
+
+    name = "zero"
+    differentiable = True
+
+    def forward(self, images, conditions=None):
+        return images.flatten(1).sum(1) * 0.0
+
+
+@pytest.mark.parametrize("advantages", ["ddpo", "grpo"])
+def test_flow_ddpo_with_a_zero_reward_leaves_the_adapter_unchanged(advantages, tmp_path):
+    """All rewards 0: every advantage is 0, the KL to the base model is 0 while the adapter is the base model
+    (LoRA's B starts at 0), so every gradient is exactly 0 and AdamW (weight decay 0) leaves the adapter as it
+    was, over several PPO steps of one epoch and into the next."""
+    probe = GradientsBeforeStep()
+    steps = []
+    kwargs = dict(reward=ZeroReward(), advantages=advantages, kl_coef=0.5, weight_decay=0.0,
+                  num_batches_per_epoch=2, train_batch_size=4)
+    module = DDPO(DigitsFlow(num_steps=4), **{**digit3(batch_size=8, val_samples=20, seed=3), **kwargs})
+    module.configure_model()
+    before = lora_state(module)
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            steps.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    trainer = L.Trainer(max_steps=5, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
+                        callbacks=[probe, Record()])
+    trainer.fit(module)
+    assert module.steps_per_epoch == 4 and len(steps) == 5  # a second epoch was sampled
+    assert all(len(grads) == len(before) for grads in steps)  # every adapter matrix got a gradient: 0
+    assert all(torch.count_nonzero(g) == 0 for grads in steps for g in grads.values())
+    after = lora_state(module)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    metrics = read_metrics(tmp_path)
+    assert all(m["loss"] == 0 and m["kl"] == 0 and m["reward_std"] == 0 for m in metrics)
+
+
+def test_grpo_advantages_are_normalised_within_each_group():
+    from baselines.ddpo import group_advantages
+
+    groups = [(0, "a"), (0, "a"), (0, "a"), (0, "b"), (0, "b"), (1, "a")]
+    adv = group_advantages(groups, torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 7.0]))
+    # group (0, a): mean 3, population std sqrt(14/3); (0, b): equal rewards, std 0: advantages 0; (1, a): one
+    # reward: 0
+    s = math.sqrt(14 / 3) + 1e-6
+    torch.testing.assert_close(adv, torch.tensor([-2 / s, -1 / s, 3 / s, 0.0, 0.0, 0.0]))
+
+
+def test_grpo_groups_are_the_samples_of_one_condition_in_one_sampled_batch():
+    """Two classes, two sampled batches of 8 per epoch: four groups of G = 4; each group's advantages have mean
+    0 and population std 1 (up to the 1e-6 in the denominator), and they are not DDPO's per-condition ones (the
+    unconditional model, rewarded for the sample's class: rewards that vary within a group)."""
+    model = DigitsFlow(num_steps=4)
+    module = DDPO(model, reward=DigitReward("target"), cross_rewards=[DigitReward("holdout")], conditions=[1, 7],
+                  batch_size=8, num_batches_per_epoch=2, advantages="grpo", val_samples=20, seed=3)
+    module.configure_model()
+    ro = module.sample_epoch(0)
+    ids = ro["ids"].tolist()
+    groups = module.groups_of(ids)
+    assert sorted(set(groups)) == [(0, 1), (0, 7), (1, 1), (1, 7)]
+    assert all(groups.count(g) == 4 for g in set(groups))
+    adv, r = ro["adv"].double(), ro["rewards"].double()
+    assert ro["adv"].abs().max() <= 5  # (within a group of G, |advantage| <= sqrt(G - 1): the clip never acts)
+    for g in set(groups):
+        rows = [j for j, h in enumerate(groups) if h == g]
+        assert r[rows].std() > 1e-3  # distinct rewards
+        assert abs(float(adv[rows].mean())) < 1e-6
+        assert float(adv[rows].std(correction=0)) == pytest.approx(1.0, abs=1e-5)
+    from baselines.ddpo import PerConditionStats
+
+    ddpo = PerConditionStats().advantages(module.conditions_of(ids), ro["rewards"])  # the epoch's per class
+    assert not torch.allclose(ddpo, ro["adv"], atol=1e-3)
+
+
+def test_flow_ddpo_refuses_what_it_cannot_train():
+    from tsf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="diffusion to square, linear or constant"):
+        DDPO(DigitsFlow(num_steps=4, diffusion="none"), **digit3())
+    with pytest.raises(ConfigError, match="set batch_size to at least 20"):
+        DDPO(DigitsFlow(num_steps=4), batch_size=16, advantages="grpo")  # the 10 classes: groups of 1 or 2
+    with pytest.raises(ConfigError, match="unknown advantages"):
+        DDPO(DigitsFlow(num_steps=4), advantages="ppo", **digit3())
+    with pytest.raises(ConfigError, match="kl_coef"):
+        DDPO(DigitsFlow(num_steps=4), kl_coef=-1.0, **digit3())
+
+
+def test_the_kl_penalty_is_the_closed_form_against_the_frozen_base_model(tmp_path):
+    """``gaussian_kl`` is torch's KL of the two Gaussians divided by the dimension, and the reference mean comes
+    from the base model: with the adapters disabled the trained model's kernel is the shipped model's, bit for bit."""
+    from baselines.common import adapters_disabled
+    from baselines.ddpo import gaussian_kl
+
+    g = torch.Generator().manual_seed(0)
+    mean, ref = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    std = torch.full((3, 1, 1, 1), 0.3)
+    p = torch.distributions.Normal(mean.flatten(1), std.flatten(1).expand(3, 64))
+    q = torch.distributions.Normal(ref.flatten(1), std.flatten(1).expand(3, 64))
+    torch.testing.assert_close(gaussian_kl(mean, ref, std), torch.distributions.kl_divergence(p, q).mean(1))
+
+    module, _ = fit_flow(grpo_kl, tmp_path, 2, validate=False, lr=0.01)
+    model, fresh = module.base, DigitsFlow(num_steps=4).load()
+    x = torch.randn(16, 1, 8, 8, generator=g)
+    c = model.encode_conditions([None] * 16)
+    with torch.no_grad():
+        with adapters_disabled(model):
+            off = model.transition(x, 1, c).mean
+        on = model.transition(x, 1, c).mean
+        assert torch.equal(off, fresh.transition(x, 1, c).mean)
+    assert (on - off).abs().max() > 1e-4  # (and the adapters are back on after the context)
+    assert read_metrics(tmp_path)[-1]["kl"] > 0  # the moved policy is penalised
+
+
+# -- DRaFT's gradient through the flow sampler against a finite difference ----------------------------------------
+class TinyVelocity(torch.nn.Module):
+    """A two-layer velocity network on 4-dimensional states (float64 in the test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x, t, labels):
+        h = torch.tanh(self.fc1(torch.cat([x.flatten(1), t[:, None]], 1)))
+        return self.fc2(h).view_as(x)
+
+
+class Quadratic(Reward):
+    name, differentiable = "quadratic", True
+
+    def forward(self, images, conditions=None):
+        return -((images - 0.7) ** 2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("kernel,K,lv", [("linear_sde", 2, 0), ("vp_sde", 1, 0), ("ode", 4, 0), ("ode", 1, 0),
+                                         ("linear_sde", 1, 3)])
+def test_flow_draft_gradient_matches_a_finite_difference(kernel, K, lv):
+    """DRaFT-K's gradient is the derivative of its loss in the adapter's weights as used by the last K steps (the
+    earlier steps run without gradients: the same weights, held fixed); DRaFT-LV's in the weights of its one-step
+    denoisings of the re-noised x0. In float64, that derivative by a central difference (h = 1e-6) equals the
+    autograd gradient for every LoRA matrix entry tried: the difference's error is O(h^2) (below 1e-12 here)
+    plus rounding, about 1e-16 |loss| / h ~ 1e-10 absolute, against gradients of 2e-4 to 7e-2 (measured: at
+    most 2.6e-7 relative, the smallest gradients'; rel 1e-5 with abs 1e-8 leaves room for other CPUs' rounding).
+    A finite difference that moves the weights of every step instead (the untruncated derivative) is off by
+    a factor of 6 to 56 for K < T, so the check tells the truncated gradient from the full one."""
+    from tsf.models.flow import FlowModel
+
+    torch.manual_seed(0)
+    base = FlowModel(TinyVelocity(), num_steps=4, sample_shape=(1, 2, 2), **FLOW_KERNELS[kernel])
+    module = DRaFT(base, reward=Quadratic(), cross_rewards=[], conditions=[None], batch_size=3, truncation=K,
+                   lv_samples=lv, target_modules=["fc1", "fc2"], seed=1)
+    module.configure_model()
+    module.double()
+    with torch.no_grad():  # a trained-looking adapter: B away from 0
+        for name, p in module.base.net.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, dtype=p.dtype))
+    loss = module.training_step(None, 0)
+    assert loss.dtype == torch.float64
+    loss.backward()
+    T = base.num_steps
+    first_graded_call = T - K if not lv else T  # the transition calls that carry the gradient
+    params = [(n, p) for n, p in module.base.net.named_parameters() if p.requires_grad]
+    assert {n.split(".")[-3] for n, _ in params} == {"lora_A", "lora_B"}
+
+    def loss_with(p, idx, h):
+        calls = []
+        real = base.transition
+
+        def transition(x, i, c, output=None):
+            shifted = len(calls) >= first_graded_call
+            calls.append(i)
+            if shifted:
+                p[idx] += h
+            try:
+                return real(x, i, c, output)
+            finally:
+                if shifted:
+                    p[idx] -= h
+
+        base.transition = transition
+        try:
+            with torch.no_grad():
+                return float(module.training_step(None, 0))
+        finally:
+            del base.transition
+
+    checked = 0
+    for name, p in params[:: max(1, len(params) // 4)]:
+        for idx in [(0, 0), tuple(s - 1 for s in p.shape)]:
+            h = 1e-6
+            fd = (loss_with(p, idx, h) - loss_with(p, idx, -h)) / (2 * h)
+            assert float(p.grad[idx]) == pytest.approx(fd, rel=1e-5, abs=1e-8), (name, idx)
+            checked += float(p.grad[idx]) != 0
+    assert checked >= 4  # the gradients tried are not all 0
+
+
+# -- an adapter trained on DigitsFlow is the model every flow sampler samples ---------------------------------------
+def test_a_flow_adapter_loads_into_every_flow_sampler(tmp_path):
+    from tsf.samplers import RBF, SMC, SVDD, BestOfN
+    from tsf.samplers.code import CoDe
+    from tsf.samplers.sop import SoP
+
+    module, _ = fit_flow(DRaFT, tmp_path, 2, validate=False, lr=0.01)
+    trained = lora_state(module)
+    tuned = DigitsFlow(num_steps=4, adapter=str(tmp_path / "adapter")).load()
+    loaded = {k: v for k, v in tuned.net.named_parameters() if "lora_" in k}
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], v) for k, v in trained.items())
+    reward = DigitReward("target", digit=3)
+    samplers = [BestOfN(num_particles=2), SVDD(num_particles=2), SMC(num_particles=2, proposal="gradient"),
+                RBF(num_particles=2, budget=20, n0=2), SoP(num_particles=2, num_paths=2), CoDe(num_particles=2)]
+    for sampler in samplers:
+        a = sampler.sample(tuned, reward, [None] * 2, [0, 1], seed=5).x0
+        b = sampler.sample(DigitsFlow(num_steps=4), reward, [None] * 2, [0, 1], seed=5).x0
+        assert (a - b).abs().max() > 1e-3, type(sampler).__name__

@@ -211,6 +211,22 @@ def load_network(name_or_path: Union[str, Path], net: Optional[nn.Module] = None
 
 
 # ----------------------------------------------------------------------------- base model
+def check_adapter(adapter: Optional[str]) -> None:
+    """Refuse an ``adapter`` that is not a peft LoRA adapter directory (reads only its file names)."""
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter {adapter!r} is not a LoRA adapter directory (no adapter_config.json); "
+                          "tsf finetune writes one to <run directory>/adapter")
+
+
+def with_adapter(net: nn.Module, adapter: Optional[str]) -> nn.Module:
+    """``net`` with the peft LoRA adapter ``adapter`` (a ``PeftModel``, eval mode), or ``net`` itself for ``None``."""
+    if adapter is None:
+        return net
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(net, adapter).eval()
+
+
 class DigitsDiffusion(EpsDiffusionModel):
     """The embedded digits diffusion model (8x8 pixels in [-1, 1]; images in [0, 1]).
 
@@ -237,9 +253,7 @@ class DigitsDiffusion(EpsDiffusionModel):
         adapter: Optional[str] = None,
         batch_invariant: bool = True,
     ) -> None:
-        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-            raise ConfigError(f"adapter {adapter!r} is not a LoRA adapter directory (no adapter_config.json); "
-                              "tsf finetune writes one to <run directory>/adapter")
+        check_adapter(adapter)
         if guidance_scale != 1.0 and not conditional:
             raise ConfigError(f"guidance_scale {guidance_scale} guides towards each sample's class, but this model is "
                               "unconditional (conditional: false): set conditional: true, or leave guidance_scale at 1")
@@ -252,10 +266,7 @@ class DigitsDiffusion(EpsDiffusionModel):
 
     def _load(self) -> None:
         load_network(self.weights, self.net)
-        if self.adapter is not None:
-            from peft import PeftModel
-
-            self.net = PeftModel.from_pretrained(self.net, self.adapter).eval()
+        self.net = with_adapter(self.net, self.adapter)
         self.net.to(self.device)
 
     def encode_conditions(self, conditions):
@@ -285,6 +296,8 @@ class DigitsFlow(FlowModel):
         num_steps, interpolant, diffusion, diffusion_norm, time_grid, last_step: see
             :class:`~tsf.models.flow.FlowModel`.
         conditional: condition on the sample's class (``False``: the unconditional model).
+        adapter: a LoRA adapter directory (peft's format: what ``tsf finetune`` writes to ``<run>/adapter`` for a
+            DigitsFlow baseline), applied to the velocity network; every sampler then samples the fine-tuned model.
         batch_invariant: pad calls on fewer than 16 rows (default on: cheap here, and what makes a sample
             bitwise independent of its batch and of the number of processes).
     """
@@ -292,8 +305,10 @@ class DigitsFlow(FlowModel):
     def __init__(self, weights: str = FLOW, num_steps: int = 10, interpolant: Literal["linear", "vp"] = "linear",
                  diffusion: Literal["square", "linear", "constant", "none"] = "square", diffusion_norm: float = 3.0,
                  time_grid: Optional[Literal["uniform", "reference"]] = None, conditional: bool = False,
-                 batch_invariant: bool = True, last_step: Optional[Literal["tweedie", "euler"]] = None) -> None:
-        self.weights = weights
+                 batch_invariant: bool = True, last_step: Optional[Literal["tweedie", "euler"]] = None,
+                 adapter: Optional[str] = None) -> None:
+        check_adapter(adapter)
+        self.weights, self.adapter = weights, adapter
         super().__init__(_ScaledTime(build_network(weights)), num_steps=num_steps, interpolant=interpolant,
                          diffusion=diffusion, diffusion_norm=diffusion_norm, time_grid=time_grid,
                          num_classes=NUM_CLASSES, sample_shape=IMAGE_SHAPE, batch_invariant=batch_invariant,
@@ -302,10 +317,12 @@ class DigitsFlow(FlowModel):
 
     def _load(self) -> None:
         load_network(self.weights, self.net.net)
+        self.net = with_adapter(self.net, self.adapter)  # (on the time-scaling wrapper, as add_lora puts it)
         self.net.to(self.device)
 
     def encode_conditions(self, conditions):
         return super().encode_conditions(conditions if self.conditional else [None] * len(conditions))
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}, conditional={self.conditional}, " + super().extra_repr()
+        adapter = f"adapter={self.adapter}, " if self.adapter is not None else ""  # (the repr without one unchanged)
+        return f"weights={self.weights}, {adapter}conditional={self.conditional}, " + super().extra_repr()
