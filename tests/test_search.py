@@ -256,3 +256,21 @@ def test_for_budget_sizes_each_search_to_its_budget(budget):
 def test_the_searches_are_registered():
     assert {"sop": SoP, "code": CoDe, "zo_search": ZeroOrderSearch}.items() <= {
         k: SAMPLERS.get(k) for k in SAMPLERS.names()}.items()
+
+
+def test_best_of_n_never_picks_a_non_finite_candidate():
+    """torch.argmax ranks NaN above every number; Best-of-N must pick among the finite rewards."""
+    from tsf.models import GaussianMixture
+    from tsf.rewards import Reward
+
+    class HalfNaN(Reward):
+        name = "half_nan"
+
+        def forward(self, images, conditions=None):
+            r = images.flatten(1)[:, 0].float()
+            return torch.where(torch.arange(len(r)) % 2 == 0, torch.full_like(r, float("nan")), r)
+
+    m = GaussianMixture(weights=[0.5, 0.5], means=[[-2.0, 0.0], [2.0, 0.0]], covariances=[[[1.0, 0.0], [0.0, 1.0]]] * 2,
+                        num_steps=5)
+    out = BestOfN(num_particles=4).sample(m, HalfNaN(), [None] * 6, range(6))
+    assert torch.isfinite(out.rewards).all()

@@ -47,7 +47,7 @@ class BestOfN(BaseSampler):
         x0 = self.trajectories(model, c_rows, noise, K)       # [B*K, ...]
         r, images = self.final_value(model, reward, x0, rows)
         r = r.view(-1, K)                                     # [B, K]
-        best = r.argmax(1)
+        best = torch.where(torch.isfinite(r), r, -torch.inf).argmax(1)  # a NaN is no best (argmax ranks NaN first)
         pick = best + K * torch.arange(len(best), device=best.device)
         score, images = r.gather(1, best[:, None]).squeeze(1), None if images is None else images[pick]
         if self.verifier is not None:
