@@ -25,10 +25,17 @@ from tsf.samplers.base import BaseSampler, Noise
 LORA_TARGETS = {
     # the digits models' MLP (DigitsDiffusion's eps network, DigitsFlow's velocity network)
     "ResidualMLPDenoiser": ["inp", "emb", "fc1", "fc2"],
-    # the attention projections of the diffusers models (Stable Diffusion UNets, SD3, FLUX)
+    # the attention projections of the Stable Diffusion UNets
     "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],
-    "SD3Transformer2DModel": ["to_q", "to_k", "to_v", "to_out.0"],
-    "FluxTransformer2DModel": ["to_q", "to_k", "to_v", "to_out.0"],
+    # the joint attention's projections of both streams, the defaults of diffusers' SD3 LoRA training script
+    # (the last block has no to_add_out: its context stream ends before the output projection)
+    "SD3Transformer2DModel": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                              "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"],
+    # those and both streams' feed-forward layers, the defaults of diffusers' FLUX LoRA training script
+    # ("attn.to_q/k/v" match the single-stream blocks' attention too)
+    "FluxTransformer2DModel": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                               "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+                               "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
 }
 
 

@@ -321,6 +321,78 @@ def test_an_adapter_saved_by_tsf_loads_in_diffusers(pipelines, tmp_path, kind):
     torch.testing.assert_close(out.images, ref.float(), atol=2e-4, rtol=0)
 
 
+def sd3_transformer(num_layers):
+    """The tiny pipeline's SD3 transformer with ``num_layers`` blocks (its last block has no context output)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=num_layers,
+                                 attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                 joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_the_lora_targets_of_the_flow_transformers_all_match_their_modules(pipelines, kind):
+    """Every default LoRA target of SD3's and FLUX's transformers (diffusers' SD3 and FLUX LoRA training scripts'
+    lists) names modules of the transformer, and peft puts an adapter on each of them and nowhere else. SD3 with
+    2 blocks: the tiny pipeline's single block is a last block, which has no ``to_add_out`` (a real SD3 has it on
+    every block but the last)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    from baselines.common import LORA_TARGETS
+
+    net = sd3_transformer(2) if kind == "sd3" else plain_pipeline(pipelines, kind).transformer
+    targets = LORA_TARGETS[type(net).__name__]
+    matched = {t: [n for n, _ in net.named_modules() if n == t or n.endswith("." + t)] for t in targets}
+    assert all(matched.values()), [t for t, names in matched.items() if not names]
+    net.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=targets))
+    adapted = {n for n, m in net.named_modules() if isinstance(m, LoraLayer)}
+    assert adapted == {n for names in matched.values() for n in names}
+    if kind == "flux":  # the single-stream blocks' attention too, and both streams' feed-forward layers
+        assert any(n.startswith("single_transformer_blocks.") for n in adapted)
+        assert any(".ff_context." in n for n in adapted) and any(".ff." in n for n in adapted)
+    else:
+        assert any(n.endswith("attn.to_add_out") for n in adapted) and not any(".ff" in n for n in adapted)
+
+
+@pytest.mark.parametrize("method", ["draft", pytest.param("grpo", marks=pytest.mark.slow)])  # (about 20 s each)
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_pipelines_finetune_lora_and_their_adapter_loads_into_the_flow_samplers(pipelines, tmp_path, kind,
+                                                                                   method):
+    """DRaFT and GRPO (DDPO with group advantages and the KL penalty) on a tiny SD3 / FLUX pipeline with the
+    default LoRA targets: two optimiser steps move the adapters; the saved adapter (diffusers' format) loads
+    back through the model's ``adapter``, samples as the trained model does, and changes what the flow
+    samplers (SVDD, RBF) draw."""
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from baselines import DDPO, DRaFT
+    from baselines.common import adapters_disabled
+    from tsf.samplers import RBF
+
+    reward = build_reward("brightness")
+    common = dict(reward=reward, cross_rewards=[], conditions=PROMPTS, val_samples=2, lr=0.01, seed=0)
+    m = model(pipelines, kind)
+    module = (DRaFT(m, batch_size=2, **common) if method == "draft" else
+              DDPO(m, batch_size=4, advantages="grpo", kl_coef=0.04, **common))
+    trainer = L.Trainer(max_steps=2, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
+                        accelerator="cpu")
+    trainer.fit(module)
+    lora = load_file(str(tmp_path / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("transformer.") and ".lora_" in k for k in lora)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())  # B starts at zero: it trained
+    tuned = model(pipelines, kind, adapter=str(tmp_path / "adapter"))
+    a = BaseSampler().sample(tuned, None, PROMPTS, range(2), seed=3)
+    b = BaseSampler().sample(m, None, PROMPTS, range(2), seed=3)
+    torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=0)
+    for sampler in (SVDD(num_particles=2), RBF(num_particles=2, budget=2 * (2 + 4), n0=2)):
+        x = sampler.sample(tuned, reward, PROMPTS, range(2), seed=3).x0
+        with adapters_disabled(m):  # the base model
+            y = sampler.sample(m, reward, PROMPTS, range(2), seed=3).x0
+        assert (x - y).abs().max() > 1e-3, type(sampler).__name__
+
+
 def test_a_peft_adapter_directory_of_an_older_run_still_loads(pipelines, tmp_path):
     """What ``tsf finetune`` wrote before (a peft ``PeftModel``'s ``save_pretrained``): the same denoiser as peft's."""
     from peft import LoraConfig, PeftModel, get_peft_model
