@@ -166,15 +166,25 @@ def test_ddpo_takes_several_ppo_steps_per_sampled_epoch_and_the_clip_acts(tmp_pa
         assert key in trainer.callback_metrics  # and to the Lightning logger
 
 
-def test_ddpo_unchanged_policy_reproduces_the_sampled_log_probs(tmp_path):
+@pytest.mark.parametrize("family", ["diffusion", "flow"])
+def test_ddpo_unchanged_policy_reproduces_the_sampled_log_probs(tmp_path, family):
     """The ratio of an epoch's first minibatch is exactly 1: recomputed on minibatch rows (4, 1 or all
-    16 rows per call), the log-probabilities equal the ones stored while sampling (8 rows per call)."""
+    16 rows per call), the log-probabilities equal the ones stored while sampling (8 rows per call). DDIM's
+    last step is deterministic (4 stochastic steps of 5); the flow's Linear-SDE has noise on all 5, and its
+    log-probability is the kernel's Gaussian density (``model.log_prob``) averaged over the 64 pixels."""
     from baselines.ddpo import mean_log_prob
 
-    module = ddpo_ppo(DigitsDiffusion(num_steps=5), batch_size=8, val_samples=20, seed=3)
+    model = DigitsDiffusion(num_steps=5) if family == "diffusion" else DigitsFlow(num_steps=5)
+    module = ddpo_ppo(model, batch_size=8, val_samples=20, seed=3)
     module.configure_model()
     ro = module.sample_epoch(0)
-    assert ro["chain"].shape[:2] == (16, 6) and ro["old_logp"].shape == (16, len(ro["steps"])) == (16, 4)
+    stochastic = 4 if family == "diffusion" else 5
+    assert ro["chain"].shape[:2] == (16, 6) and ro["old_logp"].shape == (16, len(ro["steps"])) == (16, stochastic)
+    if family == "flow":
+        c = model.encode_conditions([None] * 16)
+        tr = model.transition(ro["chain"][:, 2], 2, c)
+        torch.testing.assert_close(ro["old_logp"][:, 2], model.log_prob(ro["chain"][:, 3], tr) / 64,
+                                   rtol=1e-5, atol=1e-5)
     for rows in (torch.tensor([3, 11, 0, 7]), torch.tensor([5]), torch.arange(16)):
         c = module.base.encode_conditions(module.conditions_of(ro["ids"][rows].tolist()))
         for j, step in enumerate(ro["steps"]):
@@ -471,3 +481,59 @@ def test_a_flow_adapter_loads_into_every_flow_sampler(tmp_path):
         a = sampler.sample(tuned, reward, [None] * 2, [0, 1], seed=5).x0
         b = sampler.sample(DigitsFlow(num_steps=4), reward, [None] * 2, [0, 1], seed=5).x0
         assert (a - b).abs().max() > 1e-3, type(sampler).__name__
+
+
+# -- tsf overopt --flow: its configs and its figure -------------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_the_flow_overoptimisation_configs_share_model_reward_ids_and_seed():
+    """The samplers of configs/overopt_flow and the fine-tuning configs configs/finetune/*_flow.yaml sample the same
+    DigitsFlow kernel, reward the same 3, cross-check with the same CNN and are judged on the same 200 ids and seed."""
+    import yaml
+
+    from tsf.commands.overopt import DOMAINS
+
+    folder, tunes, _, _ = DOMAINS["flow"]
+    samplers = sorted((ROOT / "configs" / folder).glob("*.yaml"))
+    assert {p.stem for p in samplers} == {"base", "best_of_n", "das_linear", "svdd_linear", "rbf_linear"}
+    tuned = [yaml.safe_load((ROOT / f"configs/finetune/{m}.yaml").read_text())["model"]["init_args"] for m in tunes]
+    for args in tuned + [yaml.safe_load(p.read_text())["model"]["init_args"] for p in samplers]:
+        base = args["base"]
+        assert base["class_path"] == "tsf.models.DigitsFlow"
+        assert base["init_args"] == {"num_steps": 10, "interpolant": "linear", "diffusion": "square",
+                                     "diffusion_norm": 3.0, "conditional": False}
+        assert args["reward"] == {"class_path": "tsf.rewards.DigitReward",
+                                  "init_args": {"classifier": "target", "digit": 3}}
+        assert args["cross_rewards"] == [{"class_path": "tsf.rewards.DigitReward",
+                                          "init_args": {"classifier": "holdout", "digit": 3}}]
+    for args in tuned:
+        assert args["conditions"] == [None] and args["val_samples"] == 200 and args["seed"] == 0
+    for p in samplers:
+        data = yaml.safe_load(p.read_text())["data"]["init_args"]
+        assert data["conditions"] == [None] and data["num_samples"] == 200 and data["seed"] == 0
+    assert [t["advantages"] for t in tuned[1:]] == ["ddpo", "grpo"] and tuned[2]["kl_coef"] > 0
+
+
+def test_overopt_flow_draws_the_flow_runs(tmp_path, capsys):
+    """``tsf overopt --flow --skip_runs`` reads the flow runs of its output directory (the samplers' run directories
+    and the three flow fine-tuning runs), draws the figure and prints one table row each."""
+    from tsf.commands.overopt import main as overopt
+
+    keys = ("target/mean", "cross/digit_holdout/mean", "diversity/pairwise", "diversity/vendi")
+    for i, name in enumerate(["base_K1_digit_seed0", "das_linear_K8_digit_seed0"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({k: -1.0 - i for k in keys}))
+    for m in ("draft_flow", "ddpo_flow", "grpo_flow"):
+        (tmp_path / f"finetune_{m}").mkdir()
+        rows = [{"step": s, **{k: -s / 100 for k in keys}} for s in (50, 100)]
+        (tmp_path / f"finetune_{m}" / "val_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "finetune_draft").mkdir()  # a diffusion run in the same folder is not the flow figure's
+    (tmp_path / "finetune_draft" / "val_metrics.jsonl").write_text(json.dumps({"step": 1, **{k: 0 for k in keys}}))
+    overopt(["--flow", "--skip_runs", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert (tmp_path / "overoptimisation_flow.png").stat().st_size > 0
+    assert (tmp_path / "overoptimisation_flow.pdf").is_file()
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
+    assert sorted(r.split(" | ")[0][2:] for r in rows) == ["base", "das_linear", "ddpo_flow step 100",
+                                                         "draft_flow step 100", "grpo_flow step 100"]

@@ -2,6 +2,10 @@
 DRaFT (``configs/finetune/``), runs the test-time samplers of ``configs/overopt/`` on the same base
 model, reward, evaluator, sample ids and seed, and plots target reward against cross-reward and
 diversity against target: the fine-tuning curves over training steps, the samplers as points.
+
+``tsf overopt --flow`` draws the same figure for the digits flow model (DigitsFlow, Linear-SDE, T = 10):
+DRaFT, DDPO and GRPO (``configs/finetune/*_flow.yaml``) against the samplers of ``configs/overopt_flow/``
+(docs/algorithms.md, section 6).
 """
 
 from __future__ import annotations
@@ -29,25 +33,40 @@ def save_overoptimisation(runs: list[Run], out: Path) -> list[Path]:
         return save_figure(overoptimisation_panels(runs, method_colors(r.label for r in runs)), out)
 
 
+#: per domain: the samplers' config folder, the fine-tuning configs (configs/finetune/<name>.yaml), the default
+#: output directory and figure name
+DOMAINS = {
+    "diffusion": ("overopt", ("draft", "ddpo"), "runs/overopt", "overoptimisation"),
+    "flow": ("overopt_flow", ("draft_flow", "ddpo_flow", "grpo_flow"), "runs/overopt_flow", "overoptimisation_flow"),
+}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="tsf overopt", description=__doc__.split("\n\n")[0].replace("\n", " "))
-    p.add_argument("--output_dir", type=Path, default=Path("runs/overopt"))
-    p.add_argument("--figure", type=Path, default=None, help="figure path without suffix (default: OUTPUT_DIR/overoptimisation)")
+    p.add_argument("--flow", action="store_true", help="the digits flow model: configs/overopt_flow and "
+                   "configs/finetune/*_flow.yaml (default: the diffusion model, configs/overopt)")
+    p.add_argument("--output_dir", type=Path, default=None, help="default: runs/overopt (runs/overopt_flow with --flow)")
+    p.add_argument("--figure", type=Path, default=None, help="figure path without suffix (default: "
+                   "OUTPUT_DIR/overoptimisation, OUTPUT_DIR/overoptimisation_flow with --flow)")
     p.add_argument("--skip_runs", action="store_true", help="only redraw from existing run directories")
     args = p.parse_args(argv)
+    samplers, tunes, default_dir, figure_name = DOMAINS["flow" if args.flow else "diffusion"]
+    out = args.output_dir or Path(default_dir)
     root = Path(__file__).resolve().parents[2] / "configs"
     tsf = [sys.executable, "-m", "tsf.cli"]
     if not args.skip_runs:
-        for m in ("draft", "ddpo"):  # --resume: a finished fine-tuning run is kept, a stopped one continued
+        for m in tunes:  # --resume: a finished fine-tuning run is kept, a stopped one continued
             if subprocess.run([*tsf, "finetune", "--config", str(root / f"finetune/{m}.yaml"),
-                               f"--output_dir={args.output_dir}", "--resume=true"]).returncode:
+                               f"--output_dir={out}", "--resume=true"]).returncode:
                 sys.exit(f"tsf overopt: fine-tuning {m} failed")
-        cmd = [*tsf, "compare", *map(str, sorted((root / "overopt").glob("*.yaml"))), "--output_dir",
-               str(args.output_dir), "--", "--wandb_mode=disabled"]
+        cmd = [*tsf, "compare", *map(str, sorted((root / samplers).glob("*.yaml"))), "--output_dir",
+               str(out), "--", "--wandb_mode=disabled"]
         if subprocess.run(cmd).returncode:
             sys.exit("tsf overopt: the samplers failed")
-    runs = load_runs([*sorted(args.output_dir.glob("*_K*")), *(args.output_dir / f"finetune_{m}" for m in ("draft", "ddpo"))])
-    fig = args.figure or args.output_dir / "overoptimisation"
+    runs = load_runs([*sorted(out.glob("*_K*")), *(out / f"finetune_{m}" for m in tunes)])
+    if not runs:
+        sys.exit(f"tsf overopt: no runs in {out} (run it without --skip_runs first)")
+    fig = args.figure or out / figure_name
     save_overoptimisation(runs, fig)
     cross = _cross_key(runs)
     lines = ["| method | target mean | cross mean | diversity pairwise | vendi | fd |", "|---|---|---|---|---|---|"]
