@@ -132,9 +132,12 @@ def test_prompts_are_encoded_once(pipelines):
 
 # -- the shipped real-model configs, end to end through the CLI on tiny components --------------------
 REAL_CONFIGS = {"sd15/best_of_n": "sd15", "sd15/svdd_pm": "sd15", "sd15/das": "sd15", "sdxl/das": "sdxl",
-                "sd3/rbf": "sd3", "sd3/best_of_n": "sd3", "flux/rbf": "flux", "flux/best_of_n": "flux"}
+                "sd3/rbf": "sd3", "sd3/best_of_n": "sd3", "flux/rbf": "flux", "flux/best_of_n": "flux",
+                # the RBF paper's baselines
+                **{f"{family}/{method}": family for family in ("sd3", "flux") for method in ("sop", "smc", "code", "svdd")}}
 SMALL_SAMPLERS = {"BestOfN": ["num_particles=2"], "SVDD": ["num_particles=2"], "SMC": ["num_particles=2"],
-                  "RBF": ["budget=12", "n0=2", "proposal_batch=2"]}
+                  "RBF": ["budget=12", "n0=2", "proposal_batch=2"], "SoP": ["num_particles=2"],
+                  "CoDe": ["num_particles=2"]}
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +184,7 @@ def test_real_model_config_writes_a_complete_run_directory(pipelines, tiny_clip,
         assert (run / f).is_file(), f
     m = json.loads((run / "metrics.json").read_text())
     assert m["compute/nfe"] > 0 and "cross/clip_score/mean" in m and "diversity/vendi" in m
-    if sampler == "SMC":
+    if init["sampler"].get("init_args", {}).get("proposal") == "gradient":
         assert m["compute/nfe_grad"] > 0  # DAS: gradients through the denoiser, the VAE and the CLIP reward
     s = load_samples(run)
     assert s["images"].shape == (3, 3, 16, 16) and s["sample_id"].tolist() == [0, 1, 2]
