@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tsf.commands.table import results_table
@@ -17,6 +18,7 @@ def test_results_table_has_a_row_per_run_and_every_cross_reward(tmp_path):
     assert table[3].startswith("| b | -1.25 |")
 
 
+@pytest.mark.slow  # about a minute: runs several tsf sample processes
 def test_compare_keeps_finished_runs_and_refuses_to_mix_in_another_config(tmp_path, capsys):
     """A second ``tsf compare`` of the same configs samples nothing again (the shards are not rewritten,
     the metrics are the same); a config file edited since its run is refused rather than mixed into the

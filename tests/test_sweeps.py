@@ -34,6 +34,7 @@ def test_every_generated_command_validates(path, capsys, monkeypatch):
         capsys.readouterr()
 
 
+@pytest.mark.slow  # about a minute: runs several tsf sample processes
 def test_a_grid_sweep_runs_offline_one_run_directory_per_configuration_and_resumes(tmp_path):
     from tsf.commands.sweep import main as sweep
 
