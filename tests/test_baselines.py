@@ -523,7 +523,8 @@ def test_overopt_flow_draws_the_flow_runs(tmp_path, capsys):
     keys = ("target/mean", "cross/digit_holdout/mean", "diversity/pairwise", "diversity/vendi")
     for i, name in enumerate(["base_K1_digit_seed0", "das_linear_K8_digit_seed0"]):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(json.dumps({k: -1.0 - i for k in keys}))
+        nfe = {"compute/nfe": 10.0 + 70 * i, "compute/nfe_grad": 80.0 * i}
+        (tmp_path / name / "metrics.json").write_text(json.dumps({**{k: -1.0 - i for k in keys}, **nfe}))
     for m in ("draft_flow", "ddpo_flow", "grpo_flow"):
         (tmp_path / f"finetune_{m}").mkdir()
         rows = [{"step": s, **{k: -s / 100 for k in keys}} for s in (50, 100)]
@@ -537,3 +538,4 @@ def test_overopt_flow_draws_the_flow_runs(tmp_path, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
     assert sorted(r.split(" | ")[0][2:] for r in rows) == ["base", "das_linear", "ddpo_flow step 100",
                                                          "draft_flow step 100", "grpo_flow step 100"]
+    assert any(r.startswith("| das_linear |") and r.endswith("| 80 (+80 backward) |") for r in rows), rows

@@ -41,6 +41,16 @@ DOMAINS = {
 }
 
 
+def nfe_cell(r: Run) -> str:
+    """A row's NFE per sample: a sampler's counted NFE (and backward passes), a fine-tuned model's T (one
+    base-sampler trajectory per sample)."""
+    if r.is_finetune:
+        steps = r.settings.get("model.init_args.base.init_args.num_steps")
+        return "" if steps is None else f"{steps}"
+    grad = float(r.metrics.get("compute/nfe_grad", 0.0))
+    return f"{r.nfe:.0f}" + (f" (+{grad:.0f} backward)" if grad else "")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="tsf overopt", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--flow", action="store_true", help="the digits flow model: configs/overopt_flow and "
@@ -69,10 +79,10 @@ def main(argv=None) -> None:
     fig = args.figure or out / figure_name
     save_overoptimisation(runs, fig)
     cross = _cross_key(runs)
-    lines = ["| method | target mean | cross mean | diversity pairwise | vendi | fd |", "|---|---|---|---|---|---|"]
+    lines = ["| method | target mean | cross mean | diversity pairwise | vendi | fd | NFE |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         name, m = (f"{r.label} step {r.metrics['step']}", r.metrics) if r.is_finetune else (r.label, r.metrics)
         lines.append(f"| {name} | {m['target/mean']:.3f} | {m[cross]:.3f} | {m['diversity/pairwise']:.3f} | "
-                     f"{m['diversity/vendi']:.2f} | {m.get('fidelity/fd', float('nan')):.2f} |")
+                     f"{m['diversity/vendi']:.2f} | {m.get('fidelity/fd', float('nan')):.2f} | {nfe_cell(r)} |")
     print("\n".join(lines))
     print(f"figure: {fig}.png (and .pdf)")
