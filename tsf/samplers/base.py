@@ -325,6 +325,13 @@ def _cat(outs: list) -> Any:
 SAMPLERS: Registry["Sampler"] = Registry("sampler")
 
 
+def integer_at_least(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int, refused (a :class:`ConfigError` naming ``name``) unless it is an integer ``>= minimum``."""
+    if int(value) != value or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
 class Sampler:
     """Base class of all samplers.
 
@@ -346,11 +353,9 @@ class Sampler:
             SAMPLERS.register(cls.name, cls)
 
     def __init__(self, num_particles: int = 1, max_batch: int = 4096) -> None:
-        if int(num_particles) != num_particles or num_particles < 1:
-            raise ConfigError(f"num_particles must be an integer >= 1, got {num_particles}")
+        self.num_particles = integer_at_least("num_particles", num_particles, 1)
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-        self.num_particles = int(num_particles)
         self.max_batch = int(max_batch)
 
     def __repr__(self) -> str:

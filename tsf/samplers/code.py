@@ -20,7 +20,7 @@ from typing import Union
 import torch
 
 from tsf.errors import ConfigError
-from tsf.samplers.base import Sampler
+from tsf.samplers.base import Sampler, integer_at_least
 from tsf.samplers.smc import NonFiniteRewardError, draw_categorical
 from tsf.samplers.value import ValueFunction, build_value
 
@@ -42,13 +42,11 @@ class CoDe(Sampler):
     def __init__(self, num_particles: int = 8, num_paths: int = 2, block_size: int = 2, alpha: float = 0.0,
                  value: Union[str, ValueFunction] = "posterior_mean", max_batch: int = 4096) -> None:
         super().__init__(num_particles=num_particles, max_batch=max_batch)
-        if int(num_paths) != num_paths or num_paths < 1:
-            raise ConfigError(f"num_paths must be an integer >= 1, got {num_paths}")
-        if int(block_size) != block_size or block_size < 1:
-            raise ConfigError(f"block_size must be an integer >= 1, got {block_size}")
+        self.num_paths = integer_at_least("num_paths", num_paths, 1)
+        self.block_size = integer_at_least("block_size", block_size, 1)
         if alpha < 0:
             raise ConfigError(f"alpha must be >= 0, got {alpha}")
-        self.num_paths, self.block_size, self.alpha = int(num_paths), int(block_size), float(alpha)
+        self.alpha = float(alpha)
         self.value_fn = build_value(value)
 
     def __repr__(self) -> str:

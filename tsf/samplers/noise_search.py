@@ -23,7 +23,7 @@ from torch import Tensor
 
 from tsf.errors import ConfigError
 from tsf.rewards.base import Reward
-from tsf.samplers.base import Sampler
+from tsf.samplers.base import Sampler, integer_at_least
 from tsf.samplers.sop import kernel_path
 
 
@@ -73,13 +73,11 @@ class ZeroOrderSearch(Sampler):
     def __init__(self, num_particles: int = 4, num_initial: int = 4, num_rounds: int = 4, lam: float = 0.95,
                  verifier: Optional[Union[str, Reward]] = None, max_batch: int = 4096) -> None:
         super().__init__(num_particles=num_particles, max_batch=max_batch)
-        if int(num_initial) != num_initial or num_initial < 1:
-            raise ConfigError(f"num_initial must be an integer >= 1, got {num_initial}")
-        if int(num_rounds) != num_rounds or num_rounds < 0:
-            raise ConfigError(f"num_rounds must be an integer >= 0, got {num_rounds}")
+        self.num_initial = integer_at_least("num_initial", num_initial, 1)
+        self.num_rounds = integer_at_least("num_rounds", num_rounds, 0)
         if not 0 < lam < 1:
             raise ConfigError(f"lam must be in (0, 1), got {lam}")
-        self.num_initial, self.num_rounds, self.lam = int(num_initial), int(num_rounds), float(lam)
+        self.lam = float(lam)
         self.verifier = build_verifier(verifier)
 
     def __repr__(self) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from tsf.errors import ConfigError
-from tsf.samplers.base import Noise, Sampler
+from tsf.samplers.base import Noise, Sampler, integer_at_least
 from tsf.samplers.smc import NonFiniteRewardError
 from tsf.samplers.value import ValueFunction, build_value
 
@@ -77,9 +77,7 @@ class SoP(Sampler):
                  forward_steps: Optional[int] = None, backward_steps: Optional[int] = None,
                  value: Union[str, ValueFunction] = "posterior_mean", max_batch: int = 4096) -> None:
         super().__init__(num_particles=num_particles, max_batch=max_batch)
-        if int(num_paths) != num_paths or num_paths < 1:
-            raise ConfigError(f"num_paths must be an integer >= 1, got {num_paths}")
-        self.num_paths = int(num_paths)
+        self.num_paths = integer_at_least("num_paths", num_paths, 1)
         self.first_level, self.forward_steps, self.backward_steps = first_level, forward_steps, backward_steps
         if forward_steps is not None and forward_steps < 0:
             raise ConfigError(f"forward_steps must be >= 0, got {forward_steps}")
