@@ -62,14 +62,19 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, files:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def default_run_name(name: str) -> str:
-    """``name``, made unique per run of a wandb sweep (whose runs differ in more than a name shows)."""
+def default_run_name(name: str, variant: str = "") -> str:
+    """``name``, then ``variant`` (what the command line changed: :func:`tsf.identity.variant_suffix`), made
+    unique per run of a wandb sweep (whose runs differ in more than a name shows)."""
+    name = "_".join(filter(None, (name, variant)))
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         return f"{name}_{os.environ['WANDB_RUN_ID']}"
     return name
 
 
+#: the sections of a config that decide what a run samples
 SAMPLE_KEYS = ("model", "data", "seed_everything")
+
+
 def check_same_run(run_dir: Path, config: Optional[dict]) -> None:
     """On ``--resume``, refuse a run directory whose ``config.yaml`` asks for other samples (another
     model, sampler, reward or data section) than ``config``: its shards would be mixed into this run."""
@@ -181,14 +186,16 @@ def run_identity(config: dict, method: str) -> tuple[str, list[str]]:
 
 def previous_wandb_run(run_dir: Path) -> tuple[Optional[str], list[Path]]:
     """The id of the wandb run an earlier attempt of this run started (from ``<run>/wandb/``) and its
-    offline folders (``offline-run-<time>-<id>``, one per attempt)."""
-    found = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime) \
-        if (run_dir / "wandb").is_dir() else []
-    found = [p for p in found if p.is_dir() and not p.is_symlink()]
+    offline folders, one per attempt (wandb names them ``[offline-]run-<time>-<id>[-<n>]``)."""
+    def run_id(folder: Path) -> str:
+        return folder.name.removeprefix("offline-").split("-")[2]
+
+    found = sorted((p for p in (run_dir / "wandb").glob("*run-*-*") if p.is_dir() and not p.is_symlink()),
+                   key=lambda p: p.stat().st_mtime) if (run_dir / "wandb").is_dir() else []
     if not found:
         return None, []
-    run_id = found[-1].name.split("-")[3] if found[-1].name.count("-") >= 3 else found[-1].name.rsplit("-", 1)[-1]
-    return run_id, [p for p in found if p.name.startswith("offline-run-") and p.name.split("-")[3] == run_id]
+    last = run_id(found[-1])
+    return last, [p for p in found if p.name.startswith("offline-run-") and run_id(p) == last]
 
 
 def wandb_logger(run_dir: Path, name: str, project: Optional[str], mode: str, config: Optional[dict] = None,
@@ -259,6 +266,8 @@ class TsfTrainer(Trainer):
     method_name: Optional[str] = None
     config_folder: Optional[str] = None
     variant: str = ""
+    #: the resolved config (what config.yaml holds), set by the CLI
+    run_config: Optional[dict] = None
 
     def __init__(self, *args, **kwargs) -> None:
         # a run shorter than its validation interval validates at its end instead of failing
@@ -301,9 +310,9 @@ class TsfTrainer(Trainer):
         if datamodule is None:
             raise ConfigError("tsf sample needs a data module: set data.class_path (e.g. tsf.lightning.SampleIdsDataModule)")
         model.check_conditions(datamodule.sample_conditions())  # before any directory or weight file
-        name = run_name or default_run_name("_".join(
-            filter(None, (model.run_name(datamodule.seed, self.method_name), self.variant))))
-        run_dir = self.open_run(output_dir, name, overwrite, resume, RUN_FILES, wandb_project, wandb_mode)
+        name = run_name or default_run_name(model.run_name(datamodule.seed, self.method_name), self.variant)
+        run_dir = self.open_run(output_dir, name, overwrite, resume, RUN_FILES, wandb_project, wandb_mode,
+                                logs_at_end=True)
         try:
             self.test(model, datamodule=datamodule, verbose=True)
         except SystemExit:
@@ -329,24 +338,25 @@ class TsfTrainer(Trainer):
         return results
 
     def open_run(self, output_dir: str, run_name: str, overwrite: bool, resume: bool, files: tuple[str, ...],
-                 wandb_project: Optional[str], wandb_mode: str) -> Path:
+                 wandb_project: Optional[str], wandb_mode: str, logs_at_end: bool = False) -> Path:
         """The run directory ``output_dir/run_name``, prepared (refused if it holds another run unless
-        ``resume`` or ``overwrite``), and the wandb logger writing into it when none is configured."""
+        ``resume`` or ``overwrite``), and the wandb logger writing into it when none is configured (a resumed
+        run continues its wandb run; ``logs_at_end``: the run logs only when it ends, so an interrupted
+        attempt's offline folder holds nothing and is removed)."""
         run_dir = Path(output_dir) / run_name
         if self.is_global_zero:
             prepare_run_dir(run_dir, overwrite, resume, files)
             if resume:
-                check_same_run(run_dir, getattr(self, "run_config", None))
+                check_same_run(run_dir, self.run_config)
         self.run_dir = run_dir
         self._default_root_dir = str(run_dir)  # what Lightning and the modules write beside the run's files
         if not self.loggers and wandb_mode != "disabled":
             run_id, stale = previous_wandb_run(run_dir) if resume else (None, [])
-            if files == RUN_FILES and self.is_global_zero:
-                # a sampling run logs only at its end: an interrupted attempt's offline folder holds nothing
+            if logs_at_end and self.is_global_zero:
                 for folder in stale:
                     shutil.rmtree(folder, ignore_errors=True)
-            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode,
-                                         getattr(self, "run_config", None), self.method_name, run_id)]
+            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode, self.run_config,
+                                         self.method_name, run_id)]
         return run_dir
 
     def interrupted_run(self, run_dir: Path, how: str) -> None:
@@ -386,8 +396,7 @@ class TsfTrainer(Trainer):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         method = self.method_name or type(model).__name__.lower()
-        name = run_name or default_run_name("_".join(filter(None, (f"{self.config_folder or 'finetune'}_{method}",
-                                                                     self.variant))))
+        name = run_name or default_run_name(f"{self.config_folder or 'finetune'}_{method}", self.variant)
         run_dir = self.open_run(output_dir, name, overwrite, resume, FINETUNE_FILES, wandb_project, wandb_mode)
         for cb in self.callbacks:
             if isinstance(cb, ModelCheckpoint):
@@ -544,11 +553,11 @@ def run_dir_settings(config: dict) -> list[str]:
 class TsfCLI(LightningCLI):
     def _name_run(self, subcommand: str) -> None:
         configs = self.config[subcommand].get("config") or []
+        self.trainer.run_config = self.config[subcommand].as_dict()  # the config that config.yaml holds
         if configs:
             self.trainer.method_name = Path(str(configs[-1])).stem
             self.trainer.config_folder = Path(str(configs[-1])).resolve().parent.name
-        self.trainer.run_config = self.config[subcommand].as_dict()  # the config that config.yaml holds
-        if configs:  # what the command line changed from the config files: a part of the default run name
+            # what the command line changed from the config files: a part of the default run name
             files = [a for c in configs for a in ("--config", str(c))]
             file_config = self._subcommand_parsers[subcommand].parse_args(files).as_dict()
             self.trainer.variant = variant_suffix(config_variant(self.trainer.run_config, file_config))
