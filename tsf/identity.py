@@ -37,8 +37,22 @@ EXECUTION_KEYS = {"max_batch", "grad_batch", "decode_batch", "num_workers", "bat
 EXECUTION_PATHS = {"data.init_args.batch_size"}
 
 
-def is_execution_key(key: str) -> bool:
-    return key in EXECUTION_PATHS or key.rsplit(".", 1)[-1] in EXECUTION_KEYS
+def is_method_key(key: str) -> bool:
+    """A ``model``/``data`` setting that changes what a run samples (not only how it computes)."""
+    return (key.split(".")[0] in ("model", "data") and key not in EXECUTION_PATHS
+            and key.rsplit(".", 1)[-1] not in EXECUTION_KEYS)
+
+
+def canonical(value: Any) -> str:
+    """A config value as one comparable string (keys sorted, paths and other objects as text)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def digest(value: Any, length: int) -> str:
+    """A short stable hash of a config value (a variant, an identity)."""
+    return hashlib.sha1(canonical(value).encode()).hexdigest()[:length]
+
+
 #: keys that a run name already shows (K and the seed)
 NAMED_KEYS = {"model.init_args.sampler.init_args.num_particles", "data.init_args.seed"}
 
@@ -49,8 +63,7 @@ def config_variant(config: dict, file_config: dict) -> dict[str, Any]:
     sections, without those a run name already shows or that only change how a run computes."""
     new, old = flatten_config(config), flatten_config(file_config)
     return {k: new[k] for k in sorted(new)  # a key only the file has was replaced by finer ones (a class's init_args)
-            if k.split(".")[0] in ("model", "data") and k not in NAMED_KEYS
-            and not is_execution_key(k) and new.get(k) != old.get(k)}
+            if is_method_key(k) and k not in NAMED_KEYS and new[k] != old.get(k)}
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:
@@ -103,13 +116,13 @@ def variant_suffix(variant: dict[str, Any], max_len: int = 80) -> str:
     text = "_".join(tokens)
     if len(text) <= max_len:
         return text
-    digest = hashlib.sha1(json.dumps(variant, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    tail = digest(variant, 8)
     kept = []
     for t in tokens:
-        if len("_".join([*kept, t, digest])) > max_len:
+        if len("_".join([*kept, t, tail])) > max_len:
             break
         kept.append(t)
-    return "_".join([*kept, digest])
+    return "_".join([*kept, tail])
 
 
 #: data settings that do not make another method (replicates of one method: other seeds, other sizes)
@@ -136,8 +149,7 @@ def method_identity(config: dict) -> dict[str, Any]:
     draws, and how large its sampler is (the budget axis of a scaling curve). Empty for no config."""
     flat = flatten_config(config)
     drop = REPLICATE_KEYS | budget_keys(flat)
-    return {k: v for k, v in sorted(flat.items()) if k.split(".")[0] in ("model", "data") and k not in drop
-            and not is_execution_key(k)}
+    return {k: v for k, v in sorted(flat.items()) if is_method_key(k) and k not in drop}
 
 
 def distinguishing_labels(labels: list[str], identities: list[dict[str, Any]], max_keys: int = 3) -> list[str]:
@@ -147,19 +159,18 @@ def distinguishing_labels(labels: list[str], identities: list[dict[str, Any]], m
     groups: dict[str, dict[str, dict]] = {}
     for label, ident in zip(labels, identities):
         if ident:
-            groups.setdefault(label, {})[json.dumps(ident, sort_keys=True, default=str)] = ident
+            groups.setdefault(label, {})[canonical(ident)] = ident
     out = []
     for label, ident in zip(labels, identities):
         distinct = list(groups.get(label, {}).values())
         if len(distinct) < 2 or not ident:
             out.append(label)
             continue
-        keys = sorted((k for k in set().union(*distinct) if len({json.dumps(d.get(k), default=str) for d in distinct}) > 1),
+        keys = sorted((k for k in set().union(*distinct) if len({canonical(d.get(k)) for d in distinct}) > 1),
                       key=_rank)
         short = short_keys(keys)
         tokens = [f"{short[k]}={short_value(ident.get(k))}" for k in keys]
         if len(tokens) > max_keys:
-            digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:6]
-            tokens = tokens[:max_keys - 1] + [digest]
+            tokens = tokens[:max_keys - 1] + [digest(ident, 6)]
         out.append(f"{label} ({', '.join(tokens)})")
     return out

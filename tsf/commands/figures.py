@@ -100,13 +100,20 @@ class Run:
     @property
     def target_name(self) -> Optional[str]:
         """The target reward's name: from ``samples.pt`` (its rewards by name) or the config."""
-        rewards = (self.samples or {}).get("rewards") or {} if self.path is not None else {}
-        cross = {k.split("/")[1] for k in self.cross_keys()}
-        name = next((n for n in rewards if n not in cross), None)
+        name = self._sampled_target()
         if name is None:
             value = self.settings.get("model.init_args.reward") or self.settings.get("model.init_args.reward.class_path")
             name = None if value is None else short_value(value)
         return name
+
+    def _rewards(self) -> dict[str, Any]:
+        """``samples.pt``'s rewards by name (empty for a run without it, or one given as numbers only)."""
+        return (self.samples or {}).get("rewards") or {}
+
+    def _sampled_target(self) -> Optional[str]:
+        """The name of the target reward among ``samples.pt``'s rewards: the one that is no cross-reward."""
+        cross = {k.split("/")[1] for k in self.cross_keys()}
+        return next((n for n in self._rewards() if n not in cross), None)
 
     def _tensors(self, name: str) -> Optional[dict[str, Any]]:
         """The run directory's file ``name`` (tensors only: no arbitrary pickle), or ``None``."""
@@ -130,10 +137,9 @@ class Run:
 
     def per_sample(self, key: str) -> Optional[np.ndarray]:
         """Per-sample values behind the mean metric ``key`` (``target/mean``, ``cross/<r>/mean``) from samples.pt."""
-        rewards = (self.samples or {}).get("rewards") or {}
+        rewards = self._rewards()
         if key == TARGET:
-            cross = {k.split("/")[1] for k in self.cross_keys()}
-            name = next((n for n in rewards if n not in cross), None)
+            name = self._sampled_target()
         else:
             name = key.split("/")[1] if key.startswith("cross/") else None
         return None if name not in rewards else rewards[name].double().numpy()
@@ -267,8 +273,8 @@ def _value(runs: list[Run], key: str) -> float:
     the runs' means when they have no per-sample values)."""
     if key in COMPUTE_AXES:
         return float(np.mean([r.cost(key) for r in runs]))
-    pooled = _pooled(runs, key)
-    if pooled is not None and key in (TARGET,) + tuple(k for r in runs for k in r.cross_keys()):
+    pooled = _pooled(runs, key)  # per-sample values exist for the target and the cross-rewards only
+    if pooled is not None:
         finite = pooled[np.isfinite(pooled)]
         return float(finite.mean()) if len(finite) else float("nan")
     return float(np.mean([r.metrics[key] for r in runs]))
