@@ -11,10 +11,11 @@ DRaFT, DDPO and GRPO (``configs/finetune/*_flow.yaml``) against the samplers of 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
+from tsf.commands.compare import main as compare
+from tsf.commands.compare import run_tsf
 from tsf.commands.figures import (Run, _cross_key, load_runs, method_colors, overoptimisation_panels, save_figure,
                                   style)
 
@@ -63,16 +64,12 @@ def main(argv=None) -> None:
     samplers, tunes, default_dir, figure_name = DOMAINS["flow" if args.flow else "diffusion"]
     out = args.output_dir or Path(default_dir)
     root = Path(__file__).resolve().parents[2] / "configs"
-    tsf = [sys.executable, "-m", "tsf.cli"]
     if not args.skip_runs:
-        for m in tunes:  # --resume: a finished fine-tuning run is kept, a stopped one continued
-            if subprocess.run([*tsf, "finetune", "--config", str(root / f"finetune/{m}.yaml"),
-                               f"--output_dir={out}", "--resume=true"]).returncode:
+        for m in tunes:  # run_tsf resumes: a finished fine-tuning run is kept, a stopped one continued
+            if run_tsf("finetune", out, f"--config={root / f'finetune/{m}.yaml'}") is None:
                 sys.exit(f"tsf overopt: fine-tuning {m} failed")
-        cmd = [*tsf, "compare", *map(str, sorted((root / samplers).glob("*.yaml"))), "--output_dir",
-               str(out), "--", "--wandb_mode=disabled"]
-        if subprocess.run(cmd).returncode:
-            sys.exit("tsf overopt: the samplers failed")
+        compare([*map(str, sorted((root / samplers).glob("*.yaml"))), "--output_dir", str(out), "--",
+                 "--wandb_mode=disabled"])  # exits, saying which, if a sampler fails
     runs = load_runs([*sorted(out.glob("*_K*")), *(out / f"finetune_{m}" for m in tunes)])
     if not runs:
         sys.exit(f"tsf overopt: no runs in {out} (run it without --skip_runs first)")
