@@ -579,7 +579,8 @@ class TsfCLI(LightningCLI):
 
 #: ``tsf <tool> ...`` commands that are not LightningCLI subcommands: name -> "module:function"
 TOOLS = {"pretrain": "tsf.commands.pretrain:main", "table": "tsf.commands.table:main", "compare": "tsf.commands.compare:main",
-         "scaling": "tsf.commands.scaling:main", "sweep": "tsf.commands.sweep:main", "overopt": "tsf.commands.overopt:main", "bench": "tsf.commands.bench:main", "figures": "tsf.commands.figures:main"}
+         "scaling": "tsf.commands.scaling:main", "sweep": "tsf.commands.sweep:main", "overopt": "tsf.commands.overopt:main",
+         "claims": "tsf.commands.claims:main", "bench": "tsf.commands.bench:main", "figures": "tsf.commands.figures:main"}
 
 
 #: every ``tsf`` command with its one line (``tsf --help``)
@@ -596,6 +597,7 @@ COMMANDS = {
     "scaling": "methods at equal NFE budgets: runs, a table and a plot",
     "sweep": "run a wandb sweep file here, offline, without an account (grid, or seeded random draws)",
     "overopt": "the over-optimisation comparison: fine-tuning against test-time samplers, one figure",
+    "claims": "the papers' headline claims re-tested on the digits tasks: runs, uncertainties, verdicts",
     "bench": "framework overhead, throughput, memory, and tsf against diffusers on a pipeline",
     "figures": "paper figures from run directories",
 }

@@ -6,6 +6,9 @@ diversity against target: the fine-tuning curves over training steps, the sample
 ``tsf overopt --flow`` draws the same figure for the digits flow model (DigitsFlow, Linear-SDE, T = 10):
 DRaFT, DDPO and GRPO (``configs/finetune/*_flow.yaml``) against the samplers of ``configs/overopt_flow/``
 (docs/algorithms.md, section 6).
+
+``tsf overopt --domain hard`` runs the same comparison on the hard digits task (the MLP's log-odds of a 3,
+``configs/overopt_hard`` and ``configs/finetune/*_hard.yaml``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def save_overoptimisation(runs: list[Run], out: Path) -> list[Path]:
 DOMAINS = {
     "diffusion": ("overopt", ("draft", "ddpo"), "runs/overopt", "overoptimisation"),
     "flow": ("overopt_flow", ("draft_flow", "ddpo_flow", "grpo_flow"), "runs/overopt_flow", "overoptimisation_flow"),
+    "hard": ("overopt_hard", ("draft_hard", "ddpo_hard"), "runs/overopt_hard", "overoptimisation_hard"),
 }
 
 
@@ -54,14 +58,17 @@ def nfe_cell(r: Run) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="tsf overopt", description=__doc__.split("\n\n")[0].replace("\n", " "))
-    p.add_argument("--flow", action="store_true", help="the digits flow model: configs/overopt_flow and "
-                   "configs/finetune/*_flow.yaml (default: the diffusion model, configs/overopt)")
-    p.add_argument("--output_dir", type=Path, default=None, help="default: runs/overopt (runs/overopt_flow with --flow)")
+    p.add_argument("--domain", choices=sorted(DOMAINS), default="diffusion", help="diffusion (configs/overopt and "
+                   "configs/finetune/{draft,ddpo}.yaml), flow (configs/overopt_flow, configs/finetune/*_flow.yaml) or "
+                   "hard (the hard digits task: configs/overopt_hard, configs/finetune/*_hard.yaml)")
+    p.add_argument("--flow", action="store_true", help="the same as --domain flow")
+    p.add_argument("--output_dir", type=Path, default=None, help="default: runs/overopt, runs/overopt_flow or "
+                   "runs/overopt_hard by domain")
     p.add_argument("--figure", type=Path, default=None, help="figure path without suffix (default: "
-                   "OUTPUT_DIR/overoptimisation, OUTPUT_DIR/overoptimisation_flow with --flow)")
+                   "OUTPUT_DIR/overoptimisation, _flow or _hard by domain)")
     p.add_argument("--skip_runs", action="store_true", help="only redraw from existing run directories")
     args = p.parse_args(argv)
-    samplers, tunes, default_dir, figure_name = DOMAINS["flow" if args.flow else "diffusion"]
+    samplers, tunes, default_dir, figure_name = DOMAINS["flow" if args.flow else args.domain]
     out = args.output_dir or Path(default_dir)
     root = Path(__file__).resolve().parents[2] / "configs"
     if not args.skip_runs:

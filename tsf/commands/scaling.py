@@ -16,6 +16,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -30,12 +31,14 @@ def _resolve(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def budget_overrides(config: Path, budget: int) -> list[str]:
-    """Command-line overrides that size the config's sampler for ``budget`` NFE per sample."""
+def budget_overrides(config: Path, budget: int, steps: Optional[int] = None) -> list[str]:
+    """Command-line overrides that size the config's sampler for ``budget`` NFE per sample (at the config's
+    number of steps, or at ``steps`` where the command line changes it)."""
     cfg = yaml.safe_load(Path(config).read_text())
     init = cfg["model"]["init_args"]
     base_cls = _resolve(init["base"]["class_path"])
-    steps = (init["base"].get("init_args") or {}).get("num_steps")
+    if steps is None:
+        steps = (init["base"].get("init_args") or {}).get("num_steps")
     if steps is None:
         steps = inspect.signature(base_cls.__init__).parameters["num_steps"].default
     sampler_cls = _resolve(init["sampler"]["class_path"])

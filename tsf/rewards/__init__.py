@@ -2,11 +2,11 @@
 
 from tsf.rewards.base import REWARDS, Reward, build_reward
 from tsf.rewards.clip import AestheticScore, ClipReward, ClipScore, PickScore, preprocess
-from tsf.rewards.digits import DigitConfidence, DigitReward
+from tsf.rewards.digits import DigitConfidence, DigitLogOdds, DigitReward
 from tsf.rewards.image import Brightness, Compressibility, Incompressibility
 from tsf.rewards.linear import LinearReward
 from tsf.rewards.preference import HPSv2, ImageRewardScore
 
 __all__ = ["REWARDS", "Reward", "build_reward", "DigitReward", "Brightness", "Compressibility", "Incompressibility",
-           "DigitConfidence", "LinearReward", "ClipReward", "AestheticScore", "ClipScore", "PickScore", "HPSv2", "ImageRewardScore",
+           "DigitConfidence", "DigitLogOdds", "LinearReward", "ClipReward", "AestheticScore", "ClipScore", "PickScore", "HPSv2", "ImageRewardScore",
            "preprocess"]
