@@ -87,7 +87,7 @@ class DigitLogOdds(DigitReward):
     """``log p(c | x) - log(1 - p(c | x)) = z_c - logsumexp_{k != c} z_k``: the log-odds of the asked class
     from the classifier's logits ``z``. It rises with ``log p(c | x)`` but does not stop at 0: real test
     digits score 12 +- 6 under the MLP, and pixel-space ascent on the MLP reaches 50 while the CNN's own
-    log-odds falls (the blind spots of the hard task, docs/results.md). Computed from the logits, so it
+    log-odds falls (the blind spots of the hard task: README, "The hard digits task"). Computed from the logits, so it
     stays finite and exact where ``p(c | x)`` rounds to 1 in float32.
 
     Args: as for :class:`DigitReward`.
