@@ -26,6 +26,10 @@
   decode rows; reward rows), beside tsf's own ``SampleBatch.compute``; peak RSS of the timed runs
   (``VmHWM``, reset through ``/proc/self/clear_refs``) and the mean reward of the images.
 
+* ``tsf bench gpu`` (``bench_gpu.py``): seconds per image, peak CUDA memory and UNet / transformer rows of
+  SD 1.5, SDXL, SD3 and FLUX at their real sizes with random weights, for the base sampler, Best-of-4,
+  SVDD-PM, DAS and a DRaFT step (``--tiny``: tiny shapes, on a CPU).
+
 Each prints a markdown table and the machine it ran on, and writes JSON with ``--json PATH``.
 """
 
@@ -615,7 +619,7 @@ class WorkCounter:
 
     def _hook(self, prefix: str, input_name: str) -> Callable:
         def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs.get(input_name)
+            x = args[0] if args else kwargs.get(input_name, kwargs.get("hidden_states"))  # (SD3's, FLUX's name)
             rows = int(x.shape[0]) if hasattr(x, "shape") else len(x)
             out = _first_tensor(output)
             self.counts[f"{prefix}_calls"] += 1
@@ -915,8 +919,16 @@ def run(argv=None) -> dict:
                         "with Best-of-N, whose output costs N trajectories)")
     common(q)
 
+    from tsf.commands import bench_gpu
+
+    g = sub.add_parser("gpu", help="s/image, peak CUDA memory and UNet rows of SD 1.5, SDXL, SD3 and FLUX at their "
+                                   "real sizes (random weights) for each method; --tiny: a CPU check")
+    bench_gpu.add_arguments(g)
+    common(g)
+
     args = p.parse_args(argv)
-    result = {"overhead": overhead, "throughput": throughput, "memory": memory, "pipeline": pipeline}[args.what](args)
+    result = {"overhead": overhead, "throughput": throughput, "memory": memory, "pipeline": pipeline,
+              "gpu": bench_gpu.gpu}[args.what](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
