@@ -598,7 +598,7 @@ COMMANDS = {
     "sweep": "run a wandb sweep file here, offline, without an account (grid, or seeded random draws)",
     "overopt": "the over-optimisation comparison: fine-tuning against test-time samplers, one figure",
     "claims": "the papers' headline claims re-tested on the digits tasks: runs, uncertainties, verdicts",
-    "bench": "framework overhead, throughput, memory, and tsf against diffusers on a pipeline",
+    "bench": "framework overhead, throughput, memory, tsf against diffusers on a pipeline, every family on a GPU",
     "figures": "paper figures from run directories",
 }
 
