@@ -22,7 +22,9 @@ sees a policy that has moved, so the ratio departs from 1 and the clip acts. One
 step is one optimiser step (``max_steps``, ``val_check_interval`` and checkpoint intervals count
 optimiser steps); the step that starts an epoch samples it first. ``kl_coef > 0`` adds Flow-GRPO's
 penalty ``kl_coef KL(p_theta(. | x_t) || p_base(. | x_t))`` per trained (sample, step), in closed form for two
-Gaussians of one standard deviation, the frozen base model's mean computed with the adapters disabled.
+Gaussians of one standard deviation, the frozen base model's mean computed with the adapters disabled (on the
+exact KL's scale: Flow-GRPO's beta is ``kl_coef / |dt|``); ``skip_last_step`` and ``skip_zero_advantage`` are
+Flow-GRPO's skipping of the last step and of the samples of zero advantage.
 docs/algorithms.md, section 6.
 """
 
@@ -122,7 +124,13 @@ class DDPO(FinetuneModule):
         advantages: ``ddpo`` (the per-condition running statistics above) or ``grpo``: Flow-GRPO's
             group-relative advantages (:func:`group_advantages`), a group being the ``G`` samples of one
             condition in one sampled batch (``G = batch_size / len(conditions)``, at least 2).
-        kl_coef: weight of the KL penalty to the frozen base model (0: none; Flow-GRPO uses 0.01 to 0.04).
+        kl_coef: weight of the KL penalty to the frozen base model (0: none), on the exact KL's scale: Flow-GRPO's
+            penalty is the exact KL times the step's ``|dt|``, so its ``beta`` is ``kl_coef / |dt|`` (tsf's 0.04 is
+            Flow-GRPO's 0.4 at T = 10 uniform steps).
+        skip_last_step: do not train on the chain's last step (``T - 1``), as Flow-GRPO does (DDIM's last step,
+            deterministic, is never trained).
+        skip_zero_advantage: leave samples whose advantage is exactly 0 (a group of equal rewards) out of the
+            training pairs, as Flow-GRPO does: no loss, no KL, not in the mean's count.
         (the rest as :class:`~baselines.common.FinetuneModule`)
 
     The base model's kernel must be stochastic: DDIM with ``eta = 1`` or a flow model with noise (the Linear-SDE,
@@ -142,7 +150,8 @@ class DDPO(FinetuneModule):
                  grad_clip: float = 1.0, micro_batch: Optional[int] = None, num_batches_per_epoch: int = 2,
                  train_batch_size: Optional[int] = None, num_inner_epochs: int = 1, stats_buffer_size: int = 16,
                  stats_min_count: int = 16, weight_decay: float = 1e-4, advantages: str = "ddpo",
-                 kl_coef: float = 0.0, **kwargs) -> None:
+                 kl_coef: float = 0.0, skip_last_step: bool = False, skip_zero_advantage: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, weight_decay=weight_decay, **kwargs)
         if not 0 < timestep_fraction <= 1:
             raise ConfigError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
@@ -164,6 +173,9 @@ class DDPO(FinetuneModule):
         if kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {kl_coef}")
         self.advantages, self.kl_coef = advantages, float(kl_coef)
+        self.skip_last_step, self.skip_zero_advantage = bool(skip_last_step), bool(skip_zero_advantage)
+        if self.skip_last_step and self.base.num_steps < 2:
+            raise ConfigError("skip_last_step leaves a 1-step chain nothing to train on")
         if micro_batch is not None and micro_batch < 1:
             raise ConfigError(f"micro_batch must be >= 1, got {micro_batch}")
         for name, v in (("num_batches_per_epoch", num_batches_per_epoch), ("num_inner_epochs", num_inner_epochs),
@@ -206,7 +218,8 @@ class DDPO(FinetuneModule):
             tr = self._transition(x, i, c)
             x = tr.sample(noise.randn(1, model.sample_shape))
             chain.append(x)
-            if float(tr.std.max()) > 0:  # the last DDIM step is deterministic: no log-probability
+            if float(tr.std.max()) > 0 and not (self.skip_last_step and i == model.num_steps - 1):
+                # (the last DDIM step is deterministic: no log-probability; skip_last_step: not trained)
                 steps.append(i)
                 logps.append(mean_log_prob(x, tr.mean, tr.std))
         rewards = chunked(lambda xs, cs: self.reward(model.decode(xs), cs), len(x), x, conds,
@@ -260,9 +273,11 @@ class DDPO(FinetuneModule):
         order, chosen = self.schedule(epoch, inner, len(steps))
         rank, world = self.rank_and_world()
         rows = order[m * self.train_batch_size:(m + 1) * self.train_batch_size]
+        if self.skip_zero_advantage:  # Flow-GRPO: samples of zero advantage are not trained on
+            rows = rows[ro["adv"][rows.to(ro["adv"].device)].cpu() != 0]
         mine = rows[rank::world]
         n_train = chosen.shape[1]
-        count = self.train_batch_size * n_train  # (sample, timestep) pairs of the minibatch, over all ranks
+        count = max(len(rows) * n_train, 1)  # (sample, timestep) pairs of the minibatch, over all ranks
         mb = self.micro_batch or max(len(mine), 1)
         opt = self.optimizers()
         opt.zero_grad()

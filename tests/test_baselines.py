@@ -539,3 +539,45 @@ def test_overopt_flow_draws_the_flow_runs(tmp_path, capsys):
     assert sorted(r.split(" | ")[0][2:] for r in rows) == ["base", "das_linear", "ddpo_flow step 100",
                                                          "draft_flow step 100", "grpo_flow step 100"]
     assert any(r.startswith("| das_linear |") and r.endswith("| 80 (+80 backward) |") for r in rows), rows
+
+
+def test_flow_grpo_can_skip_the_last_step():
+    """skip_last_step (Flow-GRPO's): the last step, noisy on the Linear-SDE (last_step: euler), is not among the
+    trained steps and has no stored log-probability; the trajectories themselves are the same."""
+    kw = dict(**digit3(batch_size=8, val_samples=20, seed=3), advantages="grpo", num_batches_per_epoch=1)
+    plain, skip = (DDPO(DigitsFlow(num_steps=4), skip_last_step=s, **kw) for s in (False, True))
+    for m in (plain, skip):
+        m.configure_model()
+    a, b = plain.sample_epoch(0), skip.sample_epoch(0)
+    assert a["steps"] == [0, 1, 2, 3] and b["steps"] == [0, 1, 2]
+    assert torch.equal(a["chain"], b["chain"]) and torch.equal(a["old_logp"][:, :3], b["old_logp"])
+    assert b["old_logp"].shape == (8, 3)
+
+
+def test_flow_grpo_can_leave_zero_advantage_samples_out(tmp_path):
+    """skip_zero_advantage (Flow-GRPO's): with a reward of 0 every advantage is 0, so with a moved adapter (random
+    LoRA B) the only gradient is the KL penalty's: without the option the adapter gets it, with it no sample is
+    trained on and the adapter (weight decay 0) does not move."""
+    moved = {}
+    for skip in (False, True):
+        probe = GradientsBeforeStep()
+        module = DDPO(DigitsFlow(num_steps=4), **{**digit3(batch_size=8, val_samples=20, seed=3),
+                                                  "reward": ZeroReward()},
+                      advantages="grpo", kl_coef=0.5, weight_decay=0.0, num_batches_per_epoch=1,
+                      skip_zero_advantage=skip)
+        module.configure_model()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in module.base.net.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        before = lora_state(module)
+        trainer = L.Trainer(max_steps=1, default_root_dir=str(tmp_path / str(skip)), logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            enable_checkpointing=False, callbacks=[probe])
+        trainer.fit(module)
+        after = lora_state(module)
+        moved[skip] = max(float((after[k] - v).abs().max()) for k, v in before.items())
+        metrics = read_metrics(tmp_path / str(skip))
+        assert metrics[0]["kl"] > 0 if not skip else metrics[0]["kl"] == 0
+    assert moved[False] > 0 and moved[True] == 0

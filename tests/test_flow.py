@@ -110,6 +110,35 @@ def test_rbf_reference_finish_is_the_full_finish_on_a_tweedie_last_step():
     assert ref.compute["nfe"] == full.compute["nfe"] == 80 * n
 
 
+class _NaNBeyond(LinearReward):
+    """The linear reward, NaN where the first coordinate passes ``threshold``."""
+
+    name = "nan_beyond"
+
+    def __init__(self, threshold):
+        super().__init__([0.5, 0.25])
+        self.threshold = threshold
+
+    def forward(self, x, conditions=None):
+        r = super().forward(x, conditions)
+        return torch.where(x[:, 0] > self.threshold, torch.full_like(r, float("nan")), r)
+
+
+@pytest.mark.parametrize("finish", ["full", "tweedie"])
+def test_rbf_raises_when_every_child_of_a_step_is_non_finite(finish):
+    """As SVDD, CoDe, SoP and SMC do: a step whose children all have non-finite values is a NonFiniteRewardError
+    (before, the chain silently kept its state of the step before, at the wrong grid point). A reward that is
+    non-finite on part of the space leaves the run finite: such children are never kept."""
+    from tsf.samplers import RBF, NonFiniteRewardError
+
+    m = GaussianMixtureFlow(**MIX, num_steps=6)
+    n = 8
+    with pytest.raises(NonFiniteRewardError, match="every child of a chain"):
+        RBF(budget=40, n0=2, finish=finish).sample(m, _NaNBeyond(-100.0), [None] * n, range(n), seed=0)
+    out = RBF(budget=40, n0=2, finish=finish).sample(m, _NaNBeyond(2.5), [None] * n, range(n), seed=0)
+    assert torch.isfinite(out.x0).all() and torch.isfinite(out.rewards).all()
+
+
 def test_rbf_budget_too_small_and_ode_are_clear_errors():
     from tsf.samplers import RBF
 

@@ -11,6 +11,7 @@ from tsf.models.gmm import GaussianMixture
 from tsf.rewards import LinearReward
 from tsf.rewards import Compressibility, Reward, build_reward
 from tsf.samplers import DPS, SMC, SVDD, BestOfN, NonFiniteRewardError
+from tsf.samplers.base import Sampler
 from tsf.samplers.smc import RESAMPLERS, resample, tempering_schedule
 
 
@@ -227,3 +228,123 @@ def test_svdd_and_das_beat_best_of_n_on_digits_at_matched_nfe():
     for k in ("svdd", "das"):
         diff = r[k] - r["bon"]  # paired on the same sample ids
         assert diff.mean() > 3 * diff.std() / math.sqrt(n), (k, diff.mean(), diff.std())
+
+
+# -- gradient_through: tweedie (docs/algorithms.md, section 4) ------------------------------------------------------
+class _Wavy(torch.nn.Module):
+    """A small nonlinear 'network' ``net(x, t, labels)`` whose output depends on x (so holding it constant matters)."""
+
+    def forward(self, x, t, labels=None):
+        return torch.sin(1.3 * x) + 0.1 * x.square() + 1e-4 * t.float().reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _tweedie_models():
+    from tsf.models.diffusion import EpsDiffusionModel
+    from tsf.models.digits import SCHEDULER_CONFIG
+    from tsf.models.flow import FlowModel
+
+    return {"eps": EpsDiffusionModel(_Wavy(), SCHEDULER_CONFIG, num_steps=10, sample_shape=(3,)),
+            "v_prediction": EpsDiffusionModel(_Wavy(), SCHEDULER_CONFIG, num_steps=10, sample_shape=(3,),
+                                              prediction_type="v_prediction"),
+            "flow_linear": FlowModel(_Wavy(), num_steps=10, sample_shape=(3,)),
+            "flow_vp": FlowModel(_Wavy(), num_steps=10, sample_shape=(3,), interpolant="vp")}
+
+
+@pytest.mark.parametrize("kind", ["eps", "v_prediction", "flow_linear", "flow_vp"])
+def test_tweedie_jacobian_is_the_slope_of_x0_hat_with_the_network_output_held_constant(kind):
+    """Autograd of ``x0_hat(x, model(x))`` with the network's output detached (a forward hook), against
+    ``tweedie_jacobian(i)`` times the identity, at every grid point; the full Jacobian differs (the network
+    depends on x), so the test sees which one the method returns. Closed forms: eps ``1 / sqrt(abar)``,
+    v ``sqrt(abar)``, linear flow 1, VP flow ``1 / c_s``."""
+    model = _tweedie_models()[kind]
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model.double()
+    c = torch.zeros(5)
+    for i in range(model.num_steps):
+        xs = x.clone().requires_grad_(True)
+        full = torch.autograd.grad(model.x0_hat(xs, i, model(xs, i, c)).sum(), xs)[0]
+        handle = model.net.register_forward_hook(lambda mod, args, out: out.detach())
+        try:
+            xs = x.clone().requires_grad_(True)
+            held = torch.autograd.grad(model.x0_hat(xs, i, model(xs, i, c)).sum(), xs)[0]
+        finally:
+            handle.remove()
+        J = model.tweedie_jacobian(i)
+        torch.testing.assert_close(held, torch.full_like(held, J), rtol=1e-9, atol=1e-9)
+        assert (full - held).abs().max() > 1e-3  # the network's own Jacobian is what tweedie leaves out
+    if kind == "eps":
+        assert model.tweedie_jacobian(3) == pytest.approx(float(model.abar[3]) ** -0.5, rel=1e-6)
+    elif kind == "v_prediction":
+        assert model.tweedie_jacobian(3) == pytest.approx(float(model.abar[3]) ** 0.5, rel=1e-6)
+    elif kind == "flow_linear":
+        assert all(model.tweedie_jacobian(i) == 1.0 for i in range(model.num_steps))
+
+
+def test_the_tweedie_gradient_on_eps_prediction_is_the_reward_gradient_over_sqrt_abar():
+    """On the digits denoiser (eps prediction) with the digit classifier: the tweedie gradient equals autograd
+    through ``(x - sqrt(1 - abar) eps) / sqrt(abar)`` with eps detached, which is ``grad_{x0} r / sqrt(abar)``;
+    the network gradient differs from it. Near zero signal-to-noise (the mixture's t = 999) it is 0."""
+    from tsf.samplers.value import TWEEDIE_MAX_JACOBIAN, PosteriorMeanValue
+
+    model, reward = DigitsDiffusion(num_steps=10).load(), build_reward("digit").load()
+    conds = [3, 7, 1, 0]
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    c = model.encode_conditions(conds)
+    pm = PosteriorMeanValue()
+    for i in (2, 6):
+        v, out, g = pm.tweedie_gradient(model, reward, x, i, c, conds)
+        abar = float(model.abar[i])
+        with torch.no_grad():
+            eps = model(x, i, c)
+        xs = x.clone().requires_grad_(True)
+        x0 = (xs - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        ref = torch.autograd.grad(reward(model.decode(x0), conds).sum(), xs)[0]
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+        x0l = x0.detach().requires_grad_(True)
+        g0 = torch.autograd.grad(reward(model.decode(x0l), conds).sum(), x0l)[0]
+        torch.testing.assert_close(g, g0 / math.sqrt(abar), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(v, pm(model, reward, x, i, c, conds, 0.1)[0])  # the same value
+        _, _, g_net = Sampler().value(model, reward, pm, x, i, c, conds, 0.1, grad=True)
+        assert (g_net - g).abs().max() > 0.1 * g.abs().max()
+    mixture = GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.1, 0.1], num_steps=100)
+    assert mixture.tweedie_jacobian(0) > TWEEDIE_MAX_JACOBIAN > mixture.tweedie_jacobian(1)
+    r = LinearReward([0.5, 0.25])
+    xm = torch.randn(6, 2)
+    cm = mixture.encode_conditions([None] * 6)
+    assert not pm.tweedie_gradient(mixture, r, xm, 0, cm, [None] * 6)[2].any()
+    torch.testing.assert_close(pm.tweedie_gradient(mixture, r, xm, 1, cm, [None] * 6)[2],
+                               (r.direction * mixture.tweedie_jacobian(1)).expand(6, 2))
+
+
+@pytest.mark.parametrize("sampler", ["das", "dps"])
+def test_tweedie_gradients_take_no_backward_through_the_network(sampler):
+    """DAS and DPS with gradient_through: tweedie on the digits denoiser: no network output carries a graph
+    (a hook on the network), so nfe_grad is 0, while the reward's gradient rows are those of network DAS/DPS
+    (K per noisy step, one per step for DPS); NFE unchanged."""
+    model, reward = DigitsDiffusion(num_steps=6).load(), build_reward("digit").load()
+    n, K, T = 3, 4, model.num_steps
+    conds = [2, 5, 8]
+    graphs = []
+    model.net.register_forward_hook(lambda mod, args, out: graphs.append(out.requires_grad))
+    make = (lambda through: SMC(num_particles=K, alpha=0.1, proposal="gradient", tempering="fraction",
+                                gradient_through=through)) if sampler == "das" else \
+        (lambda through: DPS(guidance_scale=0.1, gradient_through=through))
+    out = make("tweedie").sample(model, reward, conds, range(n), seed=0)
+    assert graphs and not any(graphs)
+    net = make("network").sample(model, reward, conds, range(n), seed=0)
+    assert any(graphs)
+    assert out.compute["nfe_grad"] == 0 and net.compute["nfe_grad"] > 0
+    assert out.compute["nfe"] == net.compute["nfe"]
+    assert out.compute["reward_grad_calls"] == net.compute["reward_grad_calls"] == \
+        (n * K * (T - 1) if sampler == "das" else n * T)
+    assert torch.isfinite(out.x0).all() and not torch.equal(out.x0, net.x0)
+
+
+def test_gradient_through_settings_are_checked():
+    with pytest.raises(ConfigError, match="posterior-mean"):
+        SMC(proposal="gradient", value="exact", gradient_through="tweedie")
+    with pytest.raises(ConfigError, match="proposal: gradient"):
+        SMC(gradient_through="tweedie")
+    with pytest.raises(ConfigError, match="gradient_through"):
+        DPS(gradient_through="vae")
+    assert "tweedie" in repr(SMC(proposal="gradient", gradient_through="tweedie"))

@@ -110,6 +110,30 @@ def test_a_real_pipeline_computes_only_the_rows_the_method_needs(pipelines, meth
     assert rows > exact["model_rows"]  # batch_invariant pads the calls on fewer than 16 rows
 
 
+def test_das_through_the_tweedie_estimate_takes_no_backward_through_the_unet(pipelines):
+    """DAS with gradient_through: tweedie on the tiny SD 1.x pipeline: the UNet computes network DAS's rows, none
+    with a graph (a hook on the UNet), while the VAE and the reward are differentiated at every noisy step;
+    tsf's nfe_grad is 0 and its reward_grad_calls those of network DAS (K per noisy step and output)."""
+    reward = build_reward("brightness")
+    m = model(pipelines, "sd15", guidance_scale=4.0).load()
+    T, K, n = m.num_steps, 3, len(PROMPTS)
+    noisy = sum(float(m.step_std(i)) > 0 for i in range(T))  # (this checkpoint's last step has noise too)
+    counts = {}
+    for through in ("network", "tweedie"):
+        das = SMC(num_particles=K, proposal="gradient", tempering="fraction", gradient_through=through, grad_batch=2)
+        with WorkCounter(m._pipe.unet, m.vae, reward) as counter:
+            out = das.sample(m, reward, PROMPTS, range(2), seed=1)
+        counts[through] = (counter.counts, out.compute)
+    (net, net_c), (tw, tw_c) = counts["network"], counts["tweedie"]
+    assert tw["unet_rows"] == net["unet_rows"] == n * 2 * K * T
+    assert net["unet_grad_rows"] == n * 2 * K * noisy and tw["unet_grad_rows"] == 0
+    assert tw["reward_grad_rows"] == net["reward_grad_rows"] == n * K * noisy
+    assert tw["decode_rows"] == net["decode_rows"] == n * K * (T + 1)
+    assert tw_c["nfe_grad"] == 0 and net_c["nfe_grad"] == n * K * noisy
+    assert tw_c["reward_grad_calls"] == net_c["reward_grad_calls"] == n * K * noisy
+    assert torch.isfinite(out.images).all()
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sd3"])
 def test_batch_invariant_pipelines_give_the_same_bits_whatever_the_batch(pipelines, kind):
     m = model(pipelines, kind, guidance_scale=4.0, batch_invariant=True)
@@ -131,7 +155,8 @@ def test_prompts_are_encoded_once(pipelines):
 
 
 # -- the shipped real-model configs, end to end through the CLI on tiny components --------------------
-REAL_CONFIGS = {"sd15/best_of_n": "sd15", "sd15/svdd_pm": "sd15", "sd15/das": "sd15", "sdxl/das": "sdxl",
+REAL_CONFIGS = {"sd15/best_of_n": "sd15", "sd15/svdd_pm": "sd15", "sd15/das": "sd15", "sd15/das_tweedie": "sd15",
+                "flux/das_tweedie": "flux", "sdxl/das": "sdxl",
                 "sd3/rbf": "sd3", "sd3/best_of_n": "sd3", "flux/rbf": "flux", "flux/best_of_n": "flux",
                 # the RBF paper's baselines
                 **{f"{family}/{method}": family for family in ("sd3", "flux") for method in ("sop", "smc", "code", "svdd")}}
@@ -184,8 +209,13 @@ def test_real_model_config_writes_a_complete_run_directory(pipelines, tiny_clip,
         assert (run / f).is_file(), f
     m = json.loads((run / "metrics.json").read_text())
     assert m["compute/nfe"] > 0 and "cross/clip_score/mean" in m and "diversity/vendi" in m
-    if init["sampler"].get("init_args", {}).get("proposal") == "gradient":
-        assert m["compute/nfe_grad"] > 0  # DAS: gradients through the denoiser, the VAE and the CLIP reward
+    sampler_args = init["sampler"].get("init_args", {})
+    if sampler_args.get("proposal") == "gradient":
+        assert m["compute/reward_grad_calls"] > 0  # DAS: gradients through the VAE and the CLIP reward ...
+        if sampler_args.get("gradient_through") == "tweedie":
+            assert m["compute/nfe_grad"] == 0  # ... and not through the denoiser
+        else:
+            assert m["compute/nfe_grad"] > 0  # ... and the denoiser
     s = load_samples(run)
     assert s["images"].shape == (3, 3, 16, 16) and s["sample_id"].tolist() == [0, 1, 2]
 

@@ -219,6 +219,58 @@ def test_zero_order_search_counts_t_times_n_plus_r_m():
             ZeroOrderSearch(**kw)
 
 
+class Constant(LinearReward):
+    """A verifier that scores every sample alike: no neighbour ever beats its pivot."""
+
+    name = "constant"
+
+    def forward(self, x, conditions=None):
+        return torch.zeros(x.shape[0], device=x.device)
+
+
+def test_zero_order_search_reference_variant():
+    """tt-scale-flux's loop (variant: reference), each of its three behaviours: (1) it starts from one noise, the
+    base sampler's (its first round's pivot scores what the base sample of that seed does); (2) every round runs
+    the pivot again with its M neighbours (NFE T R (M + 1), the pivot first in each round's batch, and a pivot that
+    moved is the best neighbour of the round before: cosine lam to the pivot before it); (3) after a round in
+    which no neighbour beats the pivot the next pivot is a fresh noise (cosine near 0 to the old one, with a
+    verifier that ties everything: every round fails). The output is the best run of all rounds."""
+    T, n, M, rounds = 10, 24, 3, 4
+    model = flow(T, diffusion="none")
+    zo = ZeroOrderSearch(num_particles=M, num_rounds=rounds, variant="reference")
+    seen = []
+    run_batch = zo._run
+    zo._run = lambda model_, reward_, z, *a: (seen.append(z.view(n, M + 1, -1).clone()), run_batch(model_, reward_, z, *a))[1]
+    out = run(zo, model, n, seed=2)
+    base = run(BaseSampler(), model, n, seed=2)
+    torch.testing.assert_close(out.diagnostics["start_score"], R(base.x0))                    # (1)
+    assert out.compute["nfe"] == n * T * rounds * (M + 1)                                     # (2)
+    assert out.compute["reward_calls"] == n * rounds * (M + 1) and len(seen) == rounds
+    assert (out.rewards >= out.diagnostics["start_score"]).all()
+    torch.testing.assert_close(out.rewards, R(out.x0))
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)  # noqa: E731
+    moved = out.diagnostics["moves"]
+    assert moved.sum() > 0 and out.diagnostics["restarts"].sum() > 0
+    assert torch.equal(moved + out.diagnostics["restarts"], torch.full((n,), float(rounds)))
+    fresh = 0
+    for k in range(1, rounds):  # a pivot that moved is a neighbour of the one before (its norm, cosine lam); else a
+        old, new = seen[k - 1][:, 0], seen[k][:, 0]  # fresh noise (another norm, in no direction of the last batch)
+        neighbour = (cos(new[:, None], seen[k - 1][:, 1:]) > 1 - 1e-6).any(1)
+        torch.testing.assert_close(cos(new, old)[neighbour], torch.full_like(cos(new, old)[neighbour], 0.95))
+        torch.testing.assert_close(new[neighbour].norm(dim=1), old[neighbour].norm(dim=1))
+        assert ((new[~neighbour].norm(dim=1) - old[~neighbour].norm(dim=1)).abs() > 1e-4).all()
+        assert (cos(new[~neighbour, None], seen[k - 1][~neighbour]) < 1 - 1e-6).all()
+        fresh += int((~neighbour).sum())
+    assert fresh > 0
+    tied = run(ZeroOrderSearch(num_particles=M, num_rounds=rounds, variant="reference", verifier=Constant([0.0, 0.0])),
+               model, n, seed=2)
+    assert (tied.diagnostics["restarts"] == rounds).all() and (tied.diagnostics["moves"] == 0).all()       # (3)
+    with pytest.raises(ConfigError, match="one noise"):
+        ZeroOrderSearch(num_initial=4, variant="reference")
+    with pytest.raises(ConfigError):
+        ZeroOrderSearch(num_rounds=0, variant="reference")
+
+
 def test_best_of_n_ranks_by_its_verifier():
     """Random search: the same candidates, chosen by the verifier, whose calls are the counted reward calls."""
     model, n, N = flow(10, diffusion="none"), 100, 8

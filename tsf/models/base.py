@@ -164,6 +164,16 @@ class BaseModel(LazyLoadModule):
     def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def tweedie_jacobian(self, i: int) -> float:
+        """``d x0_hat / d x`` at grid point ``i`` with the network's output held constant: one number, since
+        ``x0_hat`` is then affine in ``x`` with a scalar slope (eps prediction ``1 / sqrt(abar)``, v prediction
+        ``sqrt(abar)``, a flow ``1 / c_s``: docs/algorithms.md, section 4, "The gradient through the Tweedie
+        estimate"). What ``gradient_through: tweedie`` multiplies ``grad_{x0} r(x0_hat)`` by."""
+        from tsf.errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} does not give d x0_hat / d x with its network output held constant "
+                          "(tweedie_jacobian), which gradient_through: tweedie needs; use gradient_through: network")
+
     def step_std(self, i: int) -> Optional[float]:
         """The kernel's standard deviation at step ``i`` (from grid point ``i`` to ``i + 1``) when it is the same
         for every row, ``None`` when the model does not say (a sampler then assumes it may be > 0). A sampler

@@ -150,6 +150,12 @@ class EpsDiffusionModel(BaseModel):
         a, b = self._kernel[i][:2]
         return x * a - self.eps(output) * b  # separate products, no fused multiply-add (see constant_std)
 
+    def tweedie_jacobian(self, i: int) -> float:
+        """``x0_hat = (x - sqrt(1 - abar) eps) / sqrt(abar)``: ``1 / sqrt(abar)`` with eps held constant; a v
+        prediction's ``x0_hat = sqrt(abar) x - sqrt(1 - abar) v``: ``sqrt(abar)`` with v held constant."""
+        a = self._kernel[i][0]  # 1 / sqrt(abar)
+        return 1.0 / a if self.prediction_type == "v_prediction" else a
+
     def step_std(self, i: int) -> Tensor:
         return torch.tensor(self._kernel[i][4], device=self.abar.device)
 

@@ -205,6 +205,11 @@ class FlowModel(BaseModel):
     def x0_hat(self, x: Tensor, i: int, output: Tensor) -> Tensor:
         return output * self._kernel["x0_u"][i] - x * self._kernel["x0_x"][i]
 
+    def tweedie_jacobian(self, i: int) -> float:
+        """The network sees ``x / c_s`` at ``t_s`` and ``x0_hat = x / c_s - t_s u_{t_s}(x / c_s)`` (linear path:
+        ``c = 1``, ``x0_hat = x - s u``), so with ``u`` held constant ``d x0_hat / d x = 1 / c_s``."""
+        return 1.0 / self._kernel["c"][i]
+
     def score(self, x: Tensor, i: int, output: Tensor) -> Tensor:
         return output * self._kernel["sc_u"][i] - x * self._kernel["sc_x"][i]
 

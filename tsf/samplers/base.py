@@ -325,6 +325,22 @@ def _cat(outs: list) -> Any:
 SAMPLERS: Registry["Sampler"] = Registry("sampler")
 
 
+GRADIENT_THROUGH = ("network", "tweedie")
+
+
+def check_gradient_through(gradient_through: str, value_fn: Any) -> str:
+    """``gradient_through`` of a gradient sampler (SMC's gradient proposal, DPS), refused (a :class:`ConfigError`)
+    unless it is ``network`` or ``tweedie``, and ``tweedie`` with a value other than the posterior mean (only
+    that value is the reward of a Tweedie estimate)."""
+    if gradient_through not in GRADIENT_THROUGH:
+        raise ConfigError(f"unknown gradient_through {gradient_through!r}; known: {', '.join(GRADIENT_THROUGH)}")
+    if gradient_through == "tweedie" and not hasattr(value_fn, "tweedie_gradient"):
+        raise ConfigError(f"gradient_through: tweedie differentiates the reward of the Tweedie estimate, which is the "
+                          f"posterior-mean value; the value {type(value_fn).__name__} has no Tweedie estimate: use "
+                          "value: posterior_mean, or gradient_through: network")
+    return gradient_through
+
+
 def integer_at_least(name: str, value: Any, minimum: int) -> int:
     """``value`` as an int, refused (a :class:`ConfigError` naming ``name``) unless it is an integer ``>= minimum``."""
     if int(value) != value or value < minimum:
@@ -442,16 +458,21 @@ class Sampler:
         return (self.score(model, reward, x0, conditions) if value is None else value()), None
 
     def value(self, model: BaseModel, reward: Reward, value_fn, x: Tensor, i: int, c: Tensor, conditions: list,
-              alpha: float, grad: bool = False, grad_batch: Optional[int] = None):
+              alpha: float, grad: bool = False, grad_batch: Optional[int] = None, through: str = "network"):
         """``(v, model output or None, dv/dx or None)`` at grid point ``i`` for the rows of ``x``.
 
-        With ``grad`` the value is differentiated through the model, the decoder and the
-        reward in chunks of ``grad_batch`` rows; non-finite gradient entries become 0.
+        With ``grad`` the value is differentiated in chunks of ``grad_batch`` rows: through the model,
+        the decoder and the reward (``through = "network"``), or, for the posterior-mean value, through
+        the Tweedie estimate with the network output held constant (``"tweedie"``: no graph through the
+        network, see :meth:`~tsf.samplers.value.PosteriorMeanValue.tweedie_gradient`).
         """
         if not grad:
             with torch.no_grad():
                 return chunked(lambda xs, cs, ks: (*value_fn(model, reward, xs, i, cs, ks, alpha), None),
                                self.max_batch, x, c, conditions, min_rows=model.min_rows)
+        if through == "tweedie":
+            return chunked(lambda xs, cs, ks: value_fn.tweedie_gradient(model, reward, xs, i, cs, ks),
+                           grad_batch or self.max_batch, x, c, conditions, min_rows=model.min_rows)
 
         def with_grad(xs, cs, ks):
             with torch.enable_grad():

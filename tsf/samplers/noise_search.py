@@ -10,13 +10,16 @@ noise, so a search over noises needs no stochastic kernel.
   ``u = x / |x|`` and ``w`` a random unit vector orthogonal to ``u`` (``x'`` has the norm of ``x`` and the angle
   ``arccos lambda`` to it; ``lambda = 0.95``), run each through the sampler, and move to the best neighbour if
   its verifier score beats the current one. The output never scores worse than the starting noise.
-  NFE = ``T (n + R M)``, verifier calls ``n + R M`` per output.
+  NFE = ``T (n + R M)``, verifier calls ``n + R M`` per output. ``variant: reference`` is tt-scale-flux's
+  loop instead: one starting noise; each round runs the pivot again with its ``M`` neighbours; after a round
+  in which no neighbour beats the pivot, a fresh noise is the next pivot; the output is the best run of all
+  rounds. NFE = ``T R (M + 1)``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -66,27 +69,38 @@ class ZeroOrderSearch(Sampler):
         num_rounds: R, rounds of proposals.
         lam: cosine of the angle between a neighbour and the pivot (``0 < lam < 1``; 0.95).
         verifier: the reward that ranks the candidates (default: the target reward).
+        variant: ``tsf`` (start from the best of ``n``, a pivot scored once, a failed round keeps the pivot) or
+            ``reference`` (tt-scale-flux's: start from one noise, re-score the pivot with its neighbours each round,
+            a fresh noise after a failed round; ``num_initial`` is then 1, and ``num_rounds`` at least 1).
     """
 
     name = "zo_search"
 
-    def __init__(self, num_particles: int = 4, num_initial: int = 4, num_rounds: int = 4, lam: float = 0.95,
-                 verifier: Optional[Union[str, Reward]] = None, max_batch: int = 4096) -> None:
+    def __init__(self, num_particles: int = 4, num_initial: Optional[int] = None, num_rounds: int = 4,
+                 lam: float = 0.95, verifier: Optional[Union[str, Reward]] = None,
+                 variant: Literal["tsf", "reference"] = "tsf", max_batch: int = 4096) -> None:
         super().__init__(num_particles=num_particles, max_batch=max_batch)
-        self.num_initial = integer_at_least("num_initial", num_initial, 1)
-        self.num_rounds = integer_at_least("num_rounds", num_rounds, 0)
+        if variant not in ("tsf", "reference"):
+            raise ConfigError(f"unknown variant {variant!r}; known: tsf, reference")
+        self.variant = variant
+        if variant == "reference" and num_initial not in (None, 1):
+            raise ConfigError(f"variant: reference starts from one noise, got num_initial {num_initial}: drop it or "
+                              "use variant: tsf (the best of num_initial)")
+        self.num_initial = integer_at_least("num_initial", 1 if variant == "reference" else 4 if num_initial is None else num_initial, 1)
+        self.num_rounds = integer_at_least("num_rounds", num_rounds, 1 if variant == "reference" else 0)
         if not 0 < lam < 1:
             raise ConfigError(f"lam must be in (0, 1), got {lam}")
         self.lam = float(lam)
         self.verifier = build_verifier(verifier)
 
     def __repr__(self) -> str:
-        return f"ZeroOrderSearch(n={self.num_initial}, M={self.num_particles}, R={self.num_rounds}, lam={self.lam})"
+        return (f"ZeroOrderSearch(n={self.num_initial}, M={self.num_particles}, R={self.num_rounds}, lam={self.lam}"
+                f"{', variant=reference' if self.variant == 'reference' else ''})")
 
     @classmethod
     def for_budget(cls, budget: int, num_steps: int) -> dict:
         """``n + R M = floor(budget / T)`` trajectories: M = 4 neighbours, n = 4 starting noises plus what the
-        rounds leave over (fewer when the budget pays for fewer than 8)."""
+        rounds leave over (fewer when the budget pays for fewer than 8). (The default variant's sizes.)"""
         total = max(1, int(budget) // max(1, int(num_steps)))
         M = 4 if total >= 8 else max(1, total // 2)
         R = (total - min(4, total)) // M if total >= 8 else (total - 1) // M
@@ -104,6 +118,8 @@ class ZeroOrderSearch(Sampler):
 
     @torch.no_grad()
     def _sample(self, model, reward, conditions, c, noise):
+        if self.variant == "reference":
+            return self._sample_reference(model, reward, conditions, c, noise)
         n, M, B = self.num_initial, self.num_particles, len(conditions)
         conds_n, c_n = self.repeat(conditions, c, n)
         z = noise.randn(n, model.sample_shape)
@@ -130,3 +146,42 @@ class ZeroOrderSearch(Sampler):
             diagnostics["verifier"] = pr.float()
             return px, None, diagnostics, pim
         return px, pr.float(), diagnostics, pim
+
+    def _sample_reference(self, model, reward, conditions, c, noise):
+        """tt-scale-flux's loop: each round runs the pivot and its M neighbours (M + 1 trajectories, the pivot first);
+        a neighbour strictly better than the pivot is the next pivot, else a fresh noise is; the best run wins."""
+        M, B, shape = self.num_particles, len(conditions), model.sample_shape
+        conds_m, c_m = self.repeat(conditions, c, M + 1)
+        arange = torch.arange(B)
+        pz = noise.randn(1, shape)
+        best_r = best_x = best_im = start = None
+        moves = torch.zeros(B)
+        restarts = torch.zeros(B)
+        for _ in range(self.num_rounds):
+            zc = neighbours(pz.repeat_interleave(M, 0), noise.randn(M, shape), self.lam)
+            z = torch.cat([pz.unsqueeze(1), zc.view(B, M, *shape)], 1).reshape(B * (M + 1), *shape)
+            x0, r, images = self._run(model, reward, z, c_m, conds_m, noise, M + 1)
+            if start is None:
+                start = r[:, 0].clone()
+            pick = r.argmax(1)  # the first maximum: a tie keeps the pivot (index 0)
+            rows = (pick + (M + 1) * arange.to(r.device)).to(z.device)
+            top = r.gather(1, pick[:, None])[:, 0]
+            if best_r is None:
+                best_r, best_x = top.clone(), x0[rows].clone()
+                best_im = None if images is None else images[rows].clone()
+            else:
+                up = top > best_r
+                best_r = torch.where(up, top, best_r)
+                best_x[up.to(best_x.device)] = x0[rows][up.to(x0.device)]
+                if best_im is not None:
+                    best_im[up.to(best_im.device)] = images[rows][up.to(images.device)]
+            improved = (pick > 0).cpu()  # a neighbour beat the pivot
+            fresh = noise.randn(1, shape)  # drawn every round, used where the round failed
+            pz = torch.where(improved.to(z.device).view(B, *([1] * len(shape))), z[rows], fresh)
+            moves += improved.float()
+            restarts += (~improved).float()
+        diagnostics = {"start_score": start.float(), "moves": moves, "restarts": restarts}
+        if self.verifier is not None:
+            diagnostics["verifier"] = best_r.float()
+            return best_x, None, diagnostics, best_im
+        return best_x, best_r.float(), diagnostics, best_im

@@ -26,6 +26,7 @@ import torch
 
 from tsf.errors import ConfigError
 from tsf.samplers.base import Sampler
+from tsf.samplers.smc import NonFiniteRewardError
 from tsf.samplers.value import PosteriorMeanValue
 
 FINISHES = ("full", "tweedie")
@@ -38,8 +39,9 @@ class RBF(Sampler):
         num_particles: N, chains per output.
         budget: B, NFE per output (initial candidates plus evaluated children), spent in full.
         n0: prior candidates per chain (the reference: 25).
-        proposal_batch: children evaluated together at the steps that may accept early (throughput;
-            NFE still counted as evaluated; the first child in draw order that beats ``r*`` wins).
+        proposal_batch: children evaluated together at the steps that may accept early (1, the default, is the
+            reference's one at a time; more is throughput at the price of the children drawn after an accepted
+            one, which are evaluated and counted but wasted; the first child in draw order that beats ``r*`` wins).
         finish: ``full`` (the model's last step to ``t = 0``, the output judged by its reward) or
             ``tweedie`` (the reference: the Tweedie estimate at grid point ``T - 1``).
     """
@@ -47,7 +49,7 @@ class RBF(Sampler):
     name = "rbf"
     needs_stochastic_kernel = True
 
-    def __init__(self, num_particles: int = 2, budget: int = 500, n0: int = 4, proposal_batch: int = 4,
+    def __init__(self, num_particles: int = 2, budget: int = 500, n0: int = 4, proposal_batch: int = 1,
                  finish: str = "full", max_batch: int = 4096) -> None:
         super().__init__(num_particles=num_particles, max_batch=max_batch)
         if n0 < 1 or proposal_batch < 1:
@@ -146,6 +148,9 @@ class RBF(Sampler):
                 b = b[up]
                 best_v[up], best_x[up], best_out[up] = v[b], children[b], out_c[b]
             accepted_steps += int(done.sum())
+            if bool((~done & torch.isinf(best_v).cpu()).any()):  # a chain drew children and none was finite
+                raise NonFiniteRewardError(f"every child of a chain has a non-finite value at grid point {i + 1} of {T} "
+                                           f"(reward {reward.name!r}); check the reward on these samples")
             # chains that accepted nothing take the best child (the SVDD rule): r* stays, the quota resets
             fallback = ~done
             new_x[fallback], new_out[fallback] = best_x[fallback], best_out[fallback]
@@ -161,6 +166,9 @@ class RBF(Sampler):
             r, images = self.final_value(model, reward, x0, conds_n)
             r = torch.where(torch.isfinite(r), r.double(), -math.inf)
         r = r.view(B, N)
+        if bool(torch.isinf(r).all(1).any()):
+            raise NonFiniteRewardError(f"every chain of a sample ends with a non-finite {'value' if self.finish == 'tweedie' else 'reward'} "
+                                       f"(reward {reward.name!r}); check the reward on these samples")
         pick = r.argmax(1)
         rows = pick + N * torch.arange(B, device=r.device)
         diagnostics = {"accepted_steps": accepted_steps / (B * N),  # per chain, of the T - 2 that may accept

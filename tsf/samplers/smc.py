@@ -5,7 +5,8 @@ al., ICLR 2025, "DAS"). Twist at grid point ``i``: ``psi_i(x) = lambda_i v(x) / 
 Each step from ``x_t`` to ``x_prev``:
 
 1. propose from the base kernel ``N(mu, s^2 I)`` or, with a gradient,
-   ``N(mu + s^2 grad_x psi_{i+1}(x_t), s^2 I)``;
+   ``N(mu + s^2 grad_x psi_{i+1}(x_t), s^2 I)``, the gradient taken through the network or, with
+   ``gradient_through: tweedie``, through the Tweedie estimate alone (the network output held constant);
 2. ``logw += log p(x_prev | x_t) - log q(x_prev | x_t)`` and, at a potential step, ``+ G``, with
    the potential ``G = psi_{i+1}(x_prev) - psi(previous potential step)`` (``diff``; FK steering's
    ``max``, ``sum``, ``rt`` are the other choices); the final step's potential is the true reward
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from tsf.errors import ConfigError
 from tsf.rewards.base import require_differentiable
-from tsf.samplers.base import Sampler
+from tsf.samplers.base import Sampler, check_gradient_through
 from tsf.samplers.value import ValueFunction, build_value
 
 
@@ -125,6 +126,11 @@ class SMC(Sampler):
             :class:`~tsf.samplers.value.LearnedValue`.
         proposal: ``base`` (the model's kernel) or ``gradient`` (DAS/TDS: the kernel's mean
             moved by ``s^2 grad psi``).
+        gradient_through: how a gradient proposal takes ``grad_x psi``: ``network`` (backpropagation
+            through the reward, the decoder and the network) or ``tweedie`` (through the reward and the
+            decoder only, the network output held constant: ``grad_x psi = J grad_{x0} psi(x0_hat)``,
+            ``J = 1 / sqrt(abar)`` for eps prediction; needs ``value: posterior_mean``). The weights use the
+            proposal drawn from, so either keeps the target exact.
         tempering: ``none``, ``fraction`` (T-independent) or ``gamma`` (the DAS reference form).
         gamma: the reference tempering rate (``tempering: gamma``).
         tempering_fraction: fraction of the steps at which lambda reaches 1 (``tempering: fraction``).
@@ -153,6 +159,7 @@ class SMC(Sampler):
         alpha: float = 0.1,
         value: Union[str, ValueFunction] = "posterior_mean",
         proposal: Literal["base", "gradient"] = "base",
+        gradient_through: Literal["network", "tweedie"] = "network",
         tempering: Literal["none", "fraction", "gamma"] = "none",
         gamma: float = 0.008,
         tempering_fraction: float = 0.87,
@@ -184,6 +191,10 @@ class SMC(Sampler):
         tempering_schedule(10, tempering, gamma, tempering_fraction)  # validates
         self.alpha = float(alpha)
         self.value_fn = build_value(value)
+        self.gradient_through = check_gradient_through(gradient_through, self.value_fn)
+        if gradient_through != "network" and proposal != "gradient":
+            raise ConfigError(f"gradient_through: {gradient_through} says how a gradient proposal takes its gradient, "
+                              f"and proposal: {proposal} takes none: set proposal: gradient, or drop gradient_through")
         self.proposal, self.tempering, self.gamma = proposal, tempering, float(gamma)
         self.tempering_fraction = float(tempering_fraction)
         self.potential, self.resampler, self.ess_threshold = potential, resampler, float(ess_threshold)
@@ -196,7 +207,8 @@ class SMC(Sampler):
         return self.proposal == "gradient"
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(K={self.num_particles}, alpha={self.alpha}, proposal={self.proposal}, "
+        through = f", gradient_through={self.gradient_through}" if self.gradient_through != "network" else ""
+        return (f"{type(self).__name__}(K={self.num_particles}, alpha={self.alpha}, proposal={self.proposal}{through}, "
                 f"tempering={self.tempering}, potential={self.potential})")
 
     @classmethod
@@ -233,8 +245,8 @@ class SMC(Sampler):
 
         def evaluate(x, i, with_grad):
             if i < T:
-                v, out, g = self.value(model, reward, self.value_fn, x, i, c, conds, alpha,
-                                       grad=with_grad, grad_batch=self.grad_batch)
+                v, out, g = self.value(model, reward, self.value_fn, x, i, c, conds, alpha, grad=with_grad,
+                                       grad_batch=self.grad_batch, through=self.gradient_through)
             else:  # the particles are candidate x0: the reward itself (an image model's images are kept)
                 v, images = self.final_value(model, reward, x, conds, lambda: self.value(
                     model, reward, self.value_fn, x, i, c, conds, alpha)[0])

@@ -46,7 +46,7 @@ def kernel_path(sampler: Sampler, model, x: Tensor, start: int, stop: int, c: Te
 
 def default_levels(num_steps: int) -> tuple[int, int, int]:
     """``(i0, df, db)`` for a grid of ``T`` steps: two rounds of ``n = max(1, round(T / 10))`` grid points each,
-    ``i0 = T - 2 n``, ``df = round(0.7 T)`` (at most ``i0``), ``db = df + n``; at ``T = 10``: 8, 7, 8 (paths at
+    ``i0 = max(1, T - 2 n)``, ``df = round(0.7 T)`` (at most ``i0``), ``db = df + n``; at ``T = 10``: 8, 7, 8 (paths at
     ``s = 0.2`` noised to ``0.9``, solved to ``0.1``, noised to ``0.8``, solved to 0), near the authors' levels
     (0.12 noised to 0.9, 0.81 solved back, four rounds)."""
     T = int(num_steps)
