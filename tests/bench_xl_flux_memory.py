@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from tsf.commands.bench_gpu import CLIP_H, CLIP_L, REAL, TINY, clip_dir, flux_pipeline, prepared, sdxl_pipeline
+from tsf.commands.bench_gpu import CLIP_H, CLIP_L, REAL, TINY, clip_dir, flux_pipeline, sdxl_pipeline
+from tsf.models.pipelines import prepare_pipeline
 from tsf.models import Flux, StableDiffusion
 from tsf.rewards.clip import AestheticScore, PickScore
 from tsf.samplers import RBF, SMC, BestOfN
@@ -59,7 +60,7 @@ def main() -> None:
         dn = "float16" if DEVICE == "cuda" else "float32"
         pick = PickScore(model=str(clip_h), processor=str(clip_h), dtype=dn).load().to(DEVICE)
         with torch.device(DEVICE):
-            pipe = prepared(sdxl_pipeline(S, root).to(DEVICE, dtype))
+            pipe = prepare_pipeline(sdxl_pipeline(S, root).to(DEVICE, dtype))
         for name, sampler, ckpt, T in [
             ("SDXL Best-of-4, 1024 px (unit: step, T = 100)", BestOfN(num_particles=4, max_batch=8), False, 100),
             ("SDXL DAS K = 4, grad_batch 1, checkpointing (unit: step, T = 100)",
@@ -75,7 +76,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         aest = AestheticScore(head=str(clip_l / "head.pth"), model=str(clip_l), dtype=dn).load().to(DEVICE)
         with torch.device(DEVICE):
-            pipe = prepared(flux_pipeline(S, root).to(DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32))
+            pipe = prepare_pipeline(flux_pipeline(S, root).to(DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32))
         bdn = "bfloat16" if DEVICE == "cuda" else "float32"
         size = 512 if not SMALL else 64
         for name, sampler, kw, unit, total in [

@@ -83,15 +83,15 @@ def clip_tokenizer(path: Path, model_max_length: int = 77):
     return CLIPTokenizer.from_pretrained(str(path))
 
 
-def t5_tokenizer(path: Path):
+def t5_tokenizer(path: Path, model_max_length: int = 512):
     """A ``T5TokenizerFast`` on a unigram vocabulary of letters and a few words, saved and loaded back (the
     pipelines pad its output to their ``max_sequence_length``)."""
     from transformers import T5TokenizerFast
 
     pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces += ["\u2581" + w for w in ("a", "cat", "dog", "photo", "of", "the")]
+    pieces += ["\u2581" + w for w in ("a", "cat", "dog", "horse", "photo", "of", "an", "the", "bird", "monkey")]
     tok = T5TokenizerFast(vocab=[(p, 0.0 if i < 4 else -1.0 - 0.1 * len(p)) for i, p in enumerate(pieces)],
-                          extra_ids=0, model_max_length=512)
+                          extra_ids=0, model_max_length=model_max_length)
     tok.save_pretrained(str(path))
     return T5TokenizerFast.from_pretrained(str(path))
 
@@ -330,18 +330,6 @@ def building_on(device: str, dtype):
         torch.set_default_dtype(old)
 
 
-def prepared(pipe):
-    """What ``load_pipeline`` does to a pipeline it loaded: no progress bar, frozen VAE and text encoders."""
-    from tsf.models.pipelines import TEXT_ENCODERS
-
-    pipe.set_progress_bar_config(disable=True)
-    for name in ("vae", *TEXT_ENCODERS):
-        part = getattr(pipe, name, None)
-        if part is not None:
-            part.requires_grad_(False).eval()
-    return pipe
-
-
 def is_oom(err: BaseException) -> bool:
     import torch
 
@@ -359,13 +347,15 @@ def free(device: str) -> None:
 def build_pipeline(family: Family, scale: Scale, root: Path, device: str, dtype, blocks: Optional[int]):
     """The family's pipeline on ``device`` in ``dtype``; a transformer that does not fit is rebuilt with half its
     blocks, down to one. Returns the pipeline and its blocks (None: the whole UNet)."""
+    from tsf.models.pipelines import prepare_pipeline
+
     blocks = blocks or family.full_blocks
     while True:
         try:
             with building_on(device, dtype), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pipe = family.pipeline(scale, root, blocks)
-            return prepared(pipe.to(device=device, dtype=dtype)), blocks
+            return prepare_pipeline(pipe.to(device=device, dtype=dtype)), blocks
         except RuntimeError as e:
             if not is_oom(e) or not blocks or blocks == 1:
                 raise

@@ -137,6 +137,16 @@ def latent_image_ids(h: int, w: int, device, dtype) -> Tensor:
     return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
 
 
+def prepare_pipeline(pipe):
+    """A loaded pipeline as tsf samples with it: no progress bar, the VAE and text encoders frozen in eval mode."""
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("vae", *TEXT_ENCODERS):
+        part = getattr(pipe, name, None)
+        if part is not None:
+            part.requires_grad_(False).eval()
+    return pipe
+
+
 class _Pipeline:
     """What the three families share: loading, the prompt table, chunked VAE decoding, precision, text-encoder
     placement and offloading, LoRA adapters in diffusers' format."""
@@ -209,12 +219,7 @@ class _Pipeline:
                 f"{f' at revision {self.revision!r}' if self.revision else ''} ({type(e).__name__}: {str(e)[:300]}). "
                 "Give a hub name that is downloaded (or downloadable: HF_HUB_OFFLINE unset, logged in for gated "
                 "models) or a local directory saved with save_pretrained, in the model's `pretrained`.") from e
-        pipe.set_progress_bar_config(disable=True)
-        for name in ("vae", *TEXT_ENCODERS):
-            part = getattr(pipe, name, None)
-            if part is not None:
-                part.requires_grad_(False).eval()
-        return pipe
+        return prepare_pipeline(pipe)
 
     def attach(self, pipe, denoiser: nn.Module) -> nn.Module:
         """Register the denoiser (with its LoRA adapter and checkpointing) and the VAE as submodules; the text
