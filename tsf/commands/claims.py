@@ -160,6 +160,11 @@ class Diff:
     hi: float
 
     @property
+    def se(self) -> float:
+        """The standard error behind the 95% interval (its half-width / 1.96)."""
+        return (self.hi - self.lo) / (2 * 1.96)
+
+    @property
     def resolved(self) -> int:
         return 1 if self.lo > 0 else -1 if self.hi < 0 else 0
 
@@ -186,7 +191,8 @@ def _feature_net():
     return r
 
 
-def features(run_dir: Path) -> "np.ndarray":
+@lru_cache(maxsize=None)
+def features(run_dir: Path):
     import torch
 
     with torch.no_grad():
@@ -206,7 +212,7 @@ def reference_features(run_dir: Path):
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     init = cfg["model"]["init_args"]
-    base = build({k: v for k, v in init["base"].items()})
+    base = build(init["base"])
     n = int(init.get("fidelity_samples", 1000))
     conditions = cfg["data"]["init_args"].get("conditions") or [None]
     conds = [conditions[i % len(conditions)] for i in range(n)]
@@ -399,16 +405,14 @@ def headroom(task: Task, out: Path) -> list[str]:
     lines = []
     a, b = (out / "headroom" / f"best_of_n_N{n}" for n in reversed(HEADROOM))
     d = paired(a, b, task.target)
-    se = (d.hi - d.lo) / (2 * 1.96)
     lines.append(f"{task.name}: Best-of-64 {_fmt(d.a)} vs Best-of-16 {_fmt(d.b)} ({HEADROOM_SAMPLES} samples, T = 50): "
-                 f"+{_fmt(d.diff)} ± {_fmt(se)} (1 s.e.), {d.diff / se:.1f} standard errors")
+                 f"+{_fmt(d.diff)} ± {_fmt(d.se)} (1 s.e.), {d.diff / d.se:.1f} standard errors")
     if 1000 in task.budgets and 500 in task.budgets:
         best = max(FLOW, key=lambda m: metrics(out / "flow" / f"{m}_nfe1000")["target/mean"])
         d = paired(out / "flow" / f"{best}_nfe1000", out / "flow" / f"{best}_nfe500", task.target)
-        se = (d.hi - d.lo) / (2 * 1.96)
         lines.append(f"{task.name}: best flow method at 1,000 NFE: {best}, {_fmt(d.b)} at 500 -> {_fmt(d.a)} at 1,000: "
-                     f"slope {_fmt(d.diff / 500 * 100)} per 100 NFE ({_fmt(d.diff)} ± {_fmt(se)} over the 500 NFE, "
-                     f"{d.diff / se:.1f} standard errors)")
+                     f"slope {_fmt(d.diff / 500 * 100)} per 100 NFE ({_fmt(d.diff)} ± {_fmt(d.se)} over the 500 NFE, "
+                     f"{d.diff / d.se:.1f} standard errors)")
     return lines
 
 
