@@ -136,6 +136,10 @@ class FinetuneModule(L.LightningModule):
                  weight_decay: float = 0.01) -> None:
         super().__init__()
         conditions = conditions_or_prompts(conditions, prompts)
+        if not base.gaussian_kernel:
+            raise ConfigError(f"the fine-tuning baselines (DDPO, DRaFT) are written for a Gaussian kernel and "
+                              f"{type(base).__name__}'s is discrete (docs/algorithms.md, section 11): use a test-time "
+                              "sampler on it")
         if getattr(base, "cpu_offload", False):
             raise ConfigError("fine-tuning keeps the denoiser on its device: set the base model's cpu_offload false")
         self.base = base

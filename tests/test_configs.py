@@ -36,8 +36,20 @@ def test_mixture_configs_run(path, tmp_path):
     assert s["x0"].shape == (20, 2) and "images" not in s
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/discrete_mixture").glob("*.yaml")), ids=lambda p: p.stem)
+def test_discrete_mixture_configs_run(path, tmp_path):
+    main(["sample", "--config", str(path), f"--output_dir={tmp_path}", "--data.init_args.num_samples=20",
+          "--wandb_mode=disabled", "--trainer.enable_progress_bar=false"])
+    (run,) = tmp_path.iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["compute/nfe"] > 0 and "target/mean" in metrics and 0 < metrics["diversity/hamming"] < 1
+    s = load_samples(run)
+    assert s["x0"].dtype.is_floating_point is False and s["x0"].shape == (20, 4)  # integer tokens [N, L]
+
+
 @pytest.mark.parametrize("module", ["tsf.rewards", "tsf.samplers", "tsf.models", "tsf.evaluation", "tsf.lightning",
-                                    "tsf.cli", "tsf.rewards.linear", "tsf.samplers.value", "tsf.models.gmm"])
+                                    "tsf.cli", "tsf.rewards.linear", "tsf.samplers.value", "tsf.models.gmm", "tsf.models.masked",
+                                    "tsf.rewards.tokens"])
 def test_every_module_imports_on_its_own(module):
     import subprocess
     import sys

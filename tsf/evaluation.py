@@ -67,6 +67,29 @@ def vendi_score(features: Tensor) -> float:
     return float(torch.exp(-(lam * lam.log()).sum()))
 
 
+def token_match_kernel(tokens: Tensor, block: int = 256) -> Tensor:
+    """``K_ij`` = fraction of positions where sequences ``i`` and ``j`` agree (``[n, n]``, float64): the cosine kernel
+    of their one-hot encodings, computed from the tokens without the ``L x V`` one-hot features."""
+    t = tokens.long()
+    rows = [(t[s:s + block, None, :] == t[None, :, :]).double().mean(-1) for s in range(0, len(t), block)]
+    return torch.cat(rows) if rows else torch.zeros(0, 0, dtype=torch.float64)
+
+
+def token_diversity(tokens: Tensor) -> dict[str, float]:
+    """Diversity of token sequences ``[n, L]``: the mean normalised Hamming distance between distinct sequences
+    (``diversity/hamming``, also ``diversity/pairwise``: the one-hot cosine distance is the same number) and the
+    Vendi score of the match kernel (the one-hot cosine kernel)."""
+    n = tokens.shape[0]
+    if n < 2:
+        return {"diversity/hamming": float("nan"), "diversity/pairwise": float("nan"), "diversity/vendi": float("nan")}
+    k = token_match_kernel(tokens)
+    hamming = float(1 - (k.sum() - n) / (n * (n - 1)))
+    lam = torch.linalg.eigvalsh(k / n).clamp(min=0)
+    lam = lam[lam > 1e-12]
+    return {"diversity/hamming": hamming, "diversity/pairwise": hamming,
+            "diversity/vendi": float(torch.exp(-(lam * lam.log()).sum()))}
+
+
 LPIPS_NETS = {"alex": ("alexnet", "AlexNet_Weights"), "vgg": ("vgg16", "VGG16_Weights"),
               "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights")}
 
@@ -180,12 +203,17 @@ class Evaluator(Metric):
             self.add_state(f"compute_{key}", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.reference: Optional[Tensor] = None
+        #: whether the samples are token sequences without images (their diversity is then Hamming's)
+        self.tokens = False
 
     def cross_names(self) -> list[str]:
         return [r.name for r in self.cross]
 
     @torch.no_grad()
     def featurize(self, images: Tensor) -> Tensor:
+        if not images.is_floating_point() and self.feature_reward is None:  # token sequences: kept as they are
+            self.tokens = True
+            return images.flatten(1).double()
         if self.feature_reward is None:
             return images.flatten(1).float()
         return chunked(self.feature_reward.features, self.max_batch, images, min_rows=self.min_rows).float()
@@ -225,7 +253,7 @@ class Evaluator(Metric):
         feats = dim_zero_cat(self.features)
         n = max(float(self.count), 1.0)
         out = self._sample_metrics(target, cross, feats, torch.arange(len(target), device=target.device))
-        if self.reference is not None:
+        if self.reference is not None and not self.tokens:  # (no Frechet distance of raw token ids)
             out["fidelity/fd"] = frechet_distance(feats.cpu(), self.reference)
         for key in COMPUTE_KEYS:
             out[f"compute/{key}"] = float(getattr(self, f"compute_{key}")) / n
@@ -247,8 +275,11 @@ class Evaluator(Metric):
             out[f"cross/{r.name}/mean"] = float(v[ok].mean()) if ok.any() else float("nan")
             if not ok.all():
                 out[f"cross/{r.name}/nonfinite"] = float((~ok).sum())
-        out["diversity/pairwise"] = pairwise_cosine_distance(feats[rows])
-        out["diversity/vendi"] = vendi_score(feats[rows])
+        if self.tokens:
+            out.update(token_diversity(feats[rows]))
+        else:
+            out["diversity/pairwise"] = pairwise_cosine_distance(feats[rows])
+            out["diversity/vendi"] = vendi_score(feats[rows])
         if self.lpips is not None:
             out["diversity/lpips"] = self._lpips_diversity(rows)
         return out

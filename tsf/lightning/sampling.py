@@ -53,7 +53,7 @@ class SampleCollector(Metric):
             self.add_state(f"reward_{i}", default=[], dist_reduce_fx="cat")
 
     def update(self, batch: SampleBatch, rewards: dict[str, Tensor]) -> None:  # type: ignore[override]
-        self.x0.append(batch.x0.float())
+        self.x0.append(batch.x0 if not batch.x0.is_floating_point() else batch.x0.float())  # tokens stay integers
         if batch.images is not None:
             self.images.append(to_uint8(batch.images))
         self.sample_id.append(batch.sample_ids.to(self.device))
@@ -194,7 +194,7 @@ class SamplingModule(L.LightningModule):
         conds = [conditions[i % len(conditions)] for i in range(n)]
         generator = torch.Generator().manual_seed(REFERENCE_SEED)
         with torch.no_grad():
-            x = self.base.prior(torch.randn(n, *self.base.sample_shape, generator=generator).to(self.device))
+            x = self.base.prior(self.base.random_noise(n, generator).to(self.device))
             x0 = self.base.x0_hat(x, 0, self.base(x, 0, self.base.encode_conditions(conds)))
             images = self.base.decode(x0)
         with torch.inference_mode(False):

@@ -1,9 +1,10 @@
-"""The one view of every base model: a prior, a time grid and a Gaussian transition kernel.
+"""The one view of every base model: a prior, a time grid and a transition kernel (a distribution object).
 
 docs/algorithms.md, section 1. A sampler needs nothing else of a model: for a batch of
 states ``x`` at grid point ``i`` (``i = 0`` is the prior, ``i = num_steps`` is x0)
-and per-row conditions ``c``, the model gives the mean and standard deviation of
-``p(x_{i+1} | x_i)`` and the Tweedie estimate ``x0_hat(x_i)``.
+and per-row conditions ``c``, the model gives the kernel ``p(x_{i+1} | x_i)`` as a distribution
+(:class:`Transition`: a Gaussian's mean and standard deviation, or a masked model's categorical draws) and
+the denoiser's estimate ``x0_hat(x_i)``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,48 @@ from tsf.loading import LazyLoadModule
 MIN_ROWS = 16
 
 
-@dataclass
 class Transition:
-    """``p(x_prev | x_t) = N(mean, std^2 I)`` together with what produced it.
+    """A transition kernel ``p(x_prev | x_t)`` as a distribution: what every sampler draws from.
 
-    ``output`` is the raw model output (eps or velocity) at ``x_t``; a sampler may
-    cache it and hand it back to :meth:`BaseModel.transition` to save a forward call.
-    ``std`` broadcasts against ``mean`` (shape ``[N, 1, ...]``).
+    Members: :meth:`sample` (a draw from noise the sampler took from each sample's own stream, of the model's
+    :attr:`BaseModel.noise_kind` and :attr:`BaseModel.noise_shape`), :meth:`log_prob`, :meth:`children` (``k``
+    draws per row), ``x0_hat`` (the denoiser's estimate of x0, which the values use) and ``output`` (the raw
+    model output, which a sampler may hand back to :meth:`BaseModel.transition` to save a forward call).
+    Subclasses are dataclasses whose fields all have the batch as first dimension (:meth:`index`, :meth:`cat`).
+    docs/algorithms.md, section 1 ("The kernel").
     """
+
+    x0_hat: Tensor
+    output: Tensor
+
+    def sample(self, noise: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_prob(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``log p(x | x_t)`` per row."""
+        raise NotImplementedError
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the kernel has no noise (its draw is its mean; a sampler then draws no noise for it)."""
+        return False
+
+    def children(self, k: int, noise: Tensor) -> Tensor:
+        """``k`` draws per row, group-major (``[N * k, ...]``), from ``noise`` for ``N * k`` draws."""
+        rows = torch.arange(len(self.x0_hat), device=self.x0_hat.device).repeat_interleave(k)
+        return self.index(rows).sample(noise)
+
+    def index(self, idx) -> "Transition":
+        return type(self)(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    @staticmethod
+    def cat(parts: Sequence["Transition"]) -> "Transition":
+        return type(parts[0])(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])))
+
+
+@dataclass
+class GaussianTransition(Transition):
+    """``p(x_prev | x_t) = N(mean, std^2 I)``; ``std`` broadcasts against ``mean`` (shape ``[N, 1, ...]``)."""
 
     mean: Tensor
     std: Tensor
@@ -40,12 +75,15 @@ class Transition:
     def sample(self, noise: Tensor) -> Tensor:
         return self.mean + self.std * noise
 
-    def index(self, idx) -> "Transition":
-        return Transition(*(getattr(self, f.name)[idx] for f in fields(self)))
+    def log_prob(self, x: Tensor) -> Tensor:
+        return gaussian_log_prob(x, self.mean, self.std)
 
-    @staticmethod
-    def cat(parts: Sequence["Transition"]) -> "Transition":
-        return Transition(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Transition)))
+    @property
+    def deterministic(self) -> bool:
+        return float(self.std.max()) == 0
+
+    def children(self, k: int, noise: Tensor) -> Tensor:
+        return self.mean.repeat_interleave(k, 0) + self.std.repeat_interleave(k, 0) * noise
 
 
 def constant_std(s: float, like: Tensor) -> Tensor:
@@ -91,7 +129,7 @@ def class_labels(conditions: Sequence[Any], num_classes: Optional[int], device) 
 
 
 class BaseModel(LazyLoadModule):
-    """Base model behind the Gaussian-kernel interface.
+    """Base model behind the kernel interface (Gaussian by default; :mod:`tsf.models.masked` for discrete).
 
     Subclasses implement :meth:`forward` (one network evaluation, the unit of NFE),
     :meth:`x0_hat`, :meth:`transition` and :meth:`decode`; weights load in
@@ -105,12 +143,28 @@ class BaseModel(LazyLoadModule):
     num_steps: int
     #: whether :meth:`decode` returns images
     has_images: bool = True
+    #: whether the kernel is Gaussian (gradient methods move its mean: TDS, DAS, DPS, the tweedie proposal);
+    #: a discrete (masked) model's is a categorical one
+    gaussian_kernel: bool = True
+    #: the noise a kernel draw takes from each sample's stream: ``normal`` (Gaussian kernels) or ``uniform``
+    #: (categorical draws by inverse CDF), of shape :attr:`noise_shape` per row
+    noise_kind: str = "normal"
     #: whether samplers pad every network, decoder and reward call on fewer than :data:`MIN_ROWS`
     #: rows up to that many (the padding is computed, then dropped, and never counted as NFE), so
     #: that a sample's result is bitwise the same whatever batch, chunk or process it is drawn in.
     #: On by default only for the small models (digits, mixtures), where it costs almost nothing;
     #: a real pipeline computes only the rows the method needs unless its ``batch_invariant`` is set.
     batch_invariant: bool = False
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of one row's noise for :meth:`prior` and for a kernel draw (a Gaussian model's: its states')."""
+        return tuple(self.sample_shape)
+
+    def random_noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``n`` rows of the kernel's kind of noise from ``generator`` (outside a sampler, e.g. the reward check)."""
+        fill = torch.randn if self.noise_kind == "normal" else torch.rand
+        return fill(n, *self.noise_shape, generator=generator)
 
     @property
     def min_rows(self) -> int:
@@ -151,7 +205,7 @@ class BaseModel(LazyLoadModule):
 
     # -- the kernel -----------------------------------------------------------------
     def prior(self, noise: Tensor) -> Tensor:
-        """``x`` at grid point 0 from standard normal ``noise`` of shape ``[N, *sample_shape]``."""
+        """``x`` at grid point 0 from ``noise`` of shape ``[N, *noise_shape]`` (standard normal for a Gaussian model)."""
         return noise
 
     def forward(self, x: Tensor, i: int, c: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -201,8 +255,8 @@ class BaseModel(LazyLoadModule):
         return x * ratio + noise * std  # separate products, no fused multiply-add (see constant_std)
 
     def log_prob(self, x_prev: Tensor, transition: Transition) -> Tensor:
-        """``log p(x_prev | x_t)`` per row (summed over dimensions)."""
-        return gaussian_log_prob(x_prev, transition.mean, transition.std)
+        """``log p(x_prev | x_t)`` per row (summed over dimensions): the kernel's own :meth:`Transition.log_prob`."""
+        return transition.log_prob(x_prev)
 
     def decode(self, x0: Tensor) -> Tensor:
         """Images in [0, 1] (``[N, C, H, W]``) from final states."""

@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
-from tsf.models.base import BaseModel, Transition, class_labels, classifier_free_guidance, constant_std
+from tsf.models.base import BaseModel, GaussianTransition, class_labels, classifier_free_guidance, constant_std
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
@@ -168,13 +168,13 @@ class EpsDiffusionModel(BaseModel):
         """The eps prediction inside a model output (the output itself here)."""
         return output
 
-    def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
+    def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> GaussianTransition:
         output = self(x, i, c) if output is None else output
         eps = self.eps(output)
         x0 = self.x0_hat(x, i, output)
         _, _, c_x0, c_eps, s = self._kernel[i]
         mean = x0 * c_x0 + eps * c_eps
-        return Transition(mean=mean, std=constant_std(s, x), x0_hat=x0, output=output)
+        return GaussianTransition(mean=mean, std=constant_std(s, x), x0_hat=x0, output=output)
 
     def decode(self, x0: Tensor) -> Tensor:
         return ((x0 + 1) / 2).clamp(0, 1)

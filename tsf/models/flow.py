@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from tsf.errors import ConfigError
-from tsf.models.base import BaseModel, Transition, class_labels, constant_std
+from tsf.models.base import BaseModel, GaussianTransition, class_labels, constant_std
 
 B_MIN, B_MAX = 0.1, 20.0
 DIFFUSIONS = ("square", "linear", "constant", "none")
@@ -220,11 +220,11 @@ class FlowModel(BaseModel):
     def step_std(self, i: int) -> float:
         return self._kernel["std"][i]
 
-    def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> Transition:
+    def transition(self, x: Tensor, i: int, c: Tensor, output: Optional[Tensor] = None) -> GaussianTransition:
         u = self(x, i, c) if output is None else output
         k = self._kernel
         mean = x * k["mu_x"][i] + u * k["mu_u"][i]
-        return Transition(mean=mean, std=constant_std(k["std"][i], x), x0_hat=self.x0_hat(x, i, u), output=u)
+        return GaussianTransition(mean=mean, std=constant_std(k["std"][i], x), x0_hat=self.x0_hat(x, i, u), output=u)
 
     def decode(self, x0: Tensor) -> Tensor:
         return ((x0 + 1) / 2).clamp(0, 1)

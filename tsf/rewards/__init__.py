@@ -6,7 +6,8 @@ from tsf.rewards.digits import DigitConfidence, DigitLogOdds, DigitReward
 from tsf.rewards.image import Brightness, Compressibility, Incompressibility
 from tsf.rewards.linear import LinearReward
 from tsf.rewards.preference import HPSv2, ImageRewardScore
+from tsf.rewards.tokens import TokenReward
 
 __all__ = ["REWARDS", "Reward", "build_reward", "DigitReward", "Brightness", "Compressibility", "Incompressibility",
            "DigitConfidence", "DigitLogOdds", "LinearReward", "ClipReward", "AestheticScore", "ClipScore", "PickScore", "HPSv2", "ImageRewardScore",
-           "preprocess"]
+           "preprocess", "TokenReward"]

@@ -107,6 +107,26 @@ class Noise:
         flat = self._stream("normal", dtype).take_counts([int(k) * d for k in counts])
         return self._to_device(flat.reshape(-1, *shape))
 
+    def uniform(self, k: int, shape: Sequence[int], dtype=torch.float32) -> Tensor:
+        """Uniform on [0, 1), ``[B * k, *shape]`` (group-major), from the same stream as :meth:`rand`."""
+        n = int(k) * math.prod(shape)
+        return self._to_device(self._stream("uniform", dtype).take(n).reshape(len(self.generators) * k, *shape))
+
+    def for_kernel(self, model: BaseModel, k: int) -> Tensor:
+        """Noise for ``k`` kernel draws (or prior states) per sample: the model's :attr:`~BaseModel.noise_kind` of
+        shape :attr:`~BaseModel.noise_shape` (standard normal for a Gaussian model)."""
+        if model.noise_kind == "normal":
+            return self.randn(k, model.noise_shape)
+        return self.uniform(k, model.noise_shape)
+
+    def for_kernel_counts(self, model: BaseModel, counts: Sequence[int]) -> Tensor:
+        """Kernel noise, ``counts[b]`` rows from sample ``b``'s stream, concatenated."""
+        if model.noise_kind == "normal":
+            return self.randn_counts(counts, model.noise_shape)
+        d = math.prod(model.noise_shape)
+        flat = self._stream("uniform", torch.float32).take_counts([int(k) * d for k in counts])
+        return self._to_device(flat.reshape(-1, *model.noise_shape))
+
     def rand(self, k: int, dtype=torch.float32) -> Tensor:
         """Uniform ``[B, k]``."""
         return self._to_device(self._stream("uniform", dtype).take(int(k)).reshape(len(self.generators), k))
@@ -327,6 +347,9 @@ SAMPLERS: Registry["Sampler"] = Registry("sampler")
 
 GRADIENT_THROUGH = ("network", "tweedie")
 
+#: the samplers that run on a discrete (masked) kernel: derivative-free, they use only the kernel's draws
+DISCRETE_SAMPLERS = ("base", "best_of_n", "svdd", "smc", "code", "sop", "rbf")
+
 
 def check_gradient_through(gradient_through: str, value_fn: Any) -> str:
     """``gradient_through`` of a gradient sampler (SMC's gradient proposal, DPS), refused (a :class:`ConfigError`)
@@ -362,6 +385,9 @@ class Sampler:
     uses_reward: bool = True
     #: whether the sampler branches particles from one state (needs a stochastic kernel)
     needs_stochastic_kernel: bool = False
+    #: whether the sampler moves a Gaussian kernel's mean or its noise (gradient proposals, DPS, noise search):
+    #: such a sampler refuses a discrete (masked) model
+    needs_gaussian_kernel: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -401,6 +427,11 @@ class Sampler:
                 "diffusion: square (Linear-SDE) or interpolant: vp for a flow model, eta > 0 for DDIM; "
                 "Best-of-N is the method for a deterministic (ODE) sampler"
             )
+        if self.needs_gaussian_kernel and not model.gaussian_kernel:
+            raise ConfigError(
+                f"sampler {self.name!r} ({self!r}) moves a Gaussian kernel (a reward gradient or a search over "
+                f"Gaussian noise) and {type(model).__name__}'s kernel is discrete: the derivative-free samplers apply: "
+                f"{', '.join(DISCRETE_SAMPLERS)} (smc with proposal: base)")
         model.load()
         if reward is not None:
             reward.load()
@@ -502,9 +533,9 @@ class BaseSampler(Sampler):
     @torch.no_grad()
     def trajectories(self, model: BaseModel, c: Tensor, noise: Noise, k: int) -> Tensor:
         """``k`` independent base trajectories per sample, ``[B * k, ...]``."""
-        x = model.prior(noise.randn(k, model.sample_shape))
+        x = model.prior(noise.for_kernel(model, k))
         for i in range(model.num_steps):
-            x = self.transition(model, x, i, c).sample(noise.randn(k, model.sample_shape))
+            x = self.transition(model, x, i, c).sample(noise.for_kernel(model, k))
         return x
 
     def _sample(self, model, reward, conditions, c, noise):

@@ -68,15 +68,14 @@ class CoDe(Sampler):
         R = N * K
         conds_n, c_n = self.repeat(conditions, c, N)
         conds_r, c_r = self.repeat(conditions, c, R)
-        x = model.prior(noise.randn(N, model.sample_shape))
+        x = model.prior(noise.for_kernel(model, N))
         out, images, i = None, None, 0
         while i < T:
             b = min(T, i + L)
             tr = self.transition(model, x, i, c_n, out)
-            children = (tr.mean.repeat_interleave(K, 0)
-                        + tr.std.repeat_interleave(K, 0) * noise.randn(R, model.sample_shape))
+            children = tr.children(K, noise.for_kernel(model, R))
             for m in range(i + 1, b):  # the rest of the block: each child on its own
-                children = self.transition(model, children, m, c_r).sample(noise.randn(R, model.sample_shape))
+                children = self.transition(model, children, m, c_r).sample(noise.for_kernel(model, R))
             if b < T:
                 v, out_c, _ = self.value(model, reward, self.value_fn, children, b, c_r, conds_r, self.alpha)
             else:  # the children are candidate x0: valued by the reward itself

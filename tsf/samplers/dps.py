@@ -29,6 +29,7 @@ class DPS(Sampler):
 
     name = "dps"
     uses_reward_gradient = True
+    needs_gaussian_kernel = True
 
     def __init__(self, guidance_scale: float = 1.0, gradient_through: Literal["network", "tweedie"] = "network",
                  grad_batch: int = 256, max_batch: int = 4096) -> None:

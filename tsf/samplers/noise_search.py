@@ -75,6 +75,7 @@ class ZeroOrderSearch(Sampler):
     """
 
     name = "zo_search"
+    needs_gaussian_kernel = True  # its neighbours are rotations of Gaussian noise
 
     def __init__(self, num_particles: int = 4, num_initial: Optional[int] = None, num_rounds: int = 4,
                  lam: float = 0.95, verifier: Optional[Union[str, Reward]] = None,

@@ -94,7 +94,7 @@ class RBF(Sampler):
         conds_n, c_n = self.repeat(conditions, c, N)  # chain-major inside each sample: [B * N]
 
         # start: per chain, the best of n0 prior noises by the one-step Tweedie value
-        cand = model.prior(noise.randn(N * self.n0, model.sample_shape))
+        cand = model.prior(noise.for_kernel(model, N * self.n0))
         conds_c, c_c = self.repeat(conditions, c, N * self.n0)
         v, out, _ = self.value(model, reward, self.value_fn, cand, 0, c_c, conds_c, 1.0)
         best = v.view(B * N, self.n0).argmax(1)
@@ -122,10 +122,10 @@ class RBF(Sampler):
                 # children per chain this round (the last step draws all it has left at once: no early accept)
                 take = torch.where(active, rem if last else rem.clamp(max=self.proposal_batch), 0)
                 per_sample = take.view(B, N).sum(1).tolist()
-                z = noise.randn_counts(per_sample, model.sample_shape)
+                z = noise.for_kernel_counts(model, per_sample)
                 chain = torch.repeat_interleave(torch.arange(B * N), take)  # chain of each child, in draw order
                 chain_d = chain.to(x.device)
-                children = tr.mean[chain_d] + tr.std[chain_d] * z
+                children = tr.index(chain_d).sample(z)
                 v, out_c, _ = self.value(model, reward, self.value_fn, children, i + 1, c_n[chain_d],
                                          [conds_n[j] for j in chain.tolist()], 1.0)
                 v = torch.where(torch.isfinite(v), v.double(), -math.inf)
@@ -162,7 +162,7 @@ class RBF(Sampler):
             x0, r, images = model.x0_hat(x, T - 1, out), best_v, None
         else:
             tr = self.transition(model, x, T - 1, c_n, out)
-            x0 = tr.sample(noise.randn(N, model.sample_shape)) if float(tr.std.max()) > 0 else tr.mean
+            x0 = tr.mean if tr.deterministic else tr.sample(noise.for_kernel(model, N))
             r, images = self.final_value(model, reward, x0, conds_n)
             r = torch.where(torch.isfinite(r), r.double(), -math.inf)
         r = r.view(B, N)

@@ -202,6 +202,10 @@ class SMC(Sampler):
         self.output, self.grad_batch = output, int(grad_batch)
 
     @property
+    def needs_gaussian_kernel(self) -> bool:  # a gradient proposal moves the Gaussian kernel's mean
+        return self.proposal == "gradient"
+
+    @property
     def uses_reward_gradient(self) -> bool:
         """Whether the sampler follows the reward's gradient (the gradient proposal of TDS and DAS)."""
         return self.proposal == "gradient"
@@ -259,7 +263,7 @@ class SMC(Sampler):
                 g = g.masked_fill(gbad, 0.0)
             return v.view(B, K).double(), out, g, bad.view(B, K)
 
-        x = model.prior(noise.randn(K, model.sample_shape))
+        x = model.prior(noise.for_kernel(model, K))
         v, out, g, dead = evaluate(x, 0, grad_at[0])
         counts["nonfinite_values"] += dead.sum()
         psi = lam[0] * v / alpha
@@ -272,8 +276,8 @@ class SMC(Sampler):
 
         for i in range(T):
             tr = self.transition(model, x, i, c, out)
-            z = noise.randn(K, model.sample_shape)
-            if g is not None and float(tr.std.max()) > 0:
+            z = noise.for_kernel(model, K)
+            if g is not None and not tr.deterministic:
                 # q = N(mu + delta, s^2 I), delta = s^2 grad psi_{i+1}; with x_new = mu + delta + s z,
                 # log p(x_new) - log q(x_new) = -|delta / s|^2 / 2 - (delta / s) . z  (exact, no cancellation)
                 d_over_s = (tr.std * (lam[i + 1] / alpha) * g).double()

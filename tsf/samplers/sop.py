@@ -39,7 +39,7 @@ def kernel_path(sampler: Sampler, model, x: Tensor, start: int, stop: int, c: Te
     x0_hat = None
     for i in range(start, stop):
         tr = sampler.transition(model, x, i, c, output if i == start else None)
-        x = tr.sample(noise.randn(k, model.sample_shape)) if float(tr.std.max()) > 0 else tr.mean
+        x = tr.mean if tr.deterministic else tr.sample(noise.for_kernel(model, k))
         x0_hat = tr.x0_hat
     return x, x0_hat
 
@@ -145,12 +145,12 @@ class SoP(Sampler):
         i0 = self.levels(T)[0]
         conds_n, c_n = self.repeat(conditions, c, N)
         conds_nk, c_nk = self.repeat(conditions, c, N * K)
-        x = model.prior(noise.randn(N, model.sample_shape))
+        x = model.prior(noise.for_kernel(model, N))
         x, _ = kernel_path(self, model, x, 0, i0, c_n, noise, N)
         for j, a, b in rounds:
             cand = x.repeat_interleave(K, 0)
             if a < j:
-                cand = model.renoise(cand, j, a, noise.randn(N * K, model.sample_shape))
+                cand = model.renoise(cand, j, a, noise.for_kernel(model, N * K))
             cand, x0_hat = kernel_path(self, model, cand, a, b, c_nk, noise, N * K)
             images = None
             if b == T:  # the candidates are x0: valued by the reward itself

@@ -51,11 +51,11 @@ class SVDD(Sampler):
     def _sample(self, model, reward, conditions, c, noise):
         M, T, B = self.num_particles, model.num_steps, len(conditions)
         conds_m, c_m = self.repeat(conditions, c, M)
-        x = model.prior(noise.randn(1, model.sample_shape))
+        x = model.prior(noise.for_kernel(model, 1))
         out = None
         for i in range(T):
             tr = self.transition(model, x, i, c, out)
-            children = tr.mean.repeat_interleave(M, 0) + tr.std.repeat_interleave(M, 0) * noise.randn(M, model.sample_shape)
+            children = tr.children(M, noise.for_kernel(model, M))
             images = None
             if i + 1 < T:
                 v, out_c, _ = self.value(model, reward, self.value_fn, children, i + 1, c_m, conds_m, self.alpha)
