@@ -144,7 +144,7 @@ def write_run_dir(run_dir: Path, results: dict[str, Any]) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(results["metrics"], indent=2, sort_keys=True))
     if len(results.get("per_condition", {})) > 1:  # the per-prompt (per-class) breakdown
         (run_dir / "per_condition.json").write_text(json.dumps(results["per_condition"], indent=2))
-    samples = {k: results["samples"][k] for k in ("x0", "images", "sample_id", "rewards") if k in results["samples"]}
+    samples = {k: results["samples"][k] for k in ("x0", "images", "sample_id", "rewards", "texts") if k in results["samples"]}
     conds = results.get("conditions") or [None]
     conditions = [conds[i % len(conds)] for i in samples["sample_id"].tolist()]
     # each sample's condition (class, prompt or None) beside its rewards; other kinds as text (samples.pt loads

@@ -72,6 +72,13 @@ class SampleCollector(Metric):
         return out
 
 
+def add_texts(samples: dict[str, Any], model: BaseModel) -> dict[str, Any]:
+    """``samples`` with the decoded strings of a text model's tokens (``texts``), as ``samples.pt`` keeps them."""
+    if hasattr(model, "texts") and not samples["x0"].is_floating_point():
+        samples["texts"] = model.texts(samples["x0"])
+    return samples
+
+
 class DiagnosticsCollector(Metric):
     """Collects the sampler's per-sample diagnostics (SMC: ``log_z [B]``, ``ess_fraction [B, T]``,
     ``resampled [B, T]``) from every process, rows aligned with the batch's sample ids."""
@@ -143,6 +150,9 @@ class SamplingModule(L.LightningModule):
         names = [self.reward.name] + [r.name for r in cross]
         if len(set(names)) != len(names):
             raise ConfigError(f"reward names must be distinct, got {names}")
+        for r in [self.reward, *cross]:
+            if hasattr(r, "bind"):  # a text reward takes the base model's tokenizer and prefix
+                r.bind(base)
         feature_reward = self._feature_reward(features, cross)
         self.evaluator = Evaluator(self.reward, cross, feature_reward, lpips=lpips, min_rows=base.min_rows)
         self.collector = SampleCollector(names)
@@ -264,7 +274,7 @@ class SamplingModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         metrics = self.evaluator.compute()
-        samples = self.collector.compute()
+        samples = add_texts(self.collector.compute(), self.base)
         diagnostics = self.diagnostics.compute()
         per_condition = self.evaluator.per_condition(self._conditions)
         counts = torch.tensor([self.sampled_batches, self.reused_batches], dtype=torch.float64, device=self.device)

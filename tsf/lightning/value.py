@@ -10,7 +10,6 @@ states at all grid times. ``loss: mse`` (plain MSE on ``r``, the practical defau
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -58,7 +57,7 @@ class ValueModule(L.LightningModule):
         self.reward.check_conditions(self.conditions)
         self.num_rollouts, self.loss_kind, self.alpha = int(num_rollouts), loss, float(alpha)
         self.lr, self.batch_size, self.seed, self.output = lr, batch_size, seed, output
-        dim = math.prod(base.sample_shape)
+        dim = base.value_dim
         self.net = ResidualMLPDenoiser(dim=dim, width=width, depth=depth, hidden=hidden, num_classes=NUM_CLASSES,
                                        out_dim=1)
         self.data: Optional[TensorDataset] = None
@@ -72,12 +71,12 @@ class ValueModule(L.LightningModule):
         helper = Sampler()
         c = model.encode_conditions(conds)
         noise = Noise(self.seed, range(n), model.device)
-        x = model.prior(noise.randn(1, model.sample_shape))
+        x = model.prior(noise.for_kernel(model, 1))
         xs, ts = [], []
         for i in range(T):
-            xs.append(x.cpu())
+            xs.append(model.value_input(x).cpu())
             ts.append(value_time(model, i).expand(n).cpu())
-            x = helper.transition(model, x, i, c).sample(noise.randn(1, model.sample_shape))
+            x = helper.transition(model, x, i, c).sample(noise.for_kernel(model, 1))
         r = helper.score(model, self.reward, x, conds).float().cpu()
         labels = torch.tensor([NUM_CLASSES if k is None else int(k) for k in conds])
         return TensorDataset(torch.cat(xs), torch.cat(ts), labels.repeat(T), r.repeat(T))

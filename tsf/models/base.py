@@ -161,6 +161,14 @@ class BaseModel(LazyLoadModule):
         """Shape of one row's noise for :meth:`prior` and for a kernel draw (a Gaussian model's: its states')."""
         return tuple(self.sample_shape)
 
+    def value_input(self, x: Tensor) -> Tensor:
+        """What a learned value network sees of states ``x``: ``[N, value_dim]`` floats (the states themselves)."""
+        return x.flatten(1)
+
+    @property
+    def value_dim(self) -> int:
+        return math.prod(self.sample_shape)
+
     def random_noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """``n`` rows of the kernel's kind of noise from ``generator`` (outside a sampler, e.g. the reward check)."""
         fill = torch.randn if self.noise_kind == "normal" else torch.rand

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from tsf.errors import ConfigError
 from tsf.models.diffusion import EpsDiffusionModel
 from tsf.models.flow import FlowModel
+from tsf.models.masked import MaskedDiffusion
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 NUM_CLASSES = 10
@@ -157,6 +158,9 @@ ARCHITECTURES = {"ResidualMLPDenoiser": ResidualMLPDenoiser, "MLPClassifier": ML
 CLASSIFIERS = {"target": "digits_classifier_mlp", "holdout": "digits_classifier_cnn"}
 DENOISER = "digits_denoiser"
 FLOW = "digits_flow"
+MASKED = "digits_masked"
+#: the digits' native pixel levels (0 .. 16); the masked model's mask token is LEVELS
+LEVELS = 17
 #: the flow network sees 1000 t (t in [0, 1]), the scale of the diffusion timesteps
 FLOW_TIME_SCALE = 1000.0
 
@@ -326,3 +330,53 @@ class DigitsFlow(FlowModel):
     def extra_repr(self) -> str:
         adapter = f"adapter={self.adapter}, " if self.adapter is not None else ""  # (the repr without one unchanged)
         return f"weights={self.weights}, {adapter}conditional={self.conditional}, " + super().extra_repr()
+
+
+def one_hot_tokens(x: Tensor) -> Tensor:
+    """Pixel tokens ``[N, 64]`` (levels 0 .. 16 and the mask 17) as the masked denoiser's input ``[N, 64 * 18]``."""
+    return F.one_hot(x.long(), LEVELS + 1).flatten(1).float()
+
+
+class DigitsMasked(MaskedDiffusion):
+    """The embedded masked (discrete) digits model: the 64 pixels at their 17 native levels, one mask token.
+
+    The denoiser is the residual MLP of the other digits models on one-hot tokens, predicting x0 logits per pixel
+    (time and class embedded as for the diffusion denoiser; 10% null labels in training, so it is unconditional
+    too and takes classifier-free guidance). Images are ``level / 16``, so every digits reward and the evaluator
+    apply unchanged.
+
+    Args:
+        weights: shipped name or path of a ``.safetensors`` file from ``tsf pretrain digits_masked``.
+        num_steps, schedule: see :class:`~tsf.models.masked.MaskedDiffusion`.
+        guidance_scale: classifier-free guidance weight for class conditions.
+        conditional: condition the denoiser on the sample's class.
+        batch_invariant: pad calls on fewer than 16 rows (default on).
+    """
+
+    has_images = True
+
+    def __init__(self, weights: str = MASKED, num_steps: int = 32, schedule: Literal["linear", "cosine"] = "linear",
+                 guidance_scale: float = 1.0, conditional: bool = False, batch_invariant: bool = True) -> None:
+        if guidance_scale != 1.0 and not conditional:
+            raise ConfigError(f"guidance_scale {guidance_scale} guides towards each sample's class, but this model is "
+                              "unconditional (conditional: false): set conditional: true, or leave guidance_scale at 1")
+        super().__init__(seq_len=64, vocab_size=LEVELS + 1, mask_id=LEVELS, num_steps=num_steps, schedule=schedule,
+                         guidance_scale=guidance_scale, num_classes=NUM_CLASSES, batch_invariant=batch_invariant)
+        self.weights, self.conditional = weights, conditional
+        self.net = build_network(weights)
+
+    def _load(self) -> None:
+        load_network(self.weights, self.net)
+        self.net.to(self.device)
+
+    def encode_conditions(self, conditions):
+        return super().encode_conditions(conditions if self.conditional else [None] * len(conditions))
+
+    def logits(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        return self.net(one_hot_tokens(x), t * FLOW_TIME_SCALE, c).view(x.shape[0], 64, LEVELS)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return (x0.float() / (LEVELS - 1)).view(-1, *IMAGE_SHAPE)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}, conditional={self.conditional}, " + super().extra_repr()

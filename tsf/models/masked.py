@@ -182,6 +182,14 @@ class MaskedDiffusion(BaseModel):
     def decode(self, x0: Tensor) -> Tensor:
         return x0
 
+    def value_input(self, x: Tensor) -> Tensor:
+        """One-hot tokens ``[N, L V]`` (a learned value network's input)."""
+        return torch.nn.functional.one_hot(x.long(), self.vocab_size).flatten(1).float()
+
+    @property
+    def value_dim(self) -> int:
+        return self.sample_shape[0] * self.vocab_size
+
 
 # ----------------------------------------------------------------------------- the exact testbed
 class CategoricalPosterior(nn.Module):

@@ -100,10 +100,15 @@ def value_time(model: BaseModel, i: int) -> Tensor:
     diffusion timesteps, which the digits networks' time embedding is built for (the digits flow network sees
     its time so scaled too). A scalar tensor on the model's device."""
     from tsf.models.flow import FlowModel
+    from tsf.models.masked import MaskedDiffusion
 
     timesteps = getattr(model, "timesteps", None)
     if timesteps is not None:
         return timesteps[i]
+    if isinstance(model, MaskedDiffusion):  # its time t_i = 1 - i / T, scaled as a flow's
+        from tsf.models.digits import FLOW_TIME_SCALE
+
+        return torch.tensor(model.time(i) * FLOW_TIME_SCALE, device=model.device)
     if isinstance(model, FlowModel):
         from tsf.models.digits import FLOW_TIME_SCALE
 
@@ -115,7 +120,8 @@ def value_time(model: BaseModel, i: int) -> Tensor:
 class LearnedValue(ValueFunction):
     """A trained value network ``v_phi(x_i, t, c)`` (SVDD-MC), conditioned on the sample's class
     (the reward's condition, ``None`` -> the null label), whatever the base model's conditioning. The time
-    ``t`` is :func:`value_time`: a diffusion model's timestep, or ``1000 s`` on a flow model's grid.
+    ``t`` is :func:`value_time`: a diffusion model's timestep, or ``1000 s`` on a flow model's grid (and a masked
+    model's time). The network sees ``model.value_input(x)``: the states, or a masked model's one-hot tokens.
 
     Args:
         checkpoint: the ``value.safetensors`` written by ``tsf fit --config configs/digits/value.yaml``.
@@ -147,7 +153,7 @@ class LearnedValue(ValueFunction):
         t = value_time(model, i).expand(x.shape[0])
         null = self.net.config["num_classes"]
         labels = torch.tensor([null if k is None else int(k) for k in conditions], device=x.device)
-        return self.net(x, t, labels).reshape(-1), None
+        return self.net(model.value_input(x), t, labels).reshape(-1), None
 
 
 def build_value(spec: Union[str, ValueFunction]) -> ValueFunction:
