@@ -162,8 +162,8 @@ class BaseModel(LazyLoadModule):
         return tuple(self.sample_shape)
 
     def value_input(self, x: Tensor) -> Tensor:
-        """What a learned value network sees of states ``x``: ``[N, value_dim]`` floats (the states themselves)."""
-        return x.flatten(1)
+        """What a learned value network sees of states ``x`` (``value_dim`` floats per row): the states themselves."""
+        return x
 
     @property
     def value_dim(self) -> int:
