@@ -71,3 +71,75 @@ def test_frechet_distance_matches_the_matrix_square_root_formula():
     root = scipy_linalg.sqrtm(sa @ sb).real
     expected = float(((a.mean(0) - b.mean(0)) ** 2).sum() + sa.trace() + sb.trace() - 2 * root.trace())
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+
+
+def test_vendi_decomposes_the_smaller_gram_matrix_so_large_raw_pixels_fit_in_memory():
+    import tracemalloc
+
+    f = torch.randn(6, 40, generator=torch.Generator().manual_seed(2))  # n < d: the n x n kernel
+    u = torch.nn.functional.normalize(f.double(), dim=1)
+    lam = torch.linalg.eigvalsh(u.T @ u / 6).clamp(min=0)  # the d x d definition
+    lam = lam[lam > 1e-12]
+    assert abs(vendi_score(f) - float(torch.exp(-(lam * lam.log()).sum()))) < 1e-8
+    # 8 raw 512 px RGB images (d = 786,432): a d x d Gram matrix would be 4.9 TB; the n x n one is 512 bytes
+    big = torch.rand(8, 3 * 512 * 512, generator=torch.Generator().manual_seed(3))
+    tracemalloc.start()
+    v = vendi_score(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 1 < v <= 8 and peak < 1e9
+
+
+def test_feature_less_rewards_on_large_float16_images_give_bounded_float_metrics():
+    from tsf.evaluation import PIXEL_FEATURE_SIZE, pixel_features
+
+    images = torch.rand(4, 3, 512, 512, generator=torch.Generator().manual_seed(4)).half()
+    feats = pixel_features(images)
+    assert feats.dtype == torch.float32 and feats.shape == (4, 3 * PIXEL_FEATURE_SIZE**2)
+    ev = Evaluator(Brightness(), [])
+    batch = SampleBatch(x0=images, sample_ids=torch.arange(4), images=images)
+    ev.update(batch, ev.rewards(batch, [None] * 4))
+    m = ev.compute()
+    assert all(torch.isfinite(torch.tensor(m[k])) for k in ("target/mean", "diversity/pairwise", "diversity/vendi"))
+
+
+def test_a_failing_metric_is_named_in_one_line_and_the_others_are_still_computed(capsys, monkeypatch):
+    import tsf.evaluation as E
+
+    def boom(features):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(E, "vendi_score", boom)
+    ev = Evaluator(Brightness(), [])
+    images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    batch = SampleBatch(x0=images, sample_ids=torch.arange(5), images=images)
+    ev.update(batch, ev.rewards(batch, [None] * 5))
+    m = ev.compute()
+    assert m["diversity/vendi"] != m["diversity/vendi"]  # NaN
+    assert m["target/mean"] == pytest.approx(float(images.mean((1, 2, 3)).mean()), abs=1e-6)
+    assert m["diversity/pairwise"] > 0
+    err = capsys.readouterr().err
+    assert "metric diversity/vendi failed (_LinAlgError: linalg.eigh: The algorithm failed to converge)" in err
+    assert len([line for line in err.splitlines() if "failed" in line]) == 1
+
+
+def test_samples_are_written_before_the_metrics_and_a_failing_metric_keeps_the_run(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    import tsf.evaluation as E
+    from tsf.cli import load_samples, main
+
+    def boom(a, b):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(E, "frechet_distance", boom)
+    root = Path(__file__).resolve().parents[1]
+    main(["sample", "--config", str(root / "configs/gmm/best_of_n.yaml"), f"--output_dir={tmp_path}",
+          "--data.init_args.num_samples=20", "--model.init_args.fidelity_samples=50",
+          "--model.init_args.base.init_args.num_steps=10", "--wandb_mode=disabled",
+          "--trainer.enable_progress_bar=false"])
+    (run,) = tmp_path.iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["fidelity/fd"] != metrics["fidelity/fd"] and metrics["target/mean"] == metrics["target/mean"]
+    assert load_samples(run)["x0"].shape == (20, 2)

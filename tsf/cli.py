@@ -144,13 +144,10 @@ def write_run_dir(run_dir: Path, results: dict[str, Any]) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(results["metrics"], indent=2, sort_keys=True))
     if len(results.get("per_condition", {})) > 1:  # the per-prompt (per-class) breakdown
         (run_dir / "per_condition.json").write_text(json.dumps(results["per_condition"], indent=2))
-    samples = {k: results["samples"][k] for k in ("x0", "images", "sample_id", "rewards", "texts") if k in results["samples"]}
-    conds = results.get("conditions") or [None]
-    conditions = [conds[i % len(conds)] for i in samples["sample_id"].tolist()]
-    # each sample's condition (class, prompt or None) beside its rewards; other kinds as text (samples.pt loads
-    # with weights_only, which takes numbers, strings and None)
-    samples["conditions"] = [c if c is None or isinstance(c, (int, float, str)) else repr(c) for c in conditions]
-    torch.save(samples, run_dir / "samples.pt")
+    from tsf.lightning.sampling import write_samples
+
+    samples, conditions = write_samples(run_dir, results["samples"], results.get("conditions"),
+                                        written=results.get("samples_written", False))
     if "images" in samples:
         save_grid(samples["images"], run_dir / "grid.png", conditions)
 

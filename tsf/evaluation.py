@@ -54,17 +54,34 @@ def pairwise_cosine_distance(features: Tensor) -> float:
 
 
 def vendi_score(features: Tensor) -> float:
-    """Vendi score ``exp(-sum l log l)`` of the eigenvalues ``l`` of ``K / n``, ``K`` the cosine kernel.
+    """Vendi score ``exp(-sum l log l)`` of the eigenvalues ``l`` of ``K / n``, ``K`` the cosine kernel, in float64.
 
-    The non-zero eigenvalues of ``U U^T / n`` equal those of ``U^T U / n`` (``d x d``).
+    The non-zero eigenvalues of ``U U^T / n`` (``n x n``) equal those of ``U^T U / n`` (``d x d``): the smaller of
+    the two is decomposed, so raw pixels of large images (``d`` in the hundreds of thousands) cost an ``n x n``
+    matrix, never a ``d x d`` one.
     """
-    n = features.shape[0]
+    n, d = features.shape[0], features[0].numel() if len(features) else 0
     if n < 1:
         return float("nan")
-    u = torch.nn.functional.normalize(features.double(), dim=1)
-    lam = torch.linalg.eigvalsh(u.T @ u / n).clamp(min=0)
+    u = torch.nn.functional.normalize(features.flatten(1).double(), dim=1)
+    gram = u @ u.T if n <= d else u.T @ u
+    lam = torch.linalg.eigvalsh(gram / n).clamp(min=0)
     lam = lam[lam > 1e-12]
     return float(torch.exp(-(lam * lam.log()).sum()))
+
+
+#: raw-pixel features (no feature extractor) of images larger than this are average-pooled to it (per side)
+PIXEL_FEATURE_SIZE = 64
+
+
+def pixel_features(images: Tensor) -> Tensor:
+    """Raw-pixel features ``[N, d]`` in float32: the pixels, images larger than ``PIXEL_FEATURE_SIZE`` per side
+    average-pooled to at most that size first (a fixed, documented downsampling: docs/algorithms.md, section 8)."""
+    x = images.float()
+    if x.dim() == 4 and max(x.shape[-2:]) > PIXEL_FEATURE_SIZE:
+        size = tuple(min(PIXEL_FEATURE_SIZE, s) for s in x.shape[-2:])
+        x = torch.nn.functional.adaptive_avg_pool2d(x, size)
+    return x.flatten(1)
 
 
 def token_match_kernel(tokens: Tensor, block: int = 256) -> Tensor:
@@ -151,6 +168,19 @@ def mean_pairwise_distance(images: Tensor, distance: Callable[[Tensor, Tensor], 
     return total / i.numel()
 
 
+def guarded(name: str, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``compute()``, or, if it raises, ``{name: nan}`` and one line on stderr naming the metric: a metric that
+    fails never costs the samples or the other metrics of a finished run."""
+    try:
+        return compute()
+    except Exception as e:  # noqa: BLE001 - any failure of one metric is reported, not raised
+        import sys
+
+        print(f"tsf: warning: metric {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+              "it is NaN in metrics.json, the other metrics and samples.pt are written", file=sys.stderr)
+        return {name: float("nan")}
+
+
 def condition_key(condition: Any) -> str:
     """A condition as a table key: a prompt as is, ``None`` as ``null``, others by ``str``."""
     return "null" if condition is None else str(condition)
@@ -215,8 +245,8 @@ class Evaluator(Metric):
             self.tokens = True
             return images.flatten(1).double()
         if self.feature_reward is None:
-            return images.flatten(1).float()
-        return chunked(self.feature_reward.features, self.max_batch, images, min_rows=self.min_rows).float()
+            return pixel_features(images)
+        return chunked(self.feature_reward.features, self.max_batch, images.float(), min_rows=self.min_rows).float()
 
     def set_reference(self, images: Tensor) -> None:
         """Plain base-model samples that ``fidelity/fd`` compares against."""
@@ -254,7 +284,7 @@ class Evaluator(Metric):
         n = max(float(self.count), 1.0)
         out = self._sample_metrics(target, cross, feats, torch.arange(len(target), device=target.device))
         if self.reference is not None and not self.tokens:  # (no Frechet distance of raw token ids)
-            out["fidelity/fd"] = frechet_distance(feats.cpu(), self.reference)
+            out.update(guarded("fidelity/fd", lambda: {"fidelity/fd": frechet_distance(feats.cpu(), self.reference)}))
         for key in COMPUTE_KEYS:
             out[f"compute/{key}"] = float(getattr(self, f"compute_{key}")) / n
         return out
@@ -276,12 +306,12 @@ class Evaluator(Metric):
             if not ok.all():
                 out[f"cross/{r.name}/nonfinite"] = float((~ok).sum())
         if self.tokens:
-            out.update(token_diversity(feats[rows]))
+            out.update(guarded("diversity/hamming", lambda: token_diversity(feats[rows])))
         else:
-            out["diversity/pairwise"] = pairwise_cosine_distance(feats[rows])
-            out["diversity/vendi"] = vendi_score(feats[rows])
+            out.update(guarded("diversity/pairwise", lambda: {"diversity/pairwise": pairwise_cosine_distance(feats[rows])}))
+            out.update(guarded("diversity/vendi", lambda: {"diversity/vendi": vendi_score(feats[rows])}))
         if self.lpips is not None:
-            out["diversity/lpips"] = self._lpips_diversity(rows)
+            out.update(guarded("diversity/lpips", lambda: {"diversity/lpips": self._lpips_diversity(rows)}))
         return out
 
     def _lpips_diversity(self, rows: Tensor) -> float:

@@ -72,6 +72,22 @@ class SampleCollector(Metric):
         return out
 
 
+def write_samples(run_dir: Path, results_samples: dict[str, Any], conditions: Optional[list], written: bool = False):
+    """Write ``samples.pt`` (``written``: it is there already, only build what it holds) and return ``(samples,
+    each sample's condition)``: the final states, images, ids, rewards and texts, and each sample's condition
+    (class, prompt or None) beside its rewards; other kinds as text (samples.pt loads with weights_only, which
+    takes numbers, strings and None)."""
+    samples = {k: results_samples[k] for k in ("x0", "images", "sample_id", "rewards", "texts") if k in results_samples}
+    conds = conditions or [None]
+    per_sample = [conds[i % len(conds)] for i in samples["sample_id"].tolist()]
+    samples["conditions"] = [c if c is None or isinstance(c, (int, float, str)) else repr(c) for c in per_sample]
+    if not written:
+        tmp = Path(run_dir) / f"samples.pt.{os.getpid()}.tmp"
+        torch.save(samples, tmp)
+        os.replace(tmp, Path(run_dir) / "samples.pt")
+    return samples, per_sample
+
+
 def add_texts(samples: dict[str, Any], model: BaseModel) -> dict[str, Any]:
     """``samples`` with the decoded strings of a text model's tokens (``texts``), as ``samples.pt`` keeps them."""
     if hasattr(model, "texts") and not samples["x0"].is_floating_point():
@@ -273,14 +289,18 @@ class SamplingModule(L.LightningModule):
                   flush=True)
 
     def on_test_epoch_end(self) -> None:
-        metrics = self.evaluator.compute()
         samples = add_texts(self.collector.compute(), self.base)
+        run_dir = getattr(self.trainer, "run_dir", None)
+        written = run_dir is not None and self.trainer.is_global_zero
+        if written:  # the samples are on disk before any metric is computed: a failing metric cannot lose them
+            write_samples(run_dir, samples, self._conditions)
+        metrics = self.evaluator.compute()
         diagnostics = self.diagnostics.compute()
         per_condition = self.evaluator.per_condition(self._conditions)
         counts = torch.tensor([self.sampled_batches, self.reused_batches], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        self.results = {"metrics": metrics, "samples": samples, "conditions": self._conditions,
+        self.results = {"metrics": metrics, "samples": samples, "conditions": self._conditions, "samples_written": written,
                         "per_condition": {str(c): m for c, m in per_condition.items()},
                         "batches": {"sampled": int(counts[0]), "reused": int(counts[1])}}
         if diagnostics is not None:
