@@ -54,3 +54,20 @@ def test_compare_keeps_finished_runs_and_refuses_to_mix_in_another_config(tmp_pa
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "shards").iterdir()} == shards
     run("--overwrite")
     assert json.loads((run_dir / "metrics.json").read_text())["compute/nfe"] != metrics["compute/nfe"]
+
+
+def test_compare_passes_config_overrides_through_to_every_run(tmp_path):
+    import yaml
+
+    from tsf.cli import load_samples
+    from tsf.commands.compare import main as compare, split_passthrough
+
+    assert split_passthrough(["a.yaml", "--data.init_args.num_samples=50", "--trainer.devices", "2", "--overwrite",
+                              "--", "--wandb_mode=disabled"]) == (
+        ["a.yaml", "--overwrite"], ["--data.init_args.num_samples=50", "--trainer.devices", "2", "--wandb_mode=disabled"])
+    cfg = Path(__file__).resolve().parents[1] / "configs/gmm/base.yaml"
+    compare([str(cfg), "--output_dir", str(tmp_path), "--data.init_args.num_samples=7",
+             "--model.init_args.fidelity_samples=0", "--", "--wandb_mode=disabled", "--trainer.enable_progress_bar=false"])
+    (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert len(load_samples(run_dir)["sample_id"]) == 7
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]["num_samples"] == 7

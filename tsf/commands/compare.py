@@ -1,4 +1,4 @@
-"""``tsf compare CONFIGS... [--output_dir DIR] [--overwrite] [-- extra tsf sample args]``: run several
+"""``tsf compare CONFIGS... [--output_dir DIR] [--overwrite] [--section.key=value ...] [-- extra tsf sample args]``: run several
 sampling configs (finished runs are kept) and print one table; and the subprocess runner that ``tsf
 scaling`` and ``tsf sweep`` share."""
 
@@ -13,13 +13,27 @@ from tsf.commands.table import results_table
 
 
 def split_passthrough(argv) -> tuple[list[str], list[str]]:
-    """``(own arguments, arguments after -- for every tsf sample run)``; ``None`` reads ``sys.argv``."""
+    """``(own arguments, arguments for every tsf sample run)``; ``None`` reads ``sys.argv``. Passed through are
+    everything after ``--`` and every config override before it: an option with a dot in its name
+    (``--data.init_args.num_samples=50``, or ``--trainer.devices 2`` with its value)."""
     import sys
 
     argv = list(sys.argv[2:] if argv is None else argv)
-    if "--" not in argv:
-        return argv, []
-    return argv[: argv.index("--")], argv[argv.index("--") + 1:]
+    rest: list[str] = []
+    if "--" in argv:
+        argv, rest = argv[: argv.index("--")], argv[argv.index("--") + 1:]
+    own, extra, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "." in a.split("=", 1)[0]:
+            extra.append(a)
+            if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                extra.append(argv[i + 1])
+                i += 1
+        else:
+            own.append(a)
+        i += 1
+    return own, extra + rest
 
 
 def run_tsf(command: str, output_dir: Path, *args: str, overwrite: bool = False,
