@@ -127,6 +127,21 @@ def test_a_users_reward_that_returns_the_wrong_thing_is_one_clear_line_before_an
     assert not list(tmp_path.glob("*/shards/*"))  # refused before any batch
 
 
+@pytest.mark.parametrize("cls, says", [("BFloat16Head", "likely a dtype mismatch"), ("OnCuda", "likely a device mismatch")])
+def test_an_error_inside_a_users_reward_is_one_line_naming_the_reward_and_the_likely_cause(tmp_path, cls, says):
+    if cls == "OnCuda" and torch.cuda.is_available():
+        pytest.skip("the device error needs a machine without CUDA")
+    code, line = _sample_error(f"--output_dir={tmp_path}", f"--model.init_args.reward.class_path=user_rewards.{cls}")
+    assert code == 2 and says in line and f"user_rewards.{cls}" in line and "raised" in line, line
+    assert not list(tmp_path.glob("*/shards/*"))
+
+
+def test_a_float16_reward_is_accepted_and_said_once(tmp_path):
+    code, err = _sample_error(f"--output_dir={tmp_path}", "--model.init_args.reward.class_path=user_rewards.Half",
+                              "--model.init_args.cross_rewards=[]")
+    assert code == 0 and err.count("returns float16; tsf casts its rewards to float32") == 1, err
+
+
 def test_a_gradient_sampler_names_the_flag_a_reward_needs(tmp_path):
     code, line = _sample_error(f"--output_dir={tmp_path}", "--model.init_args.reward.class_path=user_rewards.NotMarked",
                                config="configs/digits/das.yaml")

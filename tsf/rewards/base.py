@@ -60,8 +60,14 @@ def check_reward(reward: Reward, images: Tensor, conditions: Sequence[Any]) -> N
     point, or (for a reward marked ``differentiable``) an output that carries no gradient to the images."""
     n, where = len(images), describe(reward)
     x = images.detach().clone().requires_grad_(reward.differentiable)
-    with torch.enable_grad() if reward.differentiable else torch.no_grad():
-        out = reward(x, list(conditions))
+    try:
+        with torch.enable_grad() if reward.differentiable else torch.no_grad():
+            out = reward(x, list(conditions))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an error inside a user's forward becomes one line
+        raise ConfigError(f"{where} raised {type(e).__name__} in its forward, called before sampling on {n} images "
+                          f"({images.dtype}, {images.device}): {_first_line(e)}; {_likely_cause(e)}") from None
     must = f"forward(images, conditions) must return a float tensor of shape [N], one reward per image (here [{n}])"
     if not torch.is_tensor(out):
         raise ConfigError(f"{where} returned a {type(out).__name__}; {must}")
@@ -72,6 +78,11 @@ def check_reward(reward: Reward, images: Tensor, conditions: Sequence[Any]) -> N
         raise ConfigError(f"{where} returned shape {list(out.shape)} for {n} images; {must}{hint}")
     if not out.is_floating_point():
         raise ConfigError(f"{where} returned dtype {out.dtype}; {must} (e.g. .float())")
+    if out.dtype != torch.float32:
+        import sys
+
+        print(f"tsf: note: {where} returns {str(out.dtype).replace('torch.', '')}; tsf casts its rewards to "
+              "float32 where it stores or compares them", file=sys.stderr)
     if reward.differentiable:
         grad = torch.autograd.grad(out.sum(), x, allow_unused=True)[0] if out.requires_grad else None
         if grad is None:
@@ -79,6 +90,25 @@ def check_reward(reward: Reward, images: Tensor, conditions: Sequence[Any]) -> N
                 f"{where} is marked `differentiable = True` but its output carries no gradient to the images "
                 "(computed under torch.no_grad, detached, or through numpy / .item()): keep its forward in "
                 "differentiable torch operations, or set `differentiable = False` (gradient samplers then refuse it)")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else "(no message)"
+
+
+def _likely_cause(e: Exception) -> str:
+    """What most often raises inside a reward's forward, from the error's message."""
+    msg = str(e)
+    if "dtype" in msg or "same type" in msg or "Half" in msg or "BFloat16" in msg:
+        return ("likely a dtype mismatch: the images come as float32 in [0, 1]; cast them to your network's dtype "
+                "inside forward (images.to(next(self.parameters()).dtype)), or keep the network in float32")
+    if "CUDA" in msg or "device" in msg or "cuda" in msg:
+        return ("likely a device mismatch: keep every tensor on images.device (the run's device), e.g. "
+                "torch.tensor(..., device=images.device), and move weights in load()/to() rather than to a fixed device")
+    if "shape" in msg or "size" in msg:
+        return "likely a shape mismatch: the images are [N, C, H, W] (C = 1 on digits, 3 for RGB) in [0, 1]"
+    return "the error is inside the reward's own forward (run it on such images to see the traceback)"
 
 
 def build_reward(spec: Any) -> Reward:
