@@ -90,7 +90,7 @@ def no_weight_loading(monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--model.init_args.reward=aesthetics"],
-     "unknown reward 'aesthetics'; known rewards: aesthetic, brightness, clip_score, compressibility"),
+     "unknown reward 'aesthetics' (did you mean 'aesthetic'?); known rewards: aesthetic, brightness, clip_score, compressibility"),
     (["--model.init_args.cross_rewards=[digit_holdout, pickscorex]"], "unknown reward 'pickscorex'"),
     (["--model.init_args.cross_rewards=[digit_holdout, pickscore]"], "scores images against text prompts"),
     (["--model.init_args.sampler=tsf.samplers.SVDDTypo"], "known samplers: base"),

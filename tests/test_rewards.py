@@ -168,3 +168,13 @@ def test_non_finite_target_rewards_are_counted_and_left_out_of_the_statistics(tm
     bad = metrics["target/nonfinite"]
     assert 0 < bad < 8 and math.isfinite(metrics["target/mean"]), metrics
     assert f"{bad:.0f} of 8 samples have a non-finite target reward" in err
+
+
+def test_a_registry_lists_its_names_and_suggests_the_near_miss():
+    from tsf.errors import ConfigError
+    from tsf.rewards import REWARDS
+    from tsf.samplers import SAMPLERS
+
+    assert "best_of_n" in repr(SAMPLERS) and "svdd" in repr(SAMPLERS) and repr(SAMPLERS).startswith("Registry('sampler'")
+    with pytest.raises(ConfigError, match=r"unknown reward 'digit_holdot' \(did you mean 'digit_holdout'\?\)"):
+        REWARDS.get("digit_holdot")

@@ -34,9 +34,16 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self.names())})"
+
     def check(self, name: str) -> None:
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
+            import difflib
+
+            near = difflib.get_close_matches(name, self.names(), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"unknown {self.kind} {name!r}{hint}; known {self.kind}s: {', '.join(self.names())}")
 
     def get(self, name: str) -> Callable[..., T]:
         self.check(name)
