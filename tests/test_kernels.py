@@ -156,3 +156,28 @@ def test_the_masked_digits_model_samples_digits_on_their_native_levels():
     svdd = SVDD(num_particles=4).sample(model, reward, conds, range(n), seed=0)
     diff = reward(svdd.images, conds) - reward(base.images, conds)
     assert diff.mean() > 3 * diff.std() / n**0.5
+
+
+def test_classifier_free_guidance_on_the_masked_digits_counts_one_nfe_and_two_rows_per_guided_call():
+    from tsf.models import DigitsMasked
+    from tsf.rewards import build_reward
+
+    n = 100
+    conds = [i % 10 for i in range(n)]
+    plain = DigitsMasked(num_steps=8, conditional=True).load()
+    guided = DigitsMasked(num_steps=8, conditional=True, guidance_scale=3.0).load()
+    a = BaseSampler().sample(plain, None, conds, range(n), seed=0)
+    b = BaseSampler().sample(guided, None, conds, range(n), seed=0)
+    assert a.compute["nfe"] == b.compute["nfe"] == 8 * n
+    assert b.compute["model_rows"] == 2 * a.compute["model_rows"]
+    # the guided x0 distribution is the softmax of z_u + w (z_c - z_u) at masked pixels, the token elsewhere
+    x = a.x0[:4].clone()
+    x[:, ::2] = guided.mask_id
+    c = guided.encode_conditions(conds[:4])
+    t = torch.full((4,), guided.time(3))
+    z_c, z_u = guided.logits(x, t, c), guided.logits(x, t, torch.full_like(c, 10))
+    expected = torch.log_softmax(z_u + 3.0 * (z_c - z_u), -1)
+    out = guided(x, 3, c)
+    torch.testing.assert_close(out[:, ::2, :17], expected[:, ::2], rtol=1e-5, atol=1e-5)
+    assert (out[:, ::2, 17] == -math.inf).all()  # the mask is never predicted
+    assert (out[:, 1::2].argmax(-1) == x[:, 1::2]).all() and (out[:, 1::2].max(-1).values == 0).all()
