@@ -181,3 +181,19 @@ def test_classifier_free_guidance_on_the_masked_digits_counts_one_nfe_and_two_ro
     torch.testing.assert_close(out[:, ::2, :17], expected[:, ::2], rtol=1e-5, atol=1e-5)
     assert (out[:, ::2, 17] == -math.inf).all()  # the mask is never predicted
     assert (out[:, 1::2].argmax(-1) == x[:, 1::2]).all() and (out[:, 1::2].max(-1).values == 0).all()
+
+
+def test_every_derivative_free_sampler_runs_on_the_masked_kernel_and_gains_over_the_base():
+    from tsf.samplers import RBF, CoDe, SoP
+
+    m, r = mixture(), TokenReward(VALUES)
+    n = 400
+    base = r(BaseSampler().sample(m, None, [None] * n, range(n), seed=1).x0).double()
+    for sampler, nfe in ((CoDe(num_particles=4), 2 * (1 + 4 * 7)), (SoP(num_particles=2, num_paths=2), None),
+                         (RBF(num_particles=2, budget=60, n0=2), 60), (SVDD(num_particles=4, alpha=1.0, value="exact"), 8)):
+        out = sampler.sample(m, r, [None] * n, range(n), seed=1)
+        assert out.x0.dtype == torch.long and int(out.x0.max()) < 3, sampler  # tokens, no mask left
+        if nfe is not None:
+            assert out.compute["nfe"] == nfe * n, sampler
+        gain = r(out.x0).double() - base
+        assert gain.mean() > 3 * gain.std() / n**0.5, sampler
