@@ -52,7 +52,10 @@ class Transition:
 
     def children(self, k: int, noise: Tensor) -> Tensor:
         """``k`` draws per row, group-major (``[N * k, ...]``), from ``noise`` for ``N * k`` draws."""
-        rows = torch.arange(len(self.x0_hat), device=self.x0_hat.device).repeat_interleave(k)
+        return self.sample_rows(torch.arange(len(self.x0_hat), device=self.x0_hat.device).repeat_interleave(k), noise)
+
+    def sample_rows(self, rows: Tensor, noise: Tensor) -> Tensor:
+        """One draw from the kernel of each row in ``rows`` (indices, repeats allowed), from ``noise``."""
         return self.index(rows).sample(noise)
 
     def index(self, idx) -> "Transition":
@@ -84,6 +87,9 @@ class GaussianTransition(Transition):
 
     def children(self, k: int, noise: Tensor) -> Tensor:
         return self.mean.repeat_interleave(k, 0) + self.std.repeat_interleave(k, 0) * noise
+
+    def sample_rows(self, rows: Tensor, noise: Tensor) -> Tensor:  # (no copies of x0_hat and the model output)
+        return self.mean[rows] + self.std[rows] * noise
 
 
 def constant_std(s: float, like: Tensor) -> Tensor:

@@ -125,7 +125,7 @@ class RBF(Sampler):
                 z = noise.for_kernel_counts(model, per_sample)
                 chain = torch.repeat_interleave(torch.arange(B * N), take)  # chain of each child, in draw order
                 chain_d = chain.to(x.device)
-                children = tr.index(chain_d).sample(z)
+                children = tr.sample_rows(chain_d, z)
                 v, out_c, _ = self.value(model, reward, self.value_fn, children, i + 1, c_n[chain_d],
                                          [conds_n[j] for j in chain.tolist()], 1.0)
                 v = torch.where(torch.isfinite(v), v.double(), -math.inf)
