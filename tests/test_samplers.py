@@ -69,6 +69,37 @@ def test_noise_streams_are_per_sample_id():
     assert sample_seed(0, 1) != sample_seed(1, 0)
 
 
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+def test_a_sample_s_noise_is_its_own_draws_whatever_the_counts_of_the_others(kind):
+    """Draws of different counts per sample (RBF's children) read each sample's stream as if it were drawn alone:
+    the numbers are those of sample b's generator called with the same block rule, in order."""
+    import random
+
+    from tsf.samplers.base import _Stream
+
+    B, block = 5, 16
+    fill = torch.randn if kind == "normal" else torch.rand
+    stream = _Stream([torch.Generator().manual_seed(b) for b in range(B)], kind, torch.float32, block)
+    alone = [torch.Generator().manual_seed(b) for b in range(B)]
+    left = [torch.empty(0) for _ in range(B)]
+
+    def take_alone(b, n):
+        if len(left[b]) < n:
+            left[b] = torch.cat([left[b], fill(max(block, n - len(left[b])), generator=alone[b])])
+        out, left[b] = left[b][:n], left[b][n:]
+        return out
+
+    rng = random.Random(0)
+    for step in range(120):
+        if step % 40 < 3:  # equal counts (every sample the same draw) between the uneven ones
+            n = rng.randint(0, 20)
+            got, want = stream.take(n), torch.stack([take_alone(b, n) for b in range(B)])
+        else:
+            counts = [rng.randint(0, 40) for _ in range(B)]
+            got, want = stream.take_counts(counts), torch.cat([take_alone(b, c) for b, c in enumerate(counts)])
+        assert torch.equal(got.reshape(-1), want.reshape(-1)), step
+
+
 @pytest.mark.parametrize("k", [0, -3, 2.5])
 def test_num_particles_must_be_a_positive_integer(k):
     with pytest.raises(ConfigError, match="num_particles"):

@@ -61,6 +61,9 @@ class Transition:
     def index(self, idx) -> "Transition":
         return type(self)(*(getattr(self, f.name)[idx] for f in fields(self)))
 
+    def detach(self) -> "Transition":
+        return type(self)(*(getattr(self, f.name).detach() for f in fields(self)))
+
     @staticmethod
     def cat(parts: Sequence["Transition"]) -> "Transition":
         return type(parts[0])(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])))

@@ -158,23 +158,25 @@ def _fill_rows(fill: Callable, generators: list, out: Tensor) -> None:
 class _Stream:
     """The unread numbers of one kind (``normal``/``uniform``, one dtype) of every sample's stream.
 
-    While every sample has drawn the same amounts they sit in one ``[B, L]`` buffer (a draw is a
-    slice); after a draw of different counts per sample (``take_counts``), in one tensor per sample.
+    They sit in one ``[B, L]`` buffer: while every sample has drawn the same amounts, row ``b``'s unread
+    numbers are the whole row (a draw is a slice); after a draw of different counts per sample
+    (``take_counts``), they are ``buf[b, start[b]:end[b]]`` and a draw is one gather, whatever ``B``.
     """
 
     def __init__(self, generators: list, kind: str, dtype: torch.dtype, block: int) -> None:
         self.generators, self.dtype, self.block = generators, dtype, block
         self.fill = torch.randn if kind == "normal" else torch.rand
-        self.buf = torch.empty(len(generators), 0, dtype=dtype)  # equal counts left
-        self.rows: Optional[list[Tensor]] = None  # per sample, once counts differ
+        self.buf = torch.empty(len(generators), 0, dtype=dtype)
+        self.start: Optional[Tensor] = None  # per sample, once counts differ (with ``end``)
+        self.end: Optional[Tensor] = None
 
     def _fill(self, g: torch.Generator, n: int, out: Optional[Tensor] = None) -> Tensor:
         return self.fill(n, generator=g, dtype=self.dtype, out=out)
 
     def take(self, n: int) -> Tensor:
         """The next ``n`` numbers of every sample, ``[B, n]``."""
-        if self.rows is not None:
-            return torch.stack([self._take_row(b, n) for b in range(len(self.generators))])
+        if self.start is not None:
+            return self.take_counts([n] * len(self.generators)).view(len(self.generators), n)
         have = self.buf.shape[1]
         if have < n:
             size = max(self.block, n - have)
@@ -187,18 +189,36 @@ class _Stream:
 
     def take_counts(self, counts: list[int]) -> Tensor:
         """The next ``counts[b]`` numbers of sample ``b``, concatenated."""
-        if self.rows is None:
+        if self.start is None:
             if len(set(counts)) <= 1:
                 return self.take(counts[0] if counts else 0).reshape(-1)
-            self.rows, self.buf = list(self.buf.unbind(0)), None
-        return torch.cat([self._take_row(b, n) for b, n in enumerate(counts)])
+            B, have = self.buf.shape
+            self.start, self.end = torch.zeros(B, dtype=torch.long), torch.full((B,), have, dtype=torch.long)
+        need = torch.as_tensor(counts, dtype=torch.long)
+        short = (self.end - self.start < need).nonzero().flatten().tolist()
+        if short:
+            self._refill(short, need)
+        rows = torch.repeat_interleave(torch.arange(len(counts)), need)
+        first = torch.cumsum(need, 0) - need  # where each sample's numbers begin in the output
+        cols = self.start[rows] + torch.arange(len(rows)) - first[rows]
+        self.start += need
+        return self.buf[rows, cols]
 
-    def _take_row(self, b: int, n: int) -> Tensor:
-        row = self.rows[b]
-        if len(row) < n:
-            row = torch.cat([row, self._fill(self.generators[b], max(self.block, n - len(row)))])
-        self.rows[b] = row[n:]
-        return row[:n]
+    def _refill(self, short: list[int], need: Tensor) -> None:
+        """Each short sample's generator draws ``max(block, what the draw lacks)`` more numbers (the rule of
+        :meth:`take`), appended to its row; the rows are compacted to their unread numbers first."""
+        have = self.end - self.start
+        sizes = {b: max(self.block, int(need[b] - have[b])) for b in short}
+        width = int(max(int(have.max()), max(int(have[b]) + n for b, n in sizes.items())))
+        new = torch.empty(len(self.generators), width, dtype=self.dtype)
+        for b in range(len(self.generators)):
+            new[b, :have[b]] = self.buf[b, self.start[b]:self.end[b]]
+        for b, n in sizes.items():
+            self._fill(self.generators[b], n, out=new[b, have[b]:have[b] + n])
+        self.buf, self.start = new, torch.zeros_like(self.start)
+        self.end = have.clone()
+        for b, n in sizes.items():
+            self.end[b] += n
 
 
 # ----------------------------------------------------------------------------- compute
@@ -461,7 +481,10 @@ class Sampler:
     # -- helpers for subclasses --------------------------------------------------------
     def transition(self, model: BaseModel, x: Tensor, i: int, c: Tensor,
                    output: Optional[Tensor] = None) -> Transition:
-        """The model's kernel at grid point ``i`` on rows of ``x``, in chunks of ``max_batch``."""
+        """The model's kernel at grid point ``i`` on rows of ``x``, in chunks of ``max_batch``; ``output`` is the
+        model output at those rows or the kernel itself (a value's ``kernel=True`` result), returned as it is."""
+        if isinstance(output, Transition):
+            return output
         if output is None:
             return chunked(lambda xs, cs: model.transition(xs, i, cs), self.max_batch, x, c, min_rows=model.min_rows)
         return chunked(lambda xs, cs, os: model.transition(xs, i, cs, os), self.max_batch, x, c, output,
@@ -489,26 +512,30 @@ class Sampler:
         return (self.score(model, reward, x0, conditions) if value is None else value()), None
 
     def value(self, model: BaseModel, reward: Reward, value_fn, x: Tensor, i: int, c: Tensor, conditions: list,
-              alpha: float, grad: bool = False, grad_batch: Optional[int] = None, through: str = "network"):
+              alpha: float, grad: bool = False, grad_batch: Optional[int] = None, through: str = "network",
+              kernel: bool = False):
         """``(v, model output or None, dv/dx or None)`` at grid point ``i`` for the rows of ``x``.
 
         With ``grad`` the value is differentiated in chunks of ``grad_batch`` rows: through the model,
         the decoder and the reward (``through = "network"``), or, for the posterior-mean value, through
         the Tweedie estimate with the network output held constant (``"tweedie"``: no graph through the
-        network, see :meth:`~tsf.samplers.value.PosteriorMeanValue.tweedie_gradient`).
+        network, see :meth:`~tsf.samplers.value.PosteriorMeanValue.tweedie_gradient`). With ``kernel``, a value
+        that calls the model returns the kernel at grid point ``i`` in place of the model output (for
+        :meth:`transition`: the Tweedie estimate is then computed once for both).
         """
+        extra = {"kernel": True} if kernel and value_fn.calls_model else {}
         if not grad:
             with torch.no_grad():
-                return chunked(lambda xs, cs, ks: (*value_fn(model, reward, xs, i, cs, ks, alpha), None),
+                return chunked(lambda xs, cs, ks: (*value_fn(model, reward, xs, i, cs, ks, alpha, **extra), None),
                                self.max_batch, x, c, conditions, min_rows=model.min_rows)
         if through == "tweedie":
-            return chunked(lambda xs, cs, ks: value_fn.tweedie_gradient(model, reward, xs, i, cs, ks),
+            return chunked(lambda xs, cs, ks: value_fn.tweedie_gradient(model, reward, xs, i, cs, ks, **extra),
                            grad_batch or self.max_batch, x, c, conditions, min_rows=model.min_rows)
 
         def with_grad(xs, cs, ks):
             with torch.enable_grad():
                 xs = xs.detach().requires_grad_(True)
-                v, out = value_fn(model, reward, xs, i, cs, ks, alpha)
+                v, out = value_fn(model, reward, xs, i, cs, ks, alpha, **extra)
                 (g,) = torch.autograd.grad(v.sum(), xs, allow_unused=True)
             g = torch.zeros_like(xs) if g is None else g
             return v.detach(), None if out is None else out.detach(), g.detach()

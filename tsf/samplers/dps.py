@@ -48,8 +48,8 @@ class DPS(Sampler):
         require_differentiable(reward, "DPS")
         x = model.prior(noise.randn(1, model.sample_shape))
         for i in range(model.num_steps):
-            _, out, g = self.value(model, reward, self.value_fn, x, i, c, list(conditions), 1.0,
-                                   grad=True, grad_batch=self.grad_batch, through=self.gradient_through)
+            _, out, g = self.value(model, reward, self.value_fn, x, i, c, list(conditions), 1.0, grad=True,
+                                   grad_batch=self.grad_batch, through=self.gradient_through, kernel=True)
             tr = self.transition(model, x, i, c, out)
             x = tr.sample(noise.randn(1, model.sample_shape)) + self.guidance_scale * g
         return x.detach()

@@ -112,17 +112,18 @@ class RBF(Sampler):
             if last:
                 last_nfe = int(rem.sum()) / B
             done = torch.zeros(B * N, dtype=torch.bool)
-            best_v = torch.full((B * N,), -math.inf, dtype=torch.float64, device=v.device)
-            best_x, best_out = x.clone(), out.clone()
-            new_x, new_out = x.clone(), out.clone()
+            # the step's children in draw order (all rounds), and per chain the one it moves to: the accepted
+            # child, else the first best one (indices into the step's children: no copies of the states per round)
+            kids, kid_outs, drawn = [], [], 0
+            choice = torch.zeros(B * N, dtype=torch.long, device=x.device)
+            best_v = torch.full((B * N,), -math.inf, dtype=torch.float64, device=x.device)
             while True:
                 active = (~done) & (rem > 0)
                 if not active.any():
                     break
                 # children per chain this round (the last step draws all it has left at once: no early accept)
                 take = torch.where(active, rem if last else rem.clamp(max=self.proposal_batch), 0)
-                per_sample = take.view(B, N).sum(1).tolist()
-                z = noise.for_kernel_counts(model, per_sample)
+                z = noise.for_kernel_counts(model, take.view(B, N).sum(1).tolist())
                 chain = torch.repeat_interleave(torch.arange(B * N), take)  # chain of each child, in draw order
                 chain_d = chain.to(x.device)
                 children = tr.sample_rows(chain_d, z)
@@ -137,25 +138,26 @@ class RBF(Sampler):
                     beats = v > r_star[chain_d]
                     first = unset.scatter_reduce(0, chain_d[beats], idx[beats], "amin")
                     hit = first < none
-                    a = first[hit]
-                    new_x[hit], new_out[hit], r_star[hit] = children[a], out_c[a], v[a]
+                    choice[hit] = drawn + first[hit]
+                    r_star[hit] = v[first[hit]]
                     done |= hit.cpu()
-                # per chain, the first best child so far
+                # per chain, the first best child so far (an earlier round's wins a tie)
                 top_v = torch.full_like(best_v, -math.inf).scatter_reduce(0, chain_d, v, "amax")
                 top = v == top_v[chain_d]
-                b = unset.scatter_reduce(0, chain_d[top], idx[top], "amin")
-                up = (b < none) & (top_v > best_v)
-                b = b[up]
-                best_v[up], best_x[up], best_out[up] = v[b], children[b], out_c[b]
+                first_top = unset.scatter_reduce(0, chain_d[top], idx[top], "amin")
+                up = (first_top < none) & (top_v > best_v) & ~done.to(x.device)
+                choice[up], best_v[up] = drawn + first_top[up], top_v[up]
+                kids.append(children)
+                kid_outs.append(out_c)
+                drawn += none
             accepted_steps += int(done.sum())
             if bool((~done & torch.isinf(best_v).cpu()).any()):  # a chain drew children and none was finite
                 raise NonFiniteRewardError(f"every child of a chain has a non-finite value at grid point {i + 1} of {T} "
                                            f"(reward {reward.name!r}); check the reward on these samples")
             # chains that accepted nothing take the best child (the SVDD rule): r* stays, the quota resets
-            fallback = ~done
-            new_x[fallback], new_out[fallback] = best_x[fallback], best_out[fallback]
+            x = (kids[0] if len(kids) == 1 else torch.cat(kids))[choice]
+            out = (kid_outs[0] if len(kid_outs) == 1 else torch.cat(kid_outs))[choice]
             carry = torch.where(done, rem, torch.zeros_like(rem))
-            x, out = new_x, new_out
 
         # x: the kept child at grid point T - 1 (best_v its value), out: its model output
         if self.finish == "tweedie":

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from tsf.errors import ConfigError
+from tsf.models.base import Transition
 from tsf.rewards.base import require_differentiable
 from tsf.samplers.base import Sampler, check_gradient_through
 from tsf.samplers.value import ValueFunction, build_value
@@ -88,7 +89,7 @@ RESAMPLERS = ("systematic", "multinomial", "stratified", "residual")
 def draw_categorical(logits: Tensor, u: Tensor) -> Tensor:
     """One index per row of ``logits [B, K]`` drawn from ``softmax(logits)`` by inverse CDF at ``u [B]``."""
     cdf = torch.softmax(logits.double(), dim=1).cumsum(1)
-    return torch.searchsorted(cdf, u.double().reshape(-1, 1), right=True).clamp(max=logits.shape[1] - 1)[:, 0]
+    return torch.searchsorted(cdf, u.double().reshape(-1, 1).contiguous(), right=True).clamp(max=logits.shape[1] - 1)[:, 0]
 
 
 def tempering_schedule(num_steps: int, tempering: str, gamma: float, fraction: float) -> list[float]:
@@ -249,8 +250,9 @@ class SMC(Sampler):
 
         def evaluate(x, i, with_grad):
             if i < T:
+                # (the kernel at grid point i comes back with the value: its Tweedie estimate is computed once)
                 v, out, g = self.value(model, reward, self.value_fn, x, i, c, conds, alpha, grad=with_grad,
-                                       grad_batch=self.grad_batch, through=self.gradient_through)
+                                       grad_batch=self.grad_batch, through=self.gradient_through, kernel=True)
             else:  # the particles are candidate x0: the reward itself (an image model's images are kept)
                 v, images = self.final_value(model, reward, x, conds, lambda: self.value(
                     model, reward, self.value_fn, x, i, c, conds, alpha)[0])
@@ -273,16 +275,19 @@ class SMC(Sampler):
         log_z = torch.zeros(B, dtype=torch.float64, device=dev)
         log_z, logw = self._normalise(log_z, logw)
         ess_trace, resampled = [], []
+        # the resampling uniforms of every step, read from each sample's stream in one call
+        uniforms = noise.rand(K * (T - 1), dtype=torch.float64).view(B, max(T - 1, 0), K)
 
         for i in range(T):
             tr = self.transition(model, x, i, c, out)
             z = noise.for_kernel(model, K)
             if g is not None and not tr.deterministic:
                 # q = N(mu + delta, s^2 I), delta = s^2 grad psi_{i+1}; with x_new = mu + delta + s z,
-                # log p(x_new) - log q(x_new) = -|delta / s|^2 / 2 - (delta / s) . z  (exact, no cancellation)
-                d_over_s = (tr.std * (lam[i + 1] / alpha) * g).double()
-                x_new = tr.mean + tr.std * (z + d_over_s.to(z.dtype))
-                log_ratio = (-0.5 * d_over_s.square() - d_over_s * z.double()).flatten(1).sum(1).view(B, K)
+                # log p(x_new) - log q(x_new) = -(delta / s) . (delta / (2 s) + z)  (exact, no cancellation;
+                # per element in the states' dtype, summed in float64)
+                d_over_s = tr.std * (lam[i + 1] / alpha) * g
+                x_new = tr.mean + tr.std * (z + d_over_s)
+                log_ratio = -(d_over_s * (0.5 * d_over_s + z)).flatten(1).sum(1, dtype=torch.float64).view(B, K)
             else:
                 x_new = tr.sample(z)
                 log_ratio = None
@@ -327,13 +332,12 @@ class SMC(Sampler):
                     do = torch.full((B,), i in schedule, device=dev)
                 else:
                     do = ess < self.ess_threshold * K
-                u = noise.rand(K, dtype=torch.float64)
                 if do.any():
-                    idx = resample(logw, u, self.resampler)
+                    idx = resample(logw, uniforms[:, i], self.resampler)
                     idx = torch.where(do[:, None], idx, identity)
                     flat = (idx + offsets).reshape(-1)
                     x_new = x_new[flat]
-                    out = None if out is None else out[flat]
+                    out = None if out is None else out.index(flat) if isinstance(out, Transition) else out[flat]
                     g = None if g is None else g[flat]
                     v, log_g, stat, dead = (t.gather(1, idx) for t in (v, log_g, stat, dead))
                     logw = torch.where(do[:, None], torch.full_like(logw, -math.log(K)), logw)

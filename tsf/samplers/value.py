@@ -27,13 +27,19 @@ from tsf.rewards.base import Reward
 
 
 class ValueFunction(LazyLoadModule):
-    """``v(x_i)`` at grid point ``i`` for rows ``x``; returns ``(v [N], model output or None)``."""
+    """``v(x_i)`` at grid point ``i`` for rows ``x``; returns ``(v [N], model output or None)``.
+
+    A value that calls the base model (:attr:`calls_model`) returns that call's output, which a sampler hands
+    back to :meth:`~tsf.models.base.BaseModel.transition`; with ``kernel=True`` it returns the kernel at grid
+    point ``i`` itself (a :class:`~tsf.models.base.Transition`, built from the same output and the same Tweedie
+    estimate the value scored), for a sampler that moves every valued row on (SMC), so that the estimate is
+    computed once per step."""
 
     #: whether computing the value calls the base model (and returns its output)
     calls_model: bool = False
 
     def forward(self, model: BaseModel, reward: Reward, x: Tensor, i: int, c: Tensor, conditions: list,
-                alpha: float) -> tuple[Tensor, Optional[Tensor]]:  # pragma: no cover - abstract
+                alpha: float, kernel: bool = False) -> tuple[Tensor, Optional[Tensor]]:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -55,23 +61,30 @@ class PosteriorMeanValue(ValueFunction):
 
     calls_model = True
 
-    def forward(self, model, reward, x, i, c, conditions, alpha):
+    def forward(self, model, reward, x, i, c, conditions, alpha, kernel=False):
         if i == model.num_steps:
             return reward(model.decode(x), conditions), None
+        if kernel:
+            tr = model.transition(x, i, c)
+            return reward(model.decode(tr.x0_hat), conditions), tr
         out = model(x, i, c)
         return reward(model.decode(model.x0_hat(x, i, out)), conditions), out
 
-    def tweedie_gradient(self, model, reward, x, i, c, conditions) -> tuple[Tensor, Tensor, Tensor]:
+    def tweedie_gradient(self, model, reward, x, i, c, conditions, kernel=False) -> tuple[Tensor, Tensor, Tensor]:
         """``(v, model output, g)`` at grid point ``i < T`` with the gradient taken through the Tweedie estimate
         alone, the network's output held constant: ``g = J grad_{x0} r(decode(x0))`` at ``x0 = x0_hat(x)``, with
         ``J = model.tweedie_jacobian(i)`` (``1 / sqrt(abar)`` for eps prediction). The network runs without a
         graph; only the decoder and the reward are differentiated (docs/algorithms.md, section 4). Where ``J``
         exceeds :data:`TWEEDIE_MAX_JACOBIAN` (an eps model near zero signal-to-noise) ``g`` is 0 and the reward
-        is called without a graph."""
+        is called without a graph. With ``kernel`` the second item is the kernel at grid point ``i``."""
         J = model.tweedie_jacobian(i)
         with torch.no_grad():
-            out = model(x, i, c)
-            x0 = model.x0_hat(x, i, out)
+            if kernel:
+                out = model.transition(x, i, c)
+                x0 = out.x0_hat
+            else:
+                out = model(x, i, c)
+                x0 = model.x0_hat(x, i, out)
             if not abs(J) <= TWEEDIE_MAX_JACOBIAN:  # (also inf or nan: abar = 0)
                 return reward(model.decode(x0), conditions), out, torch.zeros_like(x0)
         with torch.enable_grad():
@@ -79,14 +92,14 @@ class PosteriorMeanValue(ValueFunction):
             v = reward(model.decode(x0), conditions)
             (g,) = torch.autograd.grad(v.sum(), x0, allow_unused=True)
         g = torch.zeros_like(x0) if g is None else g
-        return v.detach(), out, (g * model.tweedie_jacobian(i)).detach()
+        return v.detach(), out, (g * J).detach()
 
 
 @VALUES.register("exact")
 class ExactValue(ValueFunction):
     """The model's closed-form soft value (``model.exact_value``), e.g. the Gaussian mixture's."""
 
-    def forward(self, model, reward, x, i, c, conditions, alpha):
+    def forward(self, model, reward, x, i, c, conditions, alpha, kernel=False):
         if not hasattr(model, "exact_value"):
             raise ConfigError(f"value: exact needs a model with a closed-form value; {type(model).__name__} has none")
         if i == model.num_steps:
@@ -144,7 +157,7 @@ class LearnedValue(ValueFunction):
         device = next(self.net.parameters()).device
         load_network(self.checkpoint, self.net).to(device)
 
-    def forward(self, model, reward, x, i, c, conditions, alpha):
+    def forward(self, model, reward, x, i, c, conditions, alpha, kernel=False):
         if i == model.num_steps:
             return reward(model.decode(x), conditions), None
         self.load()
