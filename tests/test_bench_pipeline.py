@@ -38,7 +38,7 @@ def test_pipeline_counts_the_work_of_tsf_and_diffusers(tmp_path, capsys):
     assert saved == json.loads(json.dumps(out))
     assert saved["benchmark"] == "pipeline" and {"cpu", "torch_threads", "device"} <= set(saved["machine"])
     assert saved["settings"]["steps"] == STEPS and saved["settings"]["prompts"] == PROMPTS
-    assert saved["reward_class"].endswith("TinyReward") and saved["sampler_repr"].startswith("BaseSampler")
+    assert saved["reward_class"].endswith("TinyReward") and saved["sampler_repr"][0].startswith("BaseSampler")
     rows = {r["implementation"]: r for r in saved["rows"]}
     assert list(rows) == ["tsf", "diffusers"]
     for name, r in rows.items():
@@ -59,6 +59,28 @@ def test_pipeline_counts_the_work_of_tsf_and_diffusers(tmp_path, capsys):
     assert saved["ratio_tsf_to_diffusers"] == rows["tsf"]["seconds_per_image"] / rows["diffusers"]["seconds_per_image"]
     table = capsys.readouterr().out
     assert "| tsf |" in table and "| diffusers |" in table and "machine:" in table and "tsf / diffusers" in table
+
+
+def test_pipeline_times_several_sampler_variants_on_the_same_seeds(tmp_path, capsys):
+    """DAS with the gradient through the network and through the Tweedie estimate, side by side: the same
+    UNet rows, graphs through the UNet only for the first, rewards paired on the same seeds."""
+    pretrained = tiny_pipeline("sd15", tmp_path / "sd15")
+    out = run(["pipeline", "--pretrained", str(pretrained), "--reward", f"{__name__}.TinyReward",
+               "--sampler", "configs/sd15/das.yaml", "--sampler_args", '{"num_particles": 2}',
+               "--sampler_args", '{"num_particles": 2, "gradient_through": "tweedie"}', "--prompts", PROMPTS[0],
+               "--steps", str(STEPS), "--runs", "2", "--warmup", "0", "--device", "cpu"])
+    network, tweedie = out["rows"]
+    assert network["implementation"] == 'tsf {"num_particles":2}'
+    assert tweedie["implementation"] == 'tsf {"num_particles":2,"gradient_through":"tweedie"}'
+    for r in (network, tweedie):
+        assert r["counts_per_image"]["unet_rows"] == 2 * 2 * STEPS  # K = 2 particles, guided: two rows each
+    # the gradient goes through the UNet (two guided rows per particle evaluation) for the network variant, through
+    # the VAE and the reward alone for the Tweedie one
+    assert network["counts_per_image"]["unet_grad_rows"] == 2 * network["compute_per_image"]["nfe_grad"] > 0
+    assert tweedie["counts_per_image"]["unet_grad_rows"] == 0 and tweedie["compute_per_image"]["nfe_grad"] == 0
+    assert tweedie["ratio_to_first"] == tweedie["seconds_per_image"] / network["seconds_per_image"]
+    assert math.isfinite(tweedie["paired_reward_diff"]) and tweedie["paired_reward_diff_se"] is not None
+    assert "reward difference on the same seeds" in capsys.readouterr().out
 
 
 def test_pipeline_sampler_from_a_config_or_a_class_path():

@@ -9,8 +9,13 @@ from kernel_cases import FIXTURE, cases, run
 @pytest.mark.parametrize("name", sorted(cases()))
 def test_gaussian_samples_are_those_of_the_gaussian_arithmetic_in_the_samplers(name):
     # the fixture was written before the samplers drew through Transition.sample / children (commit d389188); on
-    # that machine the samples are bit for bit equal, and the tolerance only admits another CPU's BLAS rounding
-    torch.testing.assert_close(run(name), torch.load(FIXTURE)[name], rtol=1e-5, atol=1e-5)
+    # that machine the samples are bit for bit equal, and the tolerance only admits another CPU's BLAS rounding: 3e-6
+    # on the derivative-free samplers, which a gradient sampler amplifies (its step s^2 grad psi carries the rounding
+    # of a backward pass, times the Tweedie Jacobian, up to 34 on the digits grid, over 50 steps): measured 2e-5
+    # (DAS, DPS) and 5e-4 (DAS through the Tweedie estimate) on an AMD EPYC; a changed step moves samples by O(0.1)
+    gradient = any(k in name for k in ("das", "dps", "tds"))
+    tol = 2e-3 if gradient else 1e-5
+    torch.testing.assert_close(run(name), torch.load(FIXTURE)[name], rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------- the discrete testbed
@@ -89,8 +94,12 @@ def test_smc_with_the_exact_value_samples_the_tilted_target():
     assert out.x0.dtype == torch.long and tuple(out.x0.shape) == (N, 4)
     assert z_scores(marginals(out.x0), m.tilted_marginals(r, alpha), N).max() < 3
     assert z_scores(pair(out.x0), m.tilted_pair(r, alpha, 0, 2).reshape(-1), N).max() < 3
-    log_z = out.diagnostics["log_z"].double()
-    assert abs(log_z.mean() - m.log_normalizer(r, alpha)) < 3 * log_z.std() / N**0.5
+    # the estimate is unbiased in Z, not in log Z (E log Z-hat < log Z by Jensen, here by var / 2 = 0.006, 2.4 SE):
+    # the mean of Z-hat / Z is 1. Z-hat is skewed to the right (a sample mean of it falls short more often than
+    # not, with its SE underestimated), hence 4 SE; a broken estimate (the first twist left out of the weights,
+    # a proposal not corrected for) is off by far more than that (0.0098 in log Z here)
+    ratio = (out.diagnostics["log_z"].double() - m.log_normalizer(r, alpha)).exp()
+    assert abs(ratio.mean() - 1) < 4 * ratio.std() / N**0.5
     assert out.compute["nfe"] == 64 * 8 * N
 
 

@@ -115,6 +115,7 @@ CONFIGS = {
     "tds": ("TDS", "configs/digits/tds.yaml"),
     "fk": ("FK", "configs/digits/fk.yaml"),
     "das": ("DAS", "configs/digits/das.yaml"),
+    "das_tweedie": ("DAS, gradient through Tweedie", "configs/digits/das_tweedie.yaml"),
     "dps": ("DPS", "configs/digits/dps.yaml"),
     "rbf_linear": ("RBF (Linear-SDE)", "configs/digits_flow/rbf_linear.yaml"),
 }
@@ -764,21 +765,26 @@ def pipeline(args) -> dict:
     progress(machine_line(info))
     prompts, n = list(args.prompts), len(args.prompts)
     reward_args = _json_args(args.reward_args, "--reward_args")
-    sampler_args = _json_args(args.sampler_args, "--sampler_args")
+    variants = [_json_args(a, "--sampler_args") for a in (args.sampler_args or ["{}"])]
 
     progress(f"tsf: loading {args.pretrained}")
     model = StableDiffusion(pretrained=args.pretrained, num_steps=args.steps, eta=args.eta,
                             guidance_scale=args.guidance, dtype=args.dtype).load().to(device)
     reward = pipeline_reward(args.reward, reward_args).load().to(device)
-    sampler = pipeline_sampler(args.sampler, sampler_args)
-    progress(f"tsf: {sampler!r}, reward {type(reward).__name__}")
+    samplers = [pipeline_sampler(args.sampler, a) for a in variants]
+    for sampler in samplers:
+        progress(f"tsf: {sampler!r}, reward {type(reward).__name__}")
 
-    def tsf_call(ids):
-        out = sampler.sample(model, reward, prompts, ids, seed=args.seed)
-        return out.images, out.rewards, out.compute
+    def tsf_call(sampler):
+        def call(ids):
+            out = sampler.sample(model, reward, prompts, ids, seed=args.seed)
+            return out.images, out.rewards, out.compute
+        return call
 
-    impls = [Implementation("tsf", tsf_call, WorkCounter(find_unet(model.net), model.vae, reward),
-                            rss_after_load_mb=_proc_status_mb("VmRSS"))]
+    # several --sampler_args: one tsf implementation each, on the same seeds (their rewards are paired)
+    names = ["tsf"] if len(variants) == 1 else [f"tsf {json.dumps(a, separators=(',', ':'))}" for a in variants]
+    impls = [Implementation(name, tsf_call(sampler), WorkCounter(find_unet(model.net), model.vae, reward),
+                            rss_after_load_mb=_proc_status_mb("VmRSS")) for name, sampler in zip(names, samplers)]
     if args.diffusers:
         import diffusers
 
@@ -819,12 +825,18 @@ def pipeline(args) -> dict:
         progress(f"  run {r + 1}/{args.runs}: " + ", ".join(f"{i.name} {i.times[-1]:.3f} s/image" for i in impls))
     rows = [pipeline_row(impl, n, args.runs) for impl in impls]
     by_name = {row["implementation"]: row for row in rows}
-    ratio = (by_name["tsf"]["seconds_per_image"] / by_name["diffusers"]["seconds_per_image"]
+    ratio = (by_name[names[0]]["seconds_per_image"] / by_name["diffusers"]["seconds_per_image"]
              if "diffusers" in by_name else None)
+    first = rows[0]
+    for row, impl in zip(rows[1:len(names)], impls[1:len(names)]):  # against the first tsf variant, same seeds
+        row["ratio_to_first"] = row["seconds_per_image"] / first["seconds_per_image"]
+        diffs = [a - b for a, b in zip(impl.rewards, impls[0].rewards)]
+        row["paired_reward_diff"] = statistics.fmean(diffs)
+        row["paired_reward_diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
 
     print(f"\nPipeline: {args.pretrained}, T = {args.steps}, eta = {args.eta}, guidance {args.guidance}, "
-          f"{args.dtype}, {n} prompts, {args.runs} runs after {args.warmup} warm-up; tsf: {sampler!r}, "
-          f"reward {type(reward).__name__}")
+          f"{args.dtype}, {n} prompts, {args.runs} runs after {args.warmup} warm-up; tsf: "
+          f"{'; '.join(repr(s) for s in samplers)}, reward {type(reward).__name__}")
     print(machine_line(info))
     print("\n| implementation | s/image (median, min-max) | UNet calls (rows) / image | UNet grad rows / image | "
           "VAE decode rows / image | reward rows / image | peak RSS MB | reward mean |")
@@ -835,8 +847,14 @@ def pipeline(args) -> dict:
               f"{row['seconds_per_image_max']:.4g}) | {c['unet_calls']:.4g} ({c['unet_rows']:.4g}) | "
               f"{c['unet_grad_rows']:.4g} | {c['decode_rows']:.4g} | {c['reward_rows']:.4g} | "
               f"{_num(row['peak_rss_mb'], '.0f')} | {_num(row['reward_mean'])} |")
-    compute = by_name["tsf"]["compute_per_image"] or {}
-    print("\ntsf's own compute counters, per image: " + ", ".join(f"{k} {v:.4g}" for k, v in compute.items()))
+    for row in rows[:len(names)]:
+        compute = row["compute_per_image"] or {}
+        print(f"\n{row['implementation']}: own compute counters, per image: "
+              + ", ".join(f"{k} {v:.4g}" for k, v in compute.items()))
+    for row in rows[1:len(names)]:
+        se = row["paired_reward_diff_se"]
+        print(f"{row['implementation']} / {names[0]}: time {row['ratio_to_first']:.3f}, reward difference on the same "
+              f"seeds {row['paired_reward_diff']:+.4g}" + ("" if se is None else f" ± {se:.2g} (SE)"))
     if device.startswith("cuda"):
         print("peak CUDA memory MB: " + ", ".join(f"{r['implementation']} {_num(r['peak_cuda_mb'], '.0f')}"
                                                  for r in rows))
@@ -844,11 +862,11 @@ def pipeline(args) -> dict:
         print(f"\ntsf / diffusers time per image: {ratio:.3f}")
     return {"benchmark": "pipeline", "machine": info,
             "settings": {"pretrained": args.pretrained, "reward": args.reward, "reward_args": reward_args,
-                         "sampler": args.sampler, "sampler_args": sampler_args, "prompts": prompts,
+                         "sampler": args.sampler, "sampler_args": variants, "prompts": prompts,
                          "steps": args.steps, "eta": args.eta, "guidance": args.guidance, "dtype": args.dtype,
                          "runs": args.runs, "warmup": args.warmup, "seed": args.seed, "threads": args.threads,
                          "diffusers": args.diffusers, "device": device},
-            "sampler_repr": repr(sampler), "reward_class": f"{type(reward).__module__}.{type(reward).__qualname__}",
+            "sampler_repr": [repr(s) for s in samplers], "reward_class": f"{type(reward).__module__}.{type(reward).__qualname__}",
             "rows": rows, "ratio_tsf_to_diffusers": ratio}
 
 
@@ -903,7 +921,9 @@ def run(argv=None) -> dict:
     q.add_argument("--sampler", default="tsf.samplers.BaseSampler",
                    help="a YAML config (its model.init_args.sampler), a class_path (tsf.samplers.SMC) or a "
                         "registered sampler name (default: tsf.samplers.BaseSampler)")
-    q.add_argument("--sampler_args", default="{}", help="the sampler's init args, JSON (over the config's)")
+    q.add_argument("--sampler_args", action="append", default=None,
+                   help="the sampler's init args, JSON (over the config's); give it several times to time several "
+                        "variants side by side on the same seeds (e.g. gradient_through network and tweedie)")
     q.add_argument("--prompts", nargs="+", default=list(PIPELINE_PROMPTS), help="one image per prompt per run")
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--eta", type=float, default=1.0)
