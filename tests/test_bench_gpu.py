@@ -58,6 +58,9 @@ def test_the_rows_are_what_each_method_needs(bench):
         assert gb1["unet_rows"] == gb4["unet_rows"] == 4 * base, family  # grad_batch chunks the rows, never adds any
         assert gb1["unet_grad_rows"] == gb4["unet_grad_rows"] > 0, family
         assert gb1["reward_grad_rows"] == gb4["reward_grad_rows"] > 0, family
+        tw = rows["das_4_tweedie"]  # the same rows and reward gradients, none of them a backward through the network
+        assert tw["unet_rows"] == gb4["unet_rows"] and tw["unet_grad_rows"] == 0, family
+        assert tw["reward_grad_rows"] == gb4["reward_grad_rows"], family
         # DRaFT-1: one trajectory, the graph built by the last step only (truncation 1)
         assert rows["draft_1"]["unet_rows"] == base and rows["draft_1"]["unet_grad_rows"] == g, family
         assert rows["draft_1"]["reward_grad_rows"] == 1, family

@@ -24,11 +24,17 @@
   the same process, alternating which goes first. The work really done is counted by hooks of its
   own (UNet forwards and their rows, CFG doubling included, and the rows that built a graph; VAE
   decode rows; reward rows), beside tsf's own ``SampleBatch.compute``; peak RSS of the timed runs
-  (``VmHWM``, reset through ``/proc/self/clear_refs``) and the mean reward of the images.
+  (``VmHWM``, reset through ``/proc/self/clear_refs``) and the mean reward of the images. ``--sampler_args``
+  given several times times several variants of the sampler side by side on the same seeds (their rewards are
+  paired: e.g. DAS with ``gradient_through`` network and tweedie).
 
 * ``tsf bench gpu`` (``bench_gpu.py``): seconds per image, peak CUDA memory and UNet / transformer rows of
   SD 1.5, SDXL, SD3 and FLUX at their real sizes with random weights, for the base sampler, Best-of-4,
-  SVDD-PM, DAS and a DRaFT step (``--tiny``: tiny shapes, on a CPU).
+  SVDD-PM, DAS (through the network and through the Tweedie estimate) and a DRaFT step (``--tiny``: tiny shapes,
+  on a CPU).
+* ``tsf bench flops`` (``bench_flops.py``): FLOPs per row of SD 1.5's and SDXL's UNet, VAE decoder and aesthetic
+  reward, counted on the meta device, and the cost per particle-step of a gradient proposal through the network
+  and through the Tweedie estimate.
 
 Each prints a markdown table and the machine it ran on, and writes JSON with ``--json PATH``.
 """
@@ -946,9 +952,17 @@ def run(argv=None) -> dict:
     bench_gpu.add_arguments(g)
     common(g)
 
+    from tsf.commands import bench_flops
+
+    f = sub.add_parser("flops", help="FLOPs per row of SD 1.5 / SDXL's UNet, VAE and reward, counted on the meta "
+                                     "device, and a gradient proposal's cost per particle-step through the network "
+                                     "and through the Tweedie estimate")
+    bench_flops.add_arguments(f)
+    common(f)
+
     args = p.parse_args(argv)
     result = {"overhead": overhead, "throughput": throughput, "memory": memory, "pipeline": pipeline,
-              "gpu": bench_gpu.gpu}[args.what](args)
+              "gpu": bench_gpu.gpu, "flops": bench_flops.flops}[args.what](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -289,6 +289,8 @@ SETTINGS = (
     Setting("svdd_pm_4", "SVDD-PM, M = 4", "svdd", "svdd", {"num_particles": 4}),
     Setting("das_4_gb1", "DAS, K = 4, grad_batch 1", "das", "das", {"num_particles": 4, "grad_batch": 1}),
     Setting("das_4_gb4", "DAS, K = 4, grad_batch 4", "das", "das", {"num_particles": 4, "grad_batch": 4}),
+    Setting("das_4_tweedie", "DAS, K = 4, grad_batch 4, gradient through Tweedie", "das", "das",
+            {"num_particles": 4, "grad_batch": 4, "gradient_through": "tweedie"}),
     Setting("draft_1", "DRaFT-1, one LoRA step", "draft", "draft", {}),  # last: it puts LoRA on the denoiser
 )
 
