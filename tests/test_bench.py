@@ -13,7 +13,7 @@ COUNTED = ("nfe", "nfe_grad", "reward_calls", "reward_grad_calls")
 def test_overhead_replays_the_counted_calls_of_every_sampler(tmp_path, capsys):
     path = tmp_path / "overhead.json"
     run(["overhead", "--samples", "3", "--k", "2", "--steps", "3", "--repeats", "1", "--min_seconds", "0",
-         "--device", "cpu", "--json", str(path)])
+         "--device", "cpu", "--stub", "--json", str(path)])
     out = json.loads(path.read_text())
     assert out["benchmark"] == "overhead" and out["settings"]["K"] == 2
     assert {"cpu", "cpu_cores", "torch_threads", "device"} <= set(out["machine"])
@@ -28,8 +28,10 @@ def test_overhead_replays_the_counted_calls_of_every_sampler(tmp_path, capsys):
         assert r["compute"]["nfe"] > 0 and r["compute"]["reward_calls"] > 0, name
         assert r["recorded_calls"]["model"] > 0 and r["recorded_calls"]["reward"] > 0, name
         assert len(r["sampler_times"]) == len(r["replay_times"]) == 1
-        for key in ("sampler_seconds", "replay_seconds", "ratio"):
+        for key in ("sampler_seconds", "replay_seconds", "ratio", "ratio_of_medians", "stub_seconds"):
             assert math.isfinite(r[key]) and r[key] > 0, (name, key)
+        assert r["ratio"] == r["paired_ratios"][0] == r["sampler_times"][0] / r["replay_times"][0], name
+        assert r["direct_ratio"] == 1 + r["stub_seconds"] / r["replay_seconds"], name
     rows = {r["key"]: r for r in out["rows"]}
     # gradient samplers replay forward + backward for every counted gradient row; the others none
     # (DAS takes no gradient before the last DDIM step, which has no noise)

@@ -9,7 +9,10 @@
   output -> reward -> ``autograd.grad`` to the network's input, as the sampler does). Everything
   else the sampler does (kernel algebra, per-sample noise, weights, resampling, chunking, hooks,
   decoding the outputs) is the overhead. Warm-up first, then ``--repeats`` alternating
-  measurements of each, medians, their ratio.
+  measurements of each, back to back; the ratio is the median of the repeats' paired ratios (which a drift of
+  the machine's speed between repeats leaves alone), beside the ratio of the two medians. ``--stub`` also times
+  each sampler with near-free stand-ins for its networks and reward (the mean of each row's input, broadcast to
+  the recorded output shape): its overhead alone, ``1 + that / the bare calls`` beside the ratio.
 * ``tsf bench throughput``: output samples per second against K (at the configs' batch size) and
   against the batch size (outputs per ``sampler.sample`` call, the data module's ``batch_size``).
 * ``tsf bench memory``: peak memory of the gradient samplers (DAS) against K at a fixed
@@ -250,6 +253,7 @@ class CallRecorder:
     def __init__(self, modules: dict) -> None:
         self.modules = {k: m for k, m in modules.items() if m is not None}
         self.calls: list[Call] = []
+        self.output_shapes: dict[str, tuple] = {}  # per kind: an output's shape after the batch dimension
 
     def _hook(self, kind: str) -> Callable:
         import torch
@@ -260,6 +264,8 @@ class CallRecorder:
             args = tuple(args) + tuple(kwargs.values())
             grad = torch.is_tensor(output) and output.requires_grad
             self.calls.append(Call(kind, tuple(_copy(a) for a in args), grad, _PADDING.get()))
+            if torch.is_tensor(output):
+                self.output_shapes[kind] = tuple(output.shape[1:])
 
         return hook
 
@@ -270,6 +276,30 @@ class CallRecorder:
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def stubbed(modules: dict, output_shapes: dict):
+    """Every recorded module's forward replaced by a near-free stand-in of the same output shape: the mean of its
+    first input per row, broadcast (differentiable, so that gradient samplers run as they do). What a sampler then
+    spends is its overhead alone (its behaviour changes with the stand-in values: resampling, RBF's acceptances)."""
+    import torch
+
+    def stand_in(trail: tuple) -> Callable:
+        def forward(x, *args, **kwargs):
+            y = (x if x.is_floating_point() else x.float()).flatten(1).mean(1)
+            return y.view(-1, *([1] * len(trail))).expand(-1, *trail).contiguous()
+        return forward
+
+    patched = [m for k, m in modules.items() if m is not None and k in output_shapes]
+    for k, m in modules.items():
+        if m is not None and k in output_shapes:
+            m.forward = stand_in(output_shapes[k])
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
 
 
 def network_modules(s: Setup) -> dict:
@@ -345,7 +375,7 @@ def timed(fn: Callable[[], Any], calls: int, device: str) -> float:
 
 
 # ----------------------------------------------------------------------------- overhead
-def overhead_one(s: Setup, n: int, repeats: int, min_seconds: float, device: str) -> dict:
+def overhead_one(s: Setup, n: int, repeats: int, min_seconds: float, device: str, stub: bool = False) -> dict:
     modules = network_modules(s)
     with CallRecorder(modules) as rec:
         out = run_sampler(s, n)  # also the first warm-up
@@ -362,15 +392,28 @@ def overhead_one(s: Setup, n: int, repeats: int, min_seconds: float, device: str
             dest.append(timed(fn, per, device))
         progress(f"  repeat {r + 1}/{repeats}: sampler {t_sampler[-1]:.3f} s, bare calls {t_replay[-1]:.3f} s")
     ms, mr = statistics.median(t_sampler), statistics.median(t_replay)
+    # each repeat's sampler and bare measurement ran back to back, so a drift of the machine's speed (seen here: the
+    # bare calls 30% apart between two invocations) moves both: the median of the paired ratios is the estimate
+    paired = [a / b for a, b in zip(t_sampler, t_replay)]
+    direct = {}
+    if stub:  # the overhead itself: the sampler with near-free stand-ins for its networks and reward
+        with stubbed(modules, rec.output_shapes):
+            run_sampler(s, n)
+            t_stub = [timed(lambda: run_sampler(s, n), 1, device) for _ in range(repeats)]
+        direct = {"stub_seconds": statistics.median(t_stub), "stub_times": t_stub,
+                  "direct_ratio": 1 + statistics.median(t_stub) / mr}
+        progress(f"  overhead alone (stand-ins for the networks): {direct['stub_seconds'] * 1e3:.1f} ms, "
+                 f"{direct['direct_ratio']:.3f} against the bare calls")
     return {
         "sampler": s.label, "key": s.key, "config": s.config, "model": type(s.model).__name__,
         "num_steps": s.model.num_steps, "sampler_repr": repr(s.sampler), "samples": n,
         "K": getattr(s.sampler, "num_particles", 1), "calls_per_measurement": per, "repeats": repeats,
-        "sampler_seconds": ms, "replay_seconds": mr, "ratio": ms / mr,
+        "sampler_seconds": ms, "replay_seconds": mr, "ratio": statistics.median(paired),
+        "ratio_of_medians": ms / mr, "paired_ratios": paired,
         "sampler_times": t_sampler, "replay_times": t_replay,
         "compute": compute, "replay_compute": replayed,
         "recorded_calls": {k: sum(c.kind == k for c in rec.calls) for k in ("model", "value", "reward")},
-        "notes": s.notes,
+        "notes": s.notes, **direct,
     }
 
 
@@ -403,20 +446,22 @@ def overhead(args) -> dict:
         progress(f"[{j + 1}/{len(args.samplers)}] {CONFIGS[key][0]}: {CONFIGS[key][1]}, K = {args.k}")
         s = setup(key, args.k, device, args.steps)
         n = args.samples or s.batch_size
-        row = overhead_one(s, n, args.repeats, args.min_seconds, device)
+        row = overhead_one(s, n, args.repeats, args.min_seconds, device, stub=args.stub)
         progress(f"  ratio {row['ratio']:.3f}")
         rows.append(row)
     print(f"\nFramework overhead, K = {args.k}: wall time of the sampler / the same model and reward calls done bare")
     print(machine_line(info) + f", allocator: {info['allocator']}")
+    extra = " overhead alone s | 1 + overhead / bare |" if args.stub else ""
     print("\n| sampler | model, T | samples | NFE | NFE grad | reward calls | network calls | sampler s | "
-          "bare calls s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "bare calls s | ratio (paired median) | ratio of medians |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.stub else ""))
     for r in rows:
         c, calls = r["compute"], r["recorded_calls"]
         net = f"{calls['model']}" + (f" + {calls['value']} value" if calls["value"] else "")
+        direct = f" {r['stub_seconds']:.4f} | {r['direct_ratio']:.3f} |" if args.stub else ""
         print(f"| {r['sampler']} | {r['model']}, {r['num_steps']} | {r['samples']} | {c['nfe']:.0f} | "
               f"{c['nfe_grad']:.0f} | {c['reward_calls']:.0f} | {net} | {r['sampler_seconds']:.3f} | "
-              f"{r['replay_seconds']:.3f} | {r['ratio']:.3f} |")
+              f"{r['replay_seconds']:.3f} | {r['ratio']:.3f} | {r['ratio_of_medians']:.3f} |" + direct)
     for r in rows:
         for note in r["notes"]:
             print(f"\n{r['sampler']}: {note}")
@@ -893,6 +938,9 @@ def run(argv=None) -> dict:
                                                              "batch_size, 100)")
     o.add_argument("--steps", type=int, default=None, help="override the configs' num_steps")
     o.add_argument("--repeats", type=int, default=7, help="measurements of each (medians)")
+    o.add_argument("--stub", action="store_true",
+                   help="also time each sampler with near-free stand-ins for its networks and reward: its overhead "
+                        "alone, in seconds and against the bare calls (less noisy than the ratio of two timings)")
     o.add_argument("--default_allocator", "--default-allocator", action="store_true",
                    help="leave glibc's malloc thresholds as they are (default: keep freed memory for reuse, "
                         "which makes the timings repeatable)")
