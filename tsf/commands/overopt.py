@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tsf.commands.compare import main as compare
 from tsf.commands.compare import run_tsf
-from tsf.commands.figures import (Run, _cross_key, load_runs, method_colors, overoptimisation_panels, save_figure,
+from tsf.commands.figures import (Run, _cross_key, load_runs, method_styles, overoptimisation_panels, save_figure,
                                   style)
 
 
@@ -34,7 +34,7 @@ def overoptimisation_figure(curves: dict[str, list[dict]], points: dict[str, dic
 def save_overoptimisation(runs: list[Run], out: Path) -> list[Path]:
     """The over-optimisation panels of ``runs`` to ``out.png`` and ``out.pdf``."""
     with style():
-        return save_figure(overoptimisation_panels(runs, method_colors(r.label for r in runs)), out)
+        return save_figure(overoptimisation_panels(runs, method_styles(r.label for r in runs)), out)
 
 
 #: per domain: the samplers' config folder, the fine-tuning configs (configs/finetune/<name>.yaml), the default
