@@ -40,12 +40,12 @@ BASE = "base"  # the base model's run: black, a filled circle
 #: different colours and markers, and a method whose preference another method of the figure already holds
 #: gets the first free colour and marker (so every method of a figure keeps its own)
 PREFERRED = {
-    "best_of_n": (0, "o"), "ode_bon": (0, "o"), "sde_bon": (7, "s"), "svdd_pm": (1, "^"), "svdd_mc": (5, "v"),
-    "svdd_linear": (1, "^"), "svdd_vp": (5, "v"), "smc": (6, "D"), "smc_linear": (6, "D"), "smc_vp": (8, "P"),
-    "tds": (9, "P"), "fk": (8, "X"), "das": (2, "s"), "das_vp": (2, "s"), "das_linear": (2, "s"),
-    "das_k4": (2, "s"), "das_k16": (8, "D"), "dps": (5, "h"), "draft": (3, "o"), "ddpo": (4, "^"),
-    "grpo": (9, "v"), "rbf_linear": (4, "p"), "rbf_vp": (3, "p"), "sop": (7, "<"), "code": (9, ">"),
-    "code_vp": (9, ">"),
+    "best_of_n": (0, "s"), "ode_bon": (0, "s"), "sde_bon": (7, "D"), "svdd_pm": (1, "^"), "svdd_mc": (5, "v"),
+    "svdd_linear": (1, "^"), "svdd_vp": (5, "v"), "smc": (6, "P"), "smc_linear": (6, "P"), "smc_vp": (8, "X"),
+    "tds": (9, "<"), "fk": (8, "X"), "das": (2, ">"), "das_vp": (2, ">"), "das_linear": (2, ">"),
+    "das_k4": (2, ">"), "das_k16": (8, "<"), "dps": (5, "*"), "draft": (3, "p"), "ddpo": (4, "h"),
+    "grpo": (9, "v"), "rbf_linear": (4, "h"), "rbf_vp": (3, "p"), "sop": (7, "<"), "code": (9, "*"),
+    "code_vp": (9, "*"),
 }
 
 
@@ -61,12 +61,18 @@ def method_key(label: str) -> str:
     return label.split(" (")[0]
 
 
-def method_styles(labels: Iterable[str]) -> dict[str, Style]:
+def method_styles(labels: Iterable[str], methods: Optional[dict[str, str]] = None) -> dict[str, Style]:
     """The colour and marker of every method label, the same in every figure drawn from one set of labels:
     ``base`` black; a known method its :data:`PREFERRED` colour and marker unless a method before it (in
     sorted order) holds them; the others the first free colour and marker, so that no two methods of a
-    figure share a colour (up to ten methods) or a marker (up to twelve)."""
+    figure share a colour (up to ten methods) or a marker (up to twelve). ``methods`` gives a label's
+    default label where ``--labels`` renamed it (``Best-of-N`` keeps ``best_of_n``'s style)."""
     labels = sorted(set(labels))
+    methods = methods or {}
+
+    def key_of(label: str) -> str:
+        return method_key(methods.get(label, label))
+
     styles: dict[str, Style] = {}
     used_c = dict.fromkeys(range(len(PALETTE)), 0)
     used_m = dict.fromkeys(MARKERS, 0)
@@ -76,11 +82,11 @@ def method_styles(labels: Iterable[str]) -> dict[str, Style]:
         used[choice] += 1
         return choice
 
-    for m in (m for m in labels if method_key(m) == BASE):
+    for m in (m for m in labels if key_of(m) == BASE):
         styles[m] = Style("#000000", take(used_m, "o"))
-    known = [m for m in labels if m not in styles and method_key(m) in PREFERRED]
+    known = [m for m in labels if m not in styles and key_of(m) in PREFERRED]
     for m in known + [m for m in labels if m not in styles and m not in known]:
-        c, mk = PREFERRED.get(method_key(m), (None, None))
+        c, mk = PREFERRED.get(key_of(m), (None, None))
         styles[m] = Style(PALETTE[take(used_c, c)], take(used_m, mk))
     return styles
 
@@ -117,6 +123,7 @@ class Run:
     curve: list[dict] = field(default_factory=list)  # fine-tuning validation rows over steps
     identity: dict[str, Any] = field(default_factory=dict)  # what makes it its method (tsf.identity.method_identity)
     settings: dict[str, Any] = field(default_factory=dict)  # its whole resolved config, flat (tsf.identity.flatten_config)
+    default: str = ""                 # its label before a user's (config `label:`, --labels): what picks its style
 
     @property
     def is_finetune(self) -> bool:
@@ -231,6 +238,7 @@ def relabel(runs: list[Run], labels: Optional[dict[str, str]] = None) -> list[Ru
     (adapter=draft)`` with ``das_k4=DAS`` gives ``DAS (adapter=draft)``); several runs given one label are
     one method (one curve over their budgets). A key that matches no run is a :class:`ConfigError`."""
     for r in runs:
+        r.default = r.default or r.label
         own = r.settings.get("label")
         if isinstance(own, str) and own.strip():
             r.label = own.strip()
@@ -921,7 +929,7 @@ def make_figures(runs: list[Run], out: Path, only: Optional[Iterable[str]] = Non
                  dpi: int = 200, note: Callable[[str], None] = print, x_key: str = "compute/nfe") -> list[Path]:
     """Every figure (or those in ``only``) into ``out/<prefix><name>.{png,pdf}``; returns the files written.
     A figure whose inputs no run has is skipped with a note. ``x_key`` is the scaling figure's compute axis."""
-    styles = method_styles(r.label for r in runs)
+    styles = method_styles((r.label for r in runs), {r.label: r.default for r in runs if r.default})
     written = []
     with style():
         for name in only or FIGURES:
