@@ -4,8 +4,10 @@
 that ``tsf sample``, ``tsf compare`` and ``tsf scaling`` write (and the ``val_metrics.jsonl`` curves of
 ``tsf finetune``): reward against NFE (scaling curves with bootstrap confidence bands), target against
 cross-reward (the over-optimisation frontier), diversity against target (and both side by side), sample
-grids of every method on the same sample ids, and SMC diagnostics (ESS and resampling over the steps).
-One colour per method in every figure; sizes for a two-column paper.
+grids of every method on the same sample ids (columns headed by their class or prompt), and SMC diagnostics
+(ESS and resampling over the steps). One colour and one marker per method in every figure (a palette whose
+colours stay apart), a labelled tick at every run's compute, end labels clear of the points, curves at
+equal values both visible; legend labels from ``--labels`` or a run's ``label:``; sizes for a two-column paper.
 
 ``tsf overopt`` (:mod:`tsf.commands.overopt`) draws the over-optimisation figure with them.
 """
@@ -694,7 +696,7 @@ def tradeoff(ax, runs: list[Run], styles: dict[str, Style], x_key: str, y_key: s
         style = as_style(styles[m])
         for rows in curves[m]:
             x, y = [row[x_key] for row in rows], [row[y_key] for row in rows]
-            (ln,) = ax.plot(x, y, marker=style.marker, ms=2.2, ls="--", color=style.color, label=f"{m} (fine-tuning)")
+            (ln,) = ax.plot(x, y, marker=style.marker, ms=2.8, ls="--", color=style.color, label=f"{m} (fine-tuning)")
             tag(ln, m)
             ax.annotate(f"step {rows[-1]['step']}", (x[-1], y[-1]), fontsize=5, xytext=(2, 2),
                         textcoords="offset points")
