@@ -312,6 +312,13 @@ def test_legend_labels_are_short_and_can_be_given(tmp_path):
         assert sorted(legend_texts(fig)) == sorted({r.label for r in runs})
         plt.close(fig)
 
+    # two adapters of one run name in two folders are still told apart
+    from tsf.identity import distinguishing_labels
+
+    same = distinguishing_labels(["das", "das"], [{"adapter": "a/finetune_draft/adapter"},
+                                                  {"adapter": "b/finetune_draft/adapter"}])
+    assert len(set(same)) == 2, same
+
     # a method's name keeps its variants apart; a directory's name or path picks one run
     labels = parse_labels(["das_k4=DAS", f"{b16}=Best-of-N", "best_of_n_nfe32=Best-of-N"])
     runs = relabel(load_runs([tuned, plain, own, b16, b32]), labels)

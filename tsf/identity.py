@@ -182,11 +182,14 @@ GENERIC_PARTS = {"adapter", "adapters", "checkpoint", "checkpoints", "lora", "mo
                  "final", "best", "unet", "transformer"}
 
 
+WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
+
+
 def _path_name(text: str) -> str:
     """A path's name in a label: its last part that is not generic (:data:`GENERIC_PARTS`), without a file
     suffix and without the ``finetune_`` prefix of ``tsf finetune``'s run directories."""
     parts = [p for p in Path(text).parts if p not in ("/", ".", "..")]
-    stems = [Path(p).stem if "." in p[1:] else p for p in parts]
+    stems = [Path(p).stem if Path(p).suffix in WEIGHT_SUFFIXES else p for p in parts]
     name = next((s for s in reversed(stems) if s.lower() not in GENERIC_PARTS), stems[-1] if stems else text)
     return re.sub(r"^finetune_", "", name) or name
 
@@ -202,7 +205,10 @@ def label_value(value: Any, others: list[Any]) -> str:
     if not is_path(value):
         return short_value(value)
     mine = _path_name(value)
-    rivals = {_path_name(v) for v in others if is_path(v) and v != value} - {mine}
+    rivals = {_path_name(v) for v in others if is_path(v) and v != value}
+    if mine in rivals:  # another path of the same run name (another folder): the path's last parts, or all of it
+        same = [v for v in others if is_path(v) and v != value and short_value(v) == short_value(value)]
+        return short_value(value) if not same else re.sub(r"[^\w.+=/-]+", "-", str(value))
     words = mine.split("_")
     for n in range(1, len(words) + 1):
         head = "_".join(words[:n])
