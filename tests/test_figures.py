@@ -232,14 +232,12 @@ def test_the_sampler_is_read_from_a_nested_or_a_flattened_config():
 
 
 def test_figure_axes_a_reviewer_accepts(run_dirs, tmp_path):
-    """Ticks that do not overlap, axes that name the reward, replicates as one point (no zigzag), a
-    compute axis with backward passes, and no trivial one-particle SMC diagnostics."""
+    """Axes that name the reward, replicates as one point (no zigzag), a compute axis with backward
+    passes, and no trivial one-particle SMC diagnostics."""
     import shutil
 
-    from tsf.commands.figures import Run, metric_label, series, smc_figure, style, thinned
+    from tsf.commands.figures import Run, metric_label, series, smc_figure, style
 
-    assert thinned([99, 100, 160, 170, 500]) == [100, 170, 500]  # never two ticks within 40%: the roundest
-    assert thinned([38, 46, 50, 84, 92, 100, 186, 199, 200, 488, 496, 500]) == [50, 100, 200, 500]
     runs = load_runs([run_dirs["bon2"], run_dirs["bon4"]])
     assert metric_label("target/mean", runs) == "target reward: digit (mean)"
     assert metric_label("cross/digit_holdout/mean") == "cross-reward: digit_holdout (mean)"
@@ -267,3 +265,284 @@ def test_the_scaling_figure_draws_against_backward_passes_and_seconds(run_dirs, 
         main(["figures", str(run_dirs["bon2"]), str(run_dirs["bon4"]), "--out", str(tmp_path / x), "--only", "scaling",
               "--x", x])
         assert (tmp_path / x / "scaling.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- figures a reviewer reads (issue 24)
+def numbers_run(root: Path, name: str, metrics: dict, config: dict = None) -> Path:
+    """A run directory of numbers only: ``metrics.json`` (and a ``config.yaml``), as `tsf sample` writes them."""
+    import yaml
+
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    if config is not None:
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+    return d
+
+
+def smc_config(adapter=None, **top) -> dict:
+    return {"model": {"class_path": "tsf.lightning.SamplingModule", "init_args": {
+        "sampler": {"class_path": "tsf.samplers.SMC", "init_args": {"num_particles": 4, "alpha": 0.1}},
+        "base": {"class_path": "tsf.models.DigitsDiffusion", "init_args": {"adapter": adapter}}}}, **top}
+
+
+def legend_texts(fig) -> list[str]:
+    return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def test_legend_labels_are_short_and_can_be_given(tmp_path):
+    """Default labels name an adapter by its run (not its whole path); ``--labels`` (pairs, JSON, a file)
+    and a ``label:`` in a run's config.yaml replace them, and runs given one label are one curve."""
+    import matplotlib.pyplot as plt
+
+    from tsf.commands.figures import main as figures_main, method_styles, parse_labels, relabel
+
+    m = {"target/mean": -1.0, "cross/digit_holdout/mean": -2.0, "compute/nfe": 400.0}
+    tuned = numbers_run(tmp_path / "a", "das_k4_K4_digit_seed0", m,
+                        smc_config("runs/overopt/finetune_draft_val_samples=50/adapter"))
+    plain = numbers_run(tmp_path / "b", "das_k4_K4_digit_seed0", {**m, "target/mean": -3.0}, smc_config())
+    own = numbers_run(tmp_path, "smc_K4_digit_seed0", {**m, "target/mean": -2.0}, smc_config(label="SMC (ours)"))
+    b16 = numbers_run(tmp_path, "best_of_n_nfe16", {**m, "compute/nfe": 16.0})
+    b32 = numbers_run(tmp_path, "best_of_n_nfe32", {**m, "compute/nfe": 32.0})
+    runs = load_runs([tuned, plain, own, b16, b32])
+    assert sorted({r.label for r in runs}) == ["SMC (ours)", "best_of_n", "das_k4 (adapter=draft)",
+                                               "das_k4 (adapter=none)"]
+    with style():
+        fig = build("scaling", runs, method_styles(r.label for r in runs), {}, 4, print)
+        assert sorted(legend_texts(fig)) == sorted({r.label for r in runs})
+        plt.close(fig)
+
+    # two adapters of one run name in two folders are still told apart
+    from tsf.identity import distinguishing_labels
+
+    same = distinguishing_labels(["das", "das"], [{"adapter": "a/finetune_draft/adapter"},
+                                                  {"adapter": "b/finetune_draft/adapter"}])
+    assert len(set(same)) == 2, same
+
+    # a method's name keeps its variants apart; a directory's name or path picks one run
+    labels = parse_labels(["das_k4=DAS", f"{b16}=Best-of-N", "best_of_n_nfe32=Best-of-N"])
+    runs = relabel(load_runs([tuned, plain, own, b16, b32]), labels)
+    assert sorted({r.label for r in runs}) == ["Best-of-N", "DAS (adapter=draft)", "DAS (adapter=none)", "SMC (ours)"]
+    # from the command line: pairs, a JSON object, a YAML file; a key that names no run is one line
+    (tmp_path / "labels.yaml").write_text("smc_K4_digit_seed0: SMC\nbest_of_n: BoN\n")
+    for given in (["smc_K4_digit_seed0=SMC", "best_of_n=BoN"], ['{"smc_K4_digit_seed0": "SMC", "best_of_n": "BoN"}'],
+                  [str(tmp_path / "labels.yaml")]):
+        out = tmp_path / f"out{len(given)}{given[0][0]}"
+        figures_main([str(own), str(b16), str(b32), "--out", str(out), "--only", "scaling", "--formats", "png",
+                      "--labels", *given])
+        assert (out / "scaling.png").is_file()
+    assert parse_labels(["svdd_pm_alpha=1.0=SVDD (a=1)"], ["svdd_pm_alpha=1.0"]) == {"svdd_pm_alpha=1.0": "SVDD (a=1)"}
+    with pytest.raises(SystemExit, match="--labels: 'nope' names no run"):
+        figures_main([str(own), "--out", str(tmp_path / "x"), "--labels", "nope=X"])
+
+
+def lab(color) -> np.ndarray:
+    """sRGB -> CIELAB (D65), to judge how far apart two colours look (CIE76 delta E)."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.array(to_rgb(color))
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ lin
+    f = lambda t: np.where(t > 216 / 24389, np.cbrt(t), (24389 / 27 * t + 16) / 116)  # noqa: E731
+    fx, fy, fz = f(xyz / np.array([0.95047, 1.0, 1.08883]))
+    return np.array([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)])
+
+
+def test_nearby_methods_get_colours_and_markers_far_apart():
+    from itertools import combinations
+
+    from tsf.commands.figures import method_styles
+
+    # the digits flow figure's methods (ode_bon, sde_bon and smc_linear were three shades of one blue)
+    methods = ["base", "das_vp", "ode_bon", "rbf_linear", "rbf_vp", "sde_bon", "smc_linear", "svdd_linear", "svdd_vp",
+               "my_method"]
+    styles = method_styles(methods)
+    for a, b in combinations(methods, 2):
+        assert np.linalg.norm(lab(styles[a].color) - lab(styles[b].color)) > 25, (a, b, styles[a], styles[b])
+    assert len({s.marker for s in styles.values()}) == len(methods)  # a marker each
+    assert method_styles(methods) == styles  # one set of labels, one look
+    # past ten methods colours repeat, but never with the same marker
+    many = method_styles([f"m{i}" for i in range(30)])
+    assert len(set(many.values())) == 30
+    # a user's label keeps its method's look
+    assert method_styles(["Best-of-N"], {"Best-of-N": "best_of_n"})["Best-of-N"] == method_styles(["best_of_n"])["best_of_n"]
+
+
+def artist_markers(fig) -> dict[str, set]:
+    from matplotlib.lines import Line2D
+
+    found: dict[str, set] = {}
+    for a in fig.findobj(lambda a: isinstance(a, Line2D) and a.get_gid() is not None and a.get_marker() not in
+                         ("None", "", "|", "_")):
+        found.setdefault(a.get_gid(), set()).add(a.get_marker())
+    return found
+
+
+def test_a_method_keeps_its_marker_in_every_figure(run_dirs):
+    import matplotlib.pyplot as plt
+
+    from tsf.commands.figures import method_styles
+
+    runs = load_runs(run_dirs.values())
+    styles = method_styles(r.label for r in runs)
+    seen: dict[str, set] = {}
+    with style():
+        for name in FIGURES:
+            fig = build(name, runs, styles, {}, 6, print)
+            for label, markers in artist_markers(fig).items():
+                seen.setdefault(label, set()).update(markers)
+            plt.close(fig)
+    assert set(seen) == set(styles)
+    for label, markers in seen.items():
+        assert markers == {styles[label].marker}, (label, markers)
+
+
+def marker_points(ax) -> np.ndarray:
+    """Display coordinates and radius (pixels) of every marker drawn in ``ax``."""
+    px = ax.figure.dpi / 72
+    rows = []
+    for ln in ax.lines:
+        if ln.get_marker() in (None, "None", "none", ""):
+            continue
+        for x, y in ln.get_transform().transform(ln.get_xydata()):
+            rows.append((x, y, ln.get_markersize() / 2 * px))
+    return np.array(rows).reshape(-1, 3)
+
+
+def overopt_runs(root: Path) -> list[Path]:
+    """The over-optimisation figure's crowded corner: DRaFT's curve ends among the samplers' points."""
+    def m(t, c, d):
+        return {"target/mean": t, "cross/digit_holdout/mean": c, "diversity/pairwise": d, "compute/nfe": 400.0}
+
+    dirs = [numbers_run(root, "base_K1_digit_seed0", m(-10.2, -11.6, 0.66)),
+            numbers_run(root, "svdd_pm_K4_digit_seed0", m(0.05, 0.15, 0.20)),
+            numbers_run(root, "das_k4_K4_digit_seed0", m(0.3, 0.1, 0.185)),
+            numbers_run(root, "best_of_n_K4_digit_seed0", m(-1.2, -3.1, 0.41))]
+    for name, end in (("finetune_draft", 0.0), ("finetune_ddpo", -3.1)):
+        d = root / name
+        d.mkdir()
+        rows = [{"step": s, "target/mean": end - 1 + s / 300, "cross/digit_holdout/mean": end - 1 + s / 300,
+                 "diversity/pairwise": 0.48 - s / 1000} for s in (0, 100, 200, 300)]
+        (d / "val_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(d)
+    return dirs
+
+
+def test_end_labels_do_not_sit_on_the_points(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation
+
+    from tsf.commands.figures import method_styles, place_end_labels
+
+    runs = load_runs(overopt_runs(tmp_path))
+    with style():
+        for name in ("overoptimisation", "frontier", "diversity"):
+            fig = build(name, runs, method_styles(r.label for r in runs), {}, 4, print)
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            checked = 0
+            for ax in fig.axes:
+                points = marker_points(ax)
+                boxes = []
+                for ann in (t for t in ax.texts if isinstance(t, Annotation)):
+                    box = ann.get_window_extent(renderer)
+                    inside = ((points[:, 0] > box.x0 - points[:, 2]) & (points[:, 0] < box.x1 + points[:, 2])
+                              & (points[:, 1] > box.y0 - points[:, 2]) & (points[:, 1] < box.y1 + points[:, 2]))
+                    assert not inside.any(), (name, ann.get_text(), points[inside])
+                    assert ax.get_window_extent(renderer).contains(box.x0, box.y0)
+                    assert not any(box.overlaps(b) for b in boxes)
+                    boxes.append(box)
+                    checked += 1
+            assert checked == (4 if name == "overoptimisation" else 2)  # "step 300" of each curve, in each panel
+            plt.close(fig)
+    # where the labels were drawn before (2 points above and right of the curve's end), they cover points
+    with style():
+        fig = build("frontier", runs, method_styles(r.label for r in runs), {}, 4, print)
+        ax = fig.axes[0]
+        for ann in (t for t in ax.texts if isinstance(t, Annotation)):
+            ann.xyann = (2, 2)
+            ann.set_ha("left")
+            ann.set_va("baseline")
+        fig.canvas.draw()
+        points = marker_points(ax)
+        covered = 0
+        for ann in (t for t in ax.texts if isinstance(t, Annotation)):
+            box = ann.get_window_extent(fig.canvas.get_renderer())
+            covered += int(((points[:, 0] > box.x0 - points[:, 2]) & (points[:, 0] < box.x1 + points[:, 2])
+                            & (points[:, 1] > box.y0 - points[:, 2]) & (points[:, 1] < box.y1 + points[:, 2])).any())
+        assert covered  # so the test above checks something
+        place_end_labels(ax, fig.canvas.get_renderer())
+        plt.close(fig)
+
+
+def test_every_nfe_has_a_tick_label_and_a_curve_under_another_shows(run_dirs, tmp_path):
+    """A point at 37 NFE gets its own labelled tick even beside 46 and 50 (labels too close for one row are
+    staggered, none overlapping), and Best-of-N drawn under DAS at the very same values still shows."""
+    import shutil
+
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from tsf.commands.figures import method_styles
+
+    dirs = [run_dirs["bon2"], run_dirs["bon4"]]
+    for d in list(dirs):  # DAS with Best-of-N's numbers: the same curve
+        dirs.append(tmp_path / d.name.replace("best_of_n", "das"))
+        shutil.copytree(d, dirs[-1])
+    m = {"target/mean": -3.0, "cross/digit_holdout/mean": -4.0, "diversity/pairwise": 0.6}
+    for nfe, t in ((37.0, -4.0), (46.0, -3.5), (50.0, -3.0), (500.0, -1.0)):
+        dirs.append(numbers_run(tmp_path, f"svdd_pm_nfe{nfe:.0f}", {**m, "target/mean": t, "compute/nfe": nfe}))
+    runs = load_runs(dirs)
+    with style():
+        fig = build("scaling", runs, method_styles(r.label for r in runs), {}, 4, print)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            ticks = [t for t in ax.xaxis.get_major_ticks() if t.label1.get_visible() and t.label1.get_text()]
+            texts = {t.label1.get_text() for t in ticks}
+            assert {"16", "32", "37", "46", "50", "500"} <= texts, texts
+            boxes = [t.label1.get_window_extent(renderer) for t in ticks]
+            for i, a in enumerate(boxes):
+                assert not any(a.overlaps(b) for b in boxes[i + 1:])
+            lines = {ln.get_gid(): ln for ln in ax.lines if isinstance(ln, Line2D) and ln.get_gid() in ("best_of_n", "das")
+                     and len(ln.get_xdata()) == 2}
+            under, over = lines["best_of_n"], lines["das"]
+            np.testing.assert_array_equal(under.get_ydata(), over.get_ydata())  # the values are not moved
+            assert over.get_zorder() > under.get_zorder()
+            assert over.get_markerfacecolor() == "none" and over.get_markersize() > under.get_markersize()
+            assert over.get_linestyle() != under.get_linestyle() == "-"  # dashed: the line beneath shows between
+        plt.close(fig)
+
+
+def test_grid_columns_show_the_conditions(run_dirs, tmp_path):
+    import shutil
+
+    import matplotlib.pyplot as plt
+    import yaml
+
+    from tsf.commands.figures import method_styles
+
+    runs = load_runs([run_dirs["bon4"], run_dirs["smc"]])
+    with style():
+        fig = build("grids", runs, method_styles(r.label for r in runs), {}, 4, print)
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["class 0", "class 1", "class 2", "class 3"]
+        plt.close(fig)
+    # prompts: each column is headed by its prompt, wrapped to the column
+    prompts = ["a red apple on a wooden table in the morning light", "a photo of a cat"]
+    copies = []
+    for d in (run_dirs["bon4"], run_dirs["smc"]):
+        copies.append(tmp_path / d.name)
+        shutil.copytree(d, copies[-1])
+        config = yaml.safe_load((copies[-1] / "config.yaml").read_text())
+        config["data"]["init_args"]["conditions"] = prompts
+        (copies[-1] / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = load_runs(copies)
+    with style():
+        fig = build("grids", runs, method_styles(r.label for r in runs), {}, 8, print)
+        labels = fig.axes[0].get_xticklabels()
+        assert [t.get_text().replace("\n", " ") for t in labels] == [prompts[i % 2] for i in range(8)]
+        assert "\n" in labels[0].get_text()  # wrapped: the headings stay within their columns
+        fig.canvas.draw()
+        boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in labels]
+        assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+        plt.close(fig)

@@ -18,6 +18,38 @@ def test_results_table_has_a_row_per_run_and_every_cross_reward(tmp_path):
     assert table[3].startswith("| b | -1.25 |")
 
 
+def test_table_means_carry_standard_errors_from_the_samples(tmp_path, capsys):
+    """A run with samples.pt: its target and cross-reward means carry their standard errors (the sample
+    standard deviation over sqrt(n) of the per-sample rewards); a run without it keeps the bare mean; the
+    rows take a config's ``label:`` and ``--labels``."""
+    import yaml
+
+    from tsf.commands.table import main as table
+
+    rng = torch.Generator().manual_seed(0)
+    target, cross = torch.randn(40, generator=rng) - 3, torch.randn(40, generator=rng) * 2
+    a = tmp_path / "best_of_n_K8_digit_seed0"
+    a.mkdir()
+    torch.save({"sample_id": torch.arange(40), "rewards": {"digit": target, "digit_holdout": cross}}, a / "samples.pt")
+    (a / "metrics.json").write_text(json.dumps({"target/mean": target.mean().item(),
+                                                "cross/digit_holdout/mean": cross.mean().item(), "compute/nfe": 80.0}))
+    b = tmp_path / "das_K8_digit_seed0"
+    b.mkdir()
+    (b / "metrics.json").write_text(json.dumps({"target/mean": -1.25, "cross/digit_holdout/mean": -2.0,
+                                                "compute/nfe": 80.0}))
+    (b / "config.yaml").write_text(yaml.safe_dump({"label": "DAS (ours)"}))
+    table([str(a), str(b), "--labels", "best_of_n_K8_digit_seed0=Best-of-N"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| run | target mean ± s.e. | cross digit_holdout mean ± s.e. | NFE |"
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == "Best-of-N" and all("±" in c for c in cells[1:3])
+    for cell, values in zip(cells[1:3], (target, cross)):
+        mean, se = map(float, cell.split("±"))
+        assert mean == pytest.approx(values.double().mean().item(), abs=se / 10)
+        assert se == pytest.approx((values.double().std() / 40 ** 0.5).item(), rel=0.05)
+    assert lines[3] == "| DAS (ours) | -1.25 | -2 | 80 |"  # no samples.pt: no error to give
+
+
 @pytest.mark.slow  # about a minute: runs several tsf sample processes
 def test_compare_keeps_finished_runs_and_refuses_to_mix_in_another_config(tmp_path, capsys):
     """A second ``tsf compare`` of the same configs samples nothing again (the shards are not rewritten,

@@ -154,8 +154,9 @@ def method_identity(config: dict) -> dict[str, Any]:
 
 def distinguishing_labels(labels: list[str], identities: list[dict[str, Any]], max_keys: int = 3) -> list[str]:
     """Each label, with the settings that tell apart runs sharing that label but not that identity
-    appended (``das (adapter=ft-adapter)`` beside ``das (adapter=none)``), so that two different methods
-    never share a curve; an empty identity (unknown config) conflicts with none."""
+    appended (``das (adapter=draft)`` beside ``das (adapter=none)``: values as short as :func:`label_value`
+    keeps them apart), so that two different methods never share a curve; an empty identity (unknown
+    config) conflicts with none."""
     groups: dict[str, dict[str, dict]] = {}
     for label, ident in zip(labels, identities):
         if ident:
@@ -169,8 +170,48 @@ def distinguishing_labels(labels: list[str], identities: list[dict[str, Any]], m
         keys = sorted((k for k in set().union(*distinct) if len({canonical(d.get(k)) for d in distinct}) > 1),
                       key=_rank)
         short = short_keys(keys)
-        tokens = [f"{short[k]}={short_value(ident.get(k))}" for k in keys]
+        tokens = [f"{short[k]}={label_value(ident.get(k), [d.get(k) for d in distinct])}" for k in keys]
         if len(tokens) > max_keys:
             tokens = tokens[:max_keys - 1] + [digest(ident, 6)]
         out.append(f"{label} ({', '.join(tokens)})")
     return out
+
+
+#: the last parts of a path that name no run (``runs/finetune_draft/adapter`` is named by ``finetune_draft``)
+GENERIC_PARTS = {"adapter", "adapters", "checkpoint", "checkpoints", "lora", "model", "models", "weights", "last",
+                 "final", "best", "unet", "transformer"}
+
+
+WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
+
+
+def _path_name(text: str) -> str:
+    """A path's name in a label: its last part that is not generic (:data:`GENERIC_PARTS`), without a file
+    suffix and without the ``finetune_`` prefix of ``tsf finetune``'s run directories."""
+    parts = [p for p in Path(text).parts if p not in ("/", ".", "..")]
+    stems = [Path(p).stem if Path(p).suffix in WEIGHT_SUFFIXES else p for p in parts]
+    name = next((s for s in reversed(stems) if s.lower() not in GENERIC_PARTS), stems[-1] if stems else text)
+    return re.sub(r"^finetune_", "", name) or name
+
+
+def label_value(value: Any, others: list[Any]) -> str:
+    """``value`` as a legend or row label shows it, as short as keeps it apart from ``others`` (the values
+    that other runs of the label have): a path by its run's name, cut after the first ``_``-separated
+    words that no other path shares (``runs/overopt/finetune_draft_val_samples=50/adapter`` beside none
+    gives ``draft``), anything else as :func:`short_value` writes it."""
+    def is_path(v: Any) -> bool:
+        return isinstance(v, str) and "/" in v and not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Z]\w*", v)
+
+    if not is_path(value):
+        return short_value(value)
+    mine = _path_name(value)
+    rivals = {_path_name(v) for v in others if is_path(v) and v != value}
+    if mine in rivals:  # another path of the same run name (another folder): the path's last parts, or all of it
+        same = [v for v in others if is_path(v) and v != value and short_value(v) == short_value(value)]
+        return short_value(value) if not same else re.sub(r"[^\w.+=/-]+", "-", str(value))
+    words = mine.split("_")
+    for n in range(1, len(words) + 1):
+        head = "_".join(words[:n])
+        if not any(r == head or r.startswith(head + "_") for r in rivals):
+            return short_value(head)
+    return short_value(mine)

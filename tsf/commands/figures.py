@@ -4,8 +4,10 @@
 that ``tsf sample``, ``tsf compare`` and ``tsf scaling`` write (and the ``val_metrics.jsonl`` curves of
 ``tsf finetune``): reward against NFE (scaling curves with bootstrap confidence bands), target against
 cross-reward (the over-optimisation frontier), diversity against target (and both side by side), sample
-grids of every method on the same sample ids, and SMC diagnostics (ESS and resampling over the steps).
-One colour per method in every figure; sizes for a two-column paper.
+grids of every method on the same sample ids (columns headed by their class or prompt), and SMC diagnostics
+(ESS and resampling over the steps). One colour and one marker per method in every figure (a palette whose
+colours stay apart), a labelled tick at every run's compute, end labels clear of the points, curves at
+equal values both visible; legend labels from ``--labels`` or a run's ``label:``; sizes for a two-column paper.
 
 ``tsf overopt`` (:mod:`tsf.commands.overopt`) draws the over-optimisation figure with them.
 """
@@ -19,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import numpy as np
 import yaml
@@ -30,28 +32,75 @@ from tsf.identity import distinguishing_labels, flatten_config, method_identity,
 SINGLE_COLUMN, FULL_WIDTH = 3.3, 7.0  # inches, a two-column paper
 TARGET, DIVERSITY = "target/mean", "diversity/pairwise"
 
-#: one colour per method label, in every figure of every tool (labels not listed get the FALLBACK colours)
-COLORS = {
-    "base": "black", "best_of_n": "tab:blue", "svdd_pm": "tab:orange", "svdd_mc": "tab:brown",
-    "smc": "tab:pink", "tds": "tab:gray", "fk": "tab:cyan", "das": "#006d2c", "dps": "#8c6d31",
-    "das_k4": "tab:green", "das_k16": "tab:olive", "draft": "tab:red", "ddpo": "tab:purple",
-    "ode_bon": "#393b79", "sde_bon": "#6b6ecf", "svdd_linear": "#e6550d", "svdd_vp": "#fdae6b",
-    "rbf_linear": "#843c39", "rbf_vp": "#d6616b", "das_vp": "#31a354",
+#: a categorical palette whose colours stay apart (matplotlib's tab10); a method set of more than ten
+#: methods reuses colours, never a (colour, marker) pair
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+           "#7f7f7f"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*"]
+BASE = "base"  # the base model's run: black, a filled circle
+#: the preferred (PALETTE index, marker) of known methods; methods of one family (ode_bon, sde_bon) prefer
+#: different colours and markers, and a method whose preference another method of the figure already holds
+#: gets the first free colour and marker (so every method of a figure keeps its own)
+PREFERRED = {
+    "best_of_n": (0, "s"), "ode_bon": (0, "s"), "sde_bon": (7, "D"), "svdd_pm": (1, "^"), "svdd_mc": (5, "v"),
+    "svdd_linear": (1, "^"), "svdd_vp": (5, "v"), "smc": (6, "P"), "smc_linear": (6, "P"), "smc_vp": (8, "X"),
+    "tds": (9, "<"), "fk": (8, "X"), "das": (2, ">"), "das_vp": (2, ">"), "das_linear": (2, ">"),
+    "das_k4": (2, ">"), "das_k16": (8, "<"), "dps": (5, "*"), "draft": (3, "p"), "ddpo": (4, "h"),
+    "grpo": (9, "v"), "rbf_linear": (4, "h"), "rbf_vp": (3, "p"), "sop": (7, "<"), "code": (9, "*"),
+    "code_vp": (9, "*"),
 }
-FALLBACK = ["#5254a3", "#8ca252", "#bd9e39", "#ad494a", "#a55194", "#3182bd", "#756bb1", "#636363", "#637939",
-            "#7b4173", "#e7ba52", "#6baed6", "#ce6dbd", "#9c9ede", "#b5cf6b", "#e7969c"]  # none of COLORS
+
+
+class Style(NamedTuple):
+    """How one method is drawn in every figure: its colour and its marker."""
+
+    color: str
+    marker: str
+
+
+def method_key(label: str) -> str:
+    """The method a label draws (``das_k4 (adapter=draft)`` -> ``das_k4``): what :data:`PREFERRED` is keyed by."""
+    return label.split(" (")[0]
+
+
+def method_styles(labels: Iterable[str], methods: Optional[dict[str, str]] = None) -> dict[str, Style]:
+    """The colour and marker of every method label, the same in every figure drawn from one set of labels:
+    ``base`` black; a known method its :data:`PREFERRED` colour and marker unless a method before it (in
+    sorted order) holds them; the others the first free colour and marker, so that no two methods of a
+    figure share a colour (up to ten methods) or a marker (up to twelve). ``methods`` gives a label's
+    default label where ``--labels`` renamed it (``Best-of-N`` keeps ``best_of_n``'s style)."""
+    labels = sorted(set(labels))
+    methods = methods or {}
+
+    def key_of(label: str) -> str:
+        return method_key(methods.get(label, label))
+
+    styles: dict[str, Style] = {}
+    used_c = dict.fromkeys(range(len(PALETTE)), 0)
+    used_m = dict.fromkeys(MARKERS, 0)
+
+    def take(used: dict, want) -> Any:  # the preferred value while free, else the least used (first in order)
+        choice = want if want in used and used[want] == 0 else min(used, key=lambda v: used[v])
+        used[choice] += 1
+        return choice
+
+    for m in (m for m in labels if key_of(m) == BASE):
+        styles[m] = Style("#000000", take(used_m, "o"))
+    known = [m for m in labels if m not in styles and key_of(m) in PREFERRED]
+    for m in known + [m for m in labels if m not in styles and m not in known]:
+        c, mk = PREFERRED.get(key_of(m), (None, None))
+        styles[m] = Style(PALETTE[take(used_c, c)], take(used_m, mk))
+    return styles
 
 
 def method_colors(labels: Iterable[str]) -> dict[str, str]:
-    """The colour of every method label: its fixed colour in :data:`COLORS`, else the next unused
-    :data:`FALLBACK` colour in sorted label order (so one set of labels always gets the same colours)."""
-    from matplotlib.colors import to_hex
+    """The colour of every method label (:func:`method_styles`)."""
+    return {m: s.color for m, s in method_styles(labels).items()}
 
-    labels = sorted(set(labels))
-    colors = {m: to_hex(COLORS[m]) for m in labels if m in COLORS}
-    for j, m in enumerate(m for m in labels if m not in colors):
-        colors[m] = FALLBACK[j % len(FALLBACK)]
-    return colors
+
+def as_style(value) -> Style:
+    """A :class:`Style`, or a bare colour as one (with a circle)."""
+    return value if isinstance(value, Style) else Style(str(value), "o")
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -76,6 +125,7 @@ class Run:
     curve: list[dict] = field(default_factory=list)  # fine-tuning validation rows over steps
     identity: dict[str, Any] = field(default_factory=dict)  # what makes it its method (tsf.identity.method_identity)
     settings: dict[str, Any] = field(default_factory=dict)  # its whole resolved config, flat (tsf.identity.flatten_config)
+    default: str = ""                 # its label before a user's (config `label:`, --labels): what picks its style
 
     @property
     def is_finetune(self) -> bool:
@@ -120,7 +170,12 @@ class Run:
         import torch
 
         path = self.path / name if self.path is not None else None
-        return torch.load(path, weights_only=True, map_location="cpu") if path and path.is_file() else None
+        if not (path and path.is_file()):
+            return None
+        try:  # memory-mapped: a table that reads the rewards does not read a large run's images
+            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError:  # a file in torch's legacy format cannot be mapped
+            return torch.load(path, weights_only=True, map_location="cpu")
 
     @cached_property
     def samples(self) -> Optional[dict[str, Any]]:
@@ -169,8 +224,10 @@ def load_run(run_dir: Path) -> Run:
     raise ConfigError(f"{d} is not a run directory (no metrics.json or val_metrics.jsonl)")
 
 
-def load_runs(run_dirs: Iterable[Path], note: Callable[[str], None] = print) -> list[Run]:
-    """Every readable run (others are noted and left out), labelled by :func:`distinct_labels`."""
+def load_runs(run_dirs: Iterable[Path], note: Callable[[str], None] = print,
+              labels: Optional[dict[str, str]] = None) -> list[Run]:
+    """Every readable run (others are noted and left out), labelled by :func:`distinct_labels`, then by a
+    ``label:`` in its ``config.yaml`` and by ``labels`` (:func:`relabel`)."""
     runs = []
     for d in run_dirs:
         try:
@@ -178,7 +235,59 @@ def load_runs(run_dirs: Iterable[Path], note: Callable[[str], None] = print) -> 
         except ConfigError as err:
             if Path(d).is_dir():
                 note(f"note: {err}; left out")
-    return distinct_labels(runs)
+    return relabel(distinct_labels(runs), labels)
+
+
+def relabel(runs: list[Run], labels: Optional[dict[str, str]] = None) -> list[Run]:
+    """Each run's legend label: a ``label:`` field of its ``config.yaml`` replaces the default one, and
+    ``labels`` (``tsf figures --labels``) replaces either, matched by the run directory's path as given,
+    its name, its label or its method (the label without its settings, which a variant keeps: ``das_k4
+    (adapter=draft)`` with ``das_k4=DAS`` gives ``DAS (adapter=draft)``); several runs given one label are
+    one method (one curve over their budgets). A key that matches no run is a :class:`ConfigError`."""
+    for r in runs:
+        r.default = r.default or r.label
+        own = r.settings.get("label")
+        if isinstance(own, str) and own.strip():
+            r.label = own.strip()
+    if not labels:
+        return runs
+    keys = [[str(r.path), r.path.name] if r.path is not None else [] for r in runs]
+    keys = [[*k, r.label, method_key(r.label)] for k, r in zip(keys, runs)]
+    unknown = [k for k in labels if not any(k in ks for ks in keys)]
+    if unknown:
+        raise ConfigError(f"--labels: {', '.join(map(repr, unknown))} names no run (give a run directory, its name or "
+                          f"a method: {', '.join(sorted({r.label for r in runs}))})")
+    for r, ks in zip(runs, keys):
+        key = next((k for k in ks if k in labels), None)
+        if key is not None:  # a method's label keeps the settings that tell its variants apart
+            r.label = labels[key] + (r.label[len(key):] if key == method_key(r.label) != r.label else "")
+    return runs
+
+
+def parse_labels(items: Optional[list[str]], known: Iterable[str] = ()) -> dict[str, str]:
+    """``--labels``' items as one mapping: ``KEY=LABEL`` pairs (split at the first ``=`` whose left side is
+    one of ``known``, run directories and labels may hold ``=`` too, else at the first), a JSON object, or
+    a JSON or YAML file of one."""
+    mapping: dict[str, str] = {}
+    known = set(known)
+    for item in items or []:
+        path = Path(item)
+        if item.lstrip().startswith("{") or (path.suffix in (".json", ".yaml", ".yml") and path.is_file()):
+            try:
+                found = yaml.safe_load(path.read_text() if not item.lstrip().startswith("{") else item)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"--labels {item!r} is not a JSON/YAML mapping ({str(err).splitlines()[0]})") from err
+            if not isinstance(found, dict):
+                raise ConfigError(f"--labels {item!r} is not a mapping of run (or method) to label")
+            mapping.update({str(k): str(v) for k, v in found.items()})
+            continue
+        cuts = [i for i, ch in enumerate(item) if ch == "="]
+        if not cuts:
+            raise ConfigError(f"--labels {item!r}: give KEY=LABEL (KEY a run directory, its name or a method), "
+                              "a JSON object or a JSON/YAML file")
+        cut = next((i for i in cuts if item[:i] in known), cuts[0])
+        mapping[item[:cut]] = item[cut + 1:]
+    return mapping
 
 
 def wandb_runs(project: str, note: Callable[[str], None] = print, api=None) -> list[Run]:
@@ -338,52 +447,183 @@ def tag(artists, label: str) -> None:
             a.set_gid(label)
 
 
-def draw(ax, s: Series, color: str, legend: str, band: bool = True, marker: str = "o", **line) -> None:
-    """A method in one panel: a line with a shaded band, or a single point with error bars."""
+#: how close two points are, as a fraction of a panel's span, for one to hide the other
+COINCIDE = 0.02
+
+
+def _normalised(points: Iterable[tuple[np.ndarray, np.ndarray]], log_x: bool):
+    """A function mapping a panel's (x, y) arrays to [0, 1] over the span of all ``points`` (x in log10 on a
+    log axis), where closeness can be judged whatever the units."""
+    xs, ys = zip(*points)
+    fx = (lambda x: np.log10(np.clip(np.asarray(x, float), 1e-300, None))) if log_x else (lambda x: np.asarray(x, float))
+    allx, ally = np.concatenate([fx(x) for x in xs]), np.concatenate([np.asarray(y, float) for y in ys])
+    allx, ally = allx[np.isfinite(allx)], ally[np.isfinite(ally)]
+    x0, xs_ = (allx.min(), np.ptp(allx) or 1.0) if len(allx) else (0.0, 1.0)
+    y0, ys_ = (ally.min(), np.ptp(ally) or 1.0) if len(ally) else (0.0, 1.0)
+    return lambda x, y: np.stack([(fx(x) - x0) / xs_, (np.asarray(y, float) - y0) / ys_], -1)
+
+
+def hidden(xy: np.ndarray, drawn: list[np.ndarray]) -> tuple[bool, bool]:
+    """``(some, all)``: whether some / all of the normalised points ``xy`` lie within :data:`COINCIDE` of a
+    point drawn before (``drawn``), where they would be hidden under it."""
+    if not drawn or not len(xy):
+        return False, False
+    before = np.concatenate(drawn)
+    near = (np.abs(xy[:, None, :] - before[None, :, :]).max(-1) < COINCIDE).any(1)
+    return bool(near.any()), bool(near.all())
+
+
+def overlay(some: bool, every: bool) -> dict:
+    """Line keywords for a method drawn over another at the same values, so that both show: hollow, larger
+    markers above (the marker beneath shows inside), and a dashed line where the whole curve coincides."""
+    import matplotlib
+
+    if not some:
+        return {}
+    kw = {"mfc": "none", "ms": matplotlib.rcParams["lines.markersize"] + 2.5, "mew": 0.9, "zorder": 4}
+    return {**kw, "ls": (0, (3, 2))} if every else kw
+
+
+def draw(ax, s: Series, style, legend: str, band: bool = True, **line) -> None:
+    """A method in one panel: a line with a shaded band, or a single point with error bars, in the
+    method's colour and marker (``line`` keywords, e.g. :func:`overlay`'s, win)."""
+    style = as_style(style)
+    kw = {"marker": style.marker, "color": style.color, "label": legend, **line}
     if len(s.x) == 1 or not band:
         xerr = None if s.x_lo is None else np.abs(np.stack([s.x - s.x_lo, s.x_hi - s.x]))
         yerr = None if s.y_lo is None else np.abs(np.stack([s.y - s.y_lo, s.y_hi - s.y]))
-        fmt = marker if len(s.x) == 1 else f"{marker}-"
-        c = ax.errorbar(s.x, s.y, xerr=xerr, yerr=yerr, fmt=fmt, color=color, label=legend, elinewidth=0.6,
-                        capsize=1.5, zorder=3, **line)
+        kw.setdefault("ls", "none" if len(s.x) == 1 else "-")
+        kw.setdefault("zorder", 3)
+        c = ax.errorbar(s.x, s.y, xerr=xerr, yerr=yerr, elinewidth=0.6, capsize=1.5, **kw)
         tag([c.lines[0], *c.lines[1], *c.lines[2]], s.label)
         return
-    (ln,) = ax.plot(s.x, s.y, marker=marker, color=color, label=legend, **line)
+    (ln,) = ax.plot(s.x, s.y, **kw)
     tag(ln, s.label)
     if s.y_lo is not None:
-        tag(ax.fill_between(s.x, s.y_lo, s.y_hi, color=color, alpha=0.2, linewidth=0), s.label)
+        tag(ax.fill_between(s.x, s.y_lo, s.y_hi, color=style.color, alpha=0.2, linewidth=0), s.label)
 
 
-def thinned(values: Iterable[float], ratio: float = 1.4) -> list[float]:
-    """Tick values no two of which are within ``ratio`` of each other (on a log axis): values that close are
-    one tick, the roundest of them (most trailing zeros, then the largest), so runs at 46, 50 and 38 NFE (the
-    budget 50 as each method spends it) give the tick 50, and 99 and 100 give 100."""
-    def roundness(v: float) -> tuple[int, float]:
-        n, zeros = int(round(v)), 0
-        while n and n % 10 == 0 and float(n) == round(v, 1):
-            n, zeros = n // 10, zeros + 1
-        return zeros, v
-
-    groups: list[list[float]] = []
-    for v in sorted({round(float(v), 1) for v in values if np.isfinite(v) and v > 0}):
-        if groups and v < groups[-1][0] * ratio:
-            groups[-1].append(v)
-        else:
-            groups.append([v])
-    return [max(g, key=roundness) for g in groups]
-
-
-def log_nfe_axis(ax, nfe: Iterable[float], key: str = "compute/nfe") -> None:
-    """Log-scale compute axis, ticked at the runs' values when they are few (values within 40% of each
-    other share their roundest tick, so that labels never overlap), else at 1-2-5 steps."""
+def log_nfe_axis(ax, nfe: Iterable[float], key: str = "compute/nfe", most: int = 24) -> None:
+    """Log-scale compute axis with a tick at every run's value (up to ``most`` values; more get 1-2-5
+    steps): labels too close to share a row are staggered below each other by :func:`finish`."""
     import matplotlib.ticker as mt
 
     ax.set_xscale("log")
-    values = thinned(nfe)
-    ax.xaxis.set_major_locator(mt.FixedLocator(values) if len(values) <= 6 else mt.LogLocator(subs=(1.0, 2.0, 5.0)))
+    values = sorted({float(f"{float(v):.3g}") for v in nfe if np.isfinite(v) and v > 0})  # 37, 0.00456 s
+    ax.xaxis.set_major_locator(mt.FixedLocator(values) if len(values) <= most else mt.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(mt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(mt.NullFormatter())
     ax.set_xlabel(COMPUTE_AXES.get(key, key))
+    ax.stagger_ticks = True  # read by finish()
+
+
+def stagger_ticks(ax, renderer, gap_pt: float = 2.0) -> None:
+    """Put each x tick label in the first row below the axis where it overlaps no label of that row (left
+    to right), so every tick keeps its label however close the values."""
+    ticks = [t for t in ax.xaxis.get_major_ticks() if t.label1.get_visible() and t.label1.get_text()]
+    lo, hi = sorted(ax.get_xlim())
+    ticks = [t for t in ticks if lo <= t.get_loc() <= hi]
+    if not ticks:
+        return
+    px = renderer.points_to_pixels(1.0)
+    base = ticks[0].get_pad() if not hasattr(ax, "_tick_pad") else ax._tick_pad
+    ax._tick_pad = base
+    right: list[float] = []
+    for t in sorted(ticks, key=lambda t: t.get_loc()):
+        box = t.label1.get_window_extent(renderer)
+        row = next((r for r, x in enumerate(right) if box.x0 > x + gap_pt * px), len(right))
+        if row == len(right):
+            right.append(box.x1)
+        right[row] = box.x1
+        t.set_pad(base + row * (box.height / px + 1.0))
+
+
+def _obstacles(ax, renderer) -> list[tuple[float, float, float]]:
+    """``(x, y, r)`` in display pixels: every plotted point (a marker's radius) and points along every line
+    and error bar of ``ax`` (every 2 points), what a label must not cover."""
+    from matplotlib.collections import LineCollection
+
+    px = renderer.points_to_pixels(1.0)
+    found = []
+
+    def along(xy: np.ndarray, r: float) -> None:
+        for a, b in zip(xy[:-1], xy[1:]):
+            if np.all(np.isfinite([*a, *b])):
+                n = max(1, int(np.hypot(*(b - a)) / (2 * px)))
+                found.extend((x, y, r) for x, y in np.linspace(a, b, n + 1))
+
+    for ln in ax.lines:
+        if not ln.get_visible():
+            continue
+        xy = ln.get_transform().transform(ln.get_xydata())
+        if ln.get_marker() not in (None, "None", "none", "", " "):
+            r = (ln.get_markersize() / 2 + 1.0) * px
+            found.extend((x, y, r) for x, y in xy if np.isfinite(x) and np.isfinite(y))
+        if ln.get_linestyle() not in ("None", "none", "", " "):
+            along(xy, 1.0 * px)
+    for c in ax.collections:
+        if isinstance(c, LineCollection):
+            for seg in c.get_segments():
+                along(c.get_transform().transform(np.asarray(seg)), 1.0 * px)
+    return found
+
+
+def place_end_labels(ax, renderer) -> None:
+    """Move every annotation of ``ax`` (a fine-tuning curve's ``step N``) to the nearest place around its
+    point where its text covers no plotted point, line or error bar and no other label, inside the axes;
+    a label moved away from its point gets a thin leader line."""
+    from matplotlib.text import Annotation
+
+    anns = [t for t in ax.texts if isinstance(t, Annotation)]
+    if not anns:
+        return
+    obstacles = np.array(_obstacles(ax, renderer)).reshape(-1, 3)
+    frame = ax.get_window_extent(renderer)
+    placed = []
+    directions = [(1, 1), (1, 0), (0, 1), (1, -1), (-1, 1), (-1, 0), (0, -1), (-1, -1)]
+    for ann in anns:
+        best, best_cost = None, None
+        for dist in (3, 6, 10, 15, 22, 32):
+            for dx, dy in directions:
+                ann.xyann = (dx * dist, dy * dist)
+                ann.set_ha({1: "left", 0: "center", -1: "right"}[dx])
+                ann.set_va({1: "bottom", 0: "center", -1: "top"}[dy])
+                box = ann.get_window_extent(renderer)
+                inside = ((obstacles[:, 0] > box.x0 - obstacles[:, 2]) & (obstacles[:, 0] < box.x1 + obstacles[:, 2])
+                          & (obstacles[:, 1] > box.y0 - obstacles[:, 2]) & (obstacles[:, 1] < box.y1 + obstacles[:, 2]))
+                cost = int(inside.sum()) + 10 * sum(box.overlaps(b) for b in placed)
+                cost += 0 if (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1) else 5
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = (dx * dist, dy * dist, ann.get_ha(), ann.get_va()), cost
+                if cost == 0:
+                    break
+            if best_cost == 0:
+                break
+        ann.xyann, (ha, va) = best[:2], best[2:]
+        ann.set_ha(ha)
+        ann.set_va(va)
+        if max(abs(best[0]), abs(best[1])) >= 10:  # far from its point: a leader line to it
+            ann.remove()
+            ann = ax.annotate(ann.get_text(), ann.xy, xytext=best[:2], textcoords="offset points", ha=ha, va=va,
+                              fontsize=ann.get_fontsize(), color=ann.get_color(),
+                              arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5", "shrinkA": 0, "shrinkB": 2})
+        placed.append(ann.get_window_extent(renderer))
+
+
+def finish(fig) -> None:
+    """What needs the final layout: staggered tick labels of compute axes (then the layout again), end
+    labels placed clear of the points; the layout is then fixed, so the checks hold in the saved file."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    if any(getattr(ax, "stagger_ticks", False) for ax in fig.axes):
+        for ax in fig.axes:
+            if getattr(ax, "stagger_ticks", False):
+                stagger_ticks(ax, renderer)
+        fig.canvas.draw()
+    if any(ax.texts for ax in fig.axes):
+        fig.set_layout_engine("none")
+        for ax in fig.axes:
+            place_end_labels(ax, renderer)
 
 
 def legend_below(fig, axes) -> None:
@@ -410,10 +650,12 @@ def metric_label(key: str, runs: Iterable[Run] = ()) -> str:
 
 
 # ----------------------------------------------------------------------------- the figures
-def scaling_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None, x_key: str = "compute/nfe"):
+def scaling_figure(runs: list[Run], styles: dict[str, Style], ci: Optional[dict] = None,
+                   x_key: str = "compute/nfe"):
     """Target reward against a compute axis (``x_key``: NFE per sample, NFE plus backward passes, or
-    seconds; log scale) with bootstrap bands; cross-reward (banded too) and diversity beside it where the
-    runs have them."""
+    seconds; log scale, a labelled tick at every run's value) with bootstrap bands; cross-reward (banded
+    too) and diversity beside it where the runs have them. A curve drawn at the values of one before it
+    is drawn over it dashed with hollow markers (:func:`overlay`), so both show."""
     import matplotlib.pyplot as plt
 
     sampling = [r for r in runs if not r.is_finetune and TARGET in r.metrics]
@@ -424,29 +666,51 @@ def scaling_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] =
     fig, axes = plt.subplots(1, len(keys), figsize=(FULL_WIDTH if len(keys) > 1 else SINGLE_COLUMN, 2.3),
                              layout="constrained", squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for m, s in scaling_series(sampling, key, ci, x_key).items():
-            draw(ax, s, colors[m], m)
+        curves = scaling_series(sampling, key, ci, x_key)
+        norm = _normalised([(s.x, s.y) for s in curves.values()], log_x=True)
+        drawn: list[np.ndarray] = []
+        for m, s in curves.items():
+            xy = norm(s.x, s.y)
+            draw(ax, s, styles[m], m, **overlay(*hidden(xy, drawn)))
+            drawn.append(xy)
         log_nfe_axis(ax, (r.cost(x_key) for r in sampling), x_key)
         ax.set_title(metric_label(key, sampling))
     axes[0, 0].set_ylabel(f"mean ({100 * (ci or {}).get('level', 0.95):g}% bootstrap band)")
     legend_below(fig, axes)
+    finish(fig)
     return fig
 
 
-def tradeoff(ax, runs: list[Run], colors: dict[str, str], x_key: str, y_key: str, ci: Optional[dict]) -> None:
+def tradeoff(ax, runs: list[Run], styles: dict[str, Style], x_key: str, y_key: str, ci: Optional[dict]) -> None:
     """``y_key`` against ``x_key``: each sampling method's runs in NFE order (a point when there is one),
-    each fine-tuning run as its validation curve over steps, the last step annotated."""
-    for m, group in by_method(r for r in runs if x_key in r.metrics and y_key in r.metrics).items():
-        sampling = [r for r in group if not r.is_finetune]
-        if sampling:
-            draw(ax, series(sampling, x_key, y_key, ci), colors[m], m, band=False)
-        for r in (r for r in group if r.is_finetune):
-            rows = [row for row in r.curve if x_key in row and y_key in row]
-            (ln,) = ax.plot([row[x_key] for row in rows], [row[y_key] for row in rows], marker=".", ls="--",
-                            color=colors[m], label=f"{m} (fine-tuning)")
+    each fine-tuning run as its validation curve over steps, the last step annotated (placed clear of the
+    points by :func:`finish`); points at the values of points drawn before are drawn hollow over them."""
+    groups = by_method(r for r in runs if x_key in r.metrics and y_key in r.metrics)
+    samplers = {m: series([r for r in g if not r.is_finetune], x_key, y_key, ci)
+                for m, g in groups.items() if any(not r.is_finetune for r in g)}
+    curves = {m: [[row for row in r.curve if x_key in row and y_key in row] for r in g if r.is_finetune]
+              for m, g in groups.items()}
+    curves = {m: [rows for rows in c if rows] for m, c in curves.items()}
+    points = [(s.x, s.y) for s in samplers.values()]
+    points += [([row[x_key] for row in rows], [row[y_key] for row in rows]) for c in curves.values() for rows in c]
+    if not points:
+        return
+    norm = _normalised(points, log_x=False)
+    drawn: list[np.ndarray] = []
+    for m in groups:
+        style = as_style(styles[m])
+        for rows in curves[m]:
+            x, y = [row[x_key] for row in rows], [row[y_key] for row in rows]
+            (ln,) = ax.plot(x, y, marker=style.marker, ms=2.8, ls="--", color=style.color, label=f"{m} (fine-tuning)")
             tag(ln, m)
-            ax.annotate(f"step {rows[-1]['step']}", (rows[-1][x_key], rows[-1][y_key]), fontsize=5,
-                        xytext=(2, 2), textcoords="offset points")
+            ax.annotate(f"step {rows[-1]['step']}", (x[-1], y[-1]), fontsize=5, xytext=(2, 2),
+                        textcoords="offset points")
+            drawn.append(norm(x, y))
+        if m in samplers:
+            s = samplers[m]
+            xy = norm(s.x, s.y)
+            draw(ax, s, style, m, band=False, **overlay(*hidden(xy, drawn)))
+            drawn.append(xy)
     ax.set_xlabel(metric_label(x_key, runs))
     ax.set_ylabel(metric_label(y_key, runs))
 
@@ -462,37 +726,39 @@ def _with(runs: list[Run], *keys: str) -> list[Run]:
     return [r for r in runs if all(k in r.metrics for k in keys)]
 
 
-def tradeoff_figure(runs: list[Run], colors: dict[str, str], x_key: str, y_key: str, ci: Optional[dict] = None):
+def tradeoff_figure(runs: list[Run], styles: dict[str, Style], x_key: str, y_key: str, ci: Optional[dict] = None):
     """``y_key`` against ``x_key`` in one single-column panel (see :func:`tradeoff`)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(SINGLE_COLUMN, 2.9), layout="constrained")
-    tradeoff(ax, _with(runs, x_key, y_key), colors, x_key, y_key, ci)
+    tradeoff(ax, _with(runs, x_key, y_key), styles, x_key, y_key, ci)
     legend_below(fig, [ax])
+    finish(fig)
     return fig
 
 
-def frontier_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
+def frontier_figure(runs: list[Run], styles: dict[str, Style], ci: Optional[dict] = None):
     """Target reward against cross-reward: the over-optimisation frontier (single column)."""
-    return tradeoff_figure(runs, colors, _cross_key(runs), TARGET, ci)
+    return tradeoff_figure(runs, styles, _cross_key(runs), TARGET, ci)
 
 
-def diversity_figure(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
+def diversity_figure(runs: list[Run], styles: dict[str, Style], ci: Optional[dict] = None):
     """Diversity against target reward (single column)."""
     if not _with(runs, DIVERSITY, TARGET):
         raise MissingInput(f"no run has {DIVERSITY}")
-    return tradeoff_figure(runs, colors, TARGET, DIVERSITY, ci)
+    return tradeoff_figure(runs, styles, TARGET, DIVERSITY, ci)
 
 
-def overoptimisation_panels(runs: list[Run], colors: dict[str, str], ci: Optional[dict] = None):
+def overoptimisation_panels(runs: list[Run], styles: dict[str, Style], ci: Optional[dict] = None):
     """The frontier and diversity against target side by side (full width): the README's figure."""
     import matplotlib.pyplot as plt
 
     cross = _cross_key(runs)
     fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.7), layout="constrained")
-    tradeoff(axes[0], _with(runs, cross, TARGET), colors, cross, TARGET, ci)
-    tradeoff(axes[1], _with(runs, DIVERSITY, TARGET), colors, TARGET, DIVERSITY, ci)
+    tradeoff(axes[0], _with(runs, cross, TARGET), styles, cross, TARGET, ci)
+    tradeoff(axes[1], _with(runs, DIVERSITY, TARGET), styles, TARGET, DIVERSITY, ci)
     legend_below(fig, axes)
+    finish(fig)
     return fig
 
 
@@ -519,9 +785,53 @@ def grid_rows(runs: list[Run], num_samples: int, note: Callable[[str], None] = p
     return ids, rows
 
 
-def grids_figure(runs: list[Run], colors: dict[str, str], num_samples: int = 10,
+def _conditions(run: Run) -> Optional[list]:
+    """The conditions a run cycled over its sample ids (``data.init_args.conditions``, or the prompts of
+    ``data.init_args.prompts``: a list, a shipped set or a prompt file; a dataset is not read), or ``None``."""
+    from tsf.data.prompts import HF_PREFIX, load_prompts
+
+    conditions = run.settings.get("data.init_args.conditions")
+    prompts = run.settings.get("data.init_args.prompts")
+    if prompts is not None and not (isinstance(prompts, str) and prompts.startswith(HF_PREFIX)):
+        try:
+            conditions = load_prompts(prompts)
+        except Exception:  # a prompt file moved or removed since the run: the ids stay
+            conditions = None
+    return list(conditions) if isinstance(conditions, (list, tuple)) and conditions else None
+
+
+def condition_label(condition, sample_id: int, width_in: float, font_pt: float = 5.0, lines: int = 3) -> str:
+    """A grid column's heading: ``class 3`` for a class, a prompt wrapped to the column (at most ``lines``
+    lines, cut with an ellipsis), ``id 7`` for no condition."""
+    import textwrap
+
+    if condition is None:
+        return f"id {sample_id}"
+    if isinstance(condition, (int, np.integer)) and not isinstance(condition, bool):
+        return f"class {condition}"
+    chars = max(6, int(width_in * 72 / (0.55 * font_pt)))
+    wrapped = textwrap.wrap(str(condition), chars) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][:chars - 1].rstrip() + "…"
+    return "\n".join(wrapped)
+
+
+def column_labels(ids: list[int], runs: list[Run], width_in: float) -> list[str]:
+    """Each grid column's heading: its sample id's condition (class or prompt) where the runs of the rows
+    agree on it (their configs' conditions cycled over the ids), else the id."""
+    known = [c for c in map(_conditions, runs) if c is not None]
+    labels = []
+    for i in ids:
+        found = {repr(c[i % len(c)]) for c in known}
+        labels.append(condition_label(known[0][i % len(known[0])], i, width_in) if len(found) == 1 else f"id {i}")
+    return labels
+
+
+def grids_figure(runs: list[Run], styles: dict[str, Style], num_samples: int = 10,
                  note: Callable[[str], None] = print):
-    """One row per method (its largest-NFE run), the same sample ids in every row (full width)."""
+    """One row per method (its largest-NFE run), the same sample ids in every row (full width), each column
+    headed by its condition (a class, a prompt)."""
     import matplotlib.pyplot as plt
 
     ids, rows = grid_rows(runs, num_samples, note)
@@ -537,18 +847,20 @@ def grids_figure(runs: list[Run], colors: dict[str, str], num_samples: int = 10,
                   vmin=0, vmax=255, interpolation="nearest")
         ax.set_xticks([(j + 0.5) * (W + 1) - 1 for j in range(n)] if ax is axes[0, 0] else [])
         if ax is axes[0, 0]:
-            ax.set_xticklabels([f"id {i}" for i in ids.tolist()])
+            heads = column_labels(ids.tolist(), [r for _, r, _ in rows], FULL_WIDTH * 0.82 / n)
+            ax.set_xticklabels(heads, **({"fontsize": 5} if any("\n" in h or len(h) > 8 for h in heads) else {}))
             ax.xaxis.set_ticks_position("top")
         ax.set_yticks([])
         nfe = f"\nNFE {r.nfe:.0f}" if np.isfinite(r.nfe) else ""
-        label = ax.set_ylabel(f"{m}{nfe}", rotation=0, ha="right", va="center", color=colors[m])
+        color = as_style(styles[m]).color
+        label = ax.set_ylabel(f"{m}{nfe}", rotation=0, ha="right", va="center", color=color)
         tag(label, m)
         for spine in ax.spines.values():
-            spine.set_color(colors[m])
+            spine.set_color(color)
     return fig
 
 
-def smc_figure(runs: list[Run], colors: dict[str, str]):
+def smc_figure(runs: list[Run], styles: dict[str, Style]):
     """ESS / K (mean over samples, 10-90% band) and the fraction of samples resampled at each step (full width)."""
     import matplotlib.pyplot as plt
 
@@ -561,16 +873,19 @@ def smc_figure(runs: list[Run], colors: dict[str, str]):
         raise MissingInput("no run has diagnostics.pt with more than one particle (SMC-family samplers write it)")
     fig, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.2), layout="constrained")
     for m, group in by_method(smc).items():
+        style = as_style(styles[m])
         for j, r in enumerate(group):
             ess = r.diagnostics["ess_fraction"].double().numpy()
             steps = np.arange(1, ess.shape[1] + 1)
             legend = m if len(group) == 1 else f"{m}, NFE {r.nfe:.0f}"
             ls = ["-", "--", ":", "-."][j % 4]
-            (ln,) = axes[0].plot(steps, ess.mean(0), color=colors[m], ls=ls, label=legend)
+            every = max(1, len(steps) // 10)  # markers on at most about ten steps
+            (ln,) = axes[0].plot(steps, ess.mean(0), color=style.color, marker=style.marker, markevery=every, ls=ls,
+                                 label=legend)
             q10, q90 = np.quantile(ess, [0.1, 0.9], axis=0)
-            tag([ln, axes[0].fill_between(steps, q10, q90, color=colors[m], alpha=0.15, linewidth=0)], m)
-            (ln,) = axes[1].plot(steps, r.diagnostics["resampled"].double().mean(0).numpy(), color=colors[m],
-                                 ls=ls, marker=".", label=legend)
+            tag([ln, axes[0].fill_between(steps, q10, q90, color=style.color, alpha=0.15, linewidth=0)], m)
+            (ln,) = axes[1].plot(steps, r.diagnostics["resampled"].double().mean(0).numpy(), color=style.color,
+                                 ls=ls, marker=style.marker, markevery=every, label=legend)
             tag(ln, m)
     axes[0].set_ylim(0, 1.05)
     axes[0].set_ylabel("ESS / K (mean, 10-90% band)")
@@ -585,21 +900,21 @@ def smc_figure(runs: list[Run], colors: dict[str, str]):
 FIGURES = ("scaling", "frontier", "diversity", "overoptimisation", "grids", "smc_diagnostics")
 
 
-def build(name: str, runs: list[Run], colors: dict[str, str], ci: dict, grid_samples: int, note,
+def build(name: str, runs: list[Run], styles: dict[str, Style], ci: dict, grid_samples: int, note,
           x_key: str = "compute/nfe"):
     """The named figure (a matplotlib Figure); :class:`MissingInput` when the runs lack its inputs."""
     if name == "scaling":
-        return scaling_figure(runs, colors, ci, x_key)
+        return scaling_figure(runs, styles, ci, x_key)
     if name == "frontier":
-        return frontier_figure(runs, colors, ci)
+        return frontier_figure(runs, styles, ci)
     if name == "diversity":
-        return diversity_figure(runs, colors, ci)
+        return diversity_figure(runs, styles, ci)
     if name == "overoptimisation":
-        return overoptimisation_panels(runs, colors, ci)
+        return overoptimisation_panels(runs, styles, ci)
     if name == "grids":
-        return grids_figure(runs, colors, grid_samples, note)
+        return grids_figure(runs, styles, grid_samples, note)
     if name == "smc_diagnostics":
-        return smc_figure(runs, colors)
+        return smc_figure(runs, styles)
     raise ConfigError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
 
 
@@ -621,12 +936,12 @@ def make_figures(runs: list[Run], out: Path, only: Optional[Iterable[str]] = Non
                  dpi: int = 200, note: Callable[[str], None] = print, x_key: str = "compute/nfe") -> list[Path]:
     """Every figure (or those in ``only``) into ``out/<prefix><name>.{png,pdf}``; returns the files written.
     A figure whose inputs no run has is skipped with a note. ``x_key`` is the scaling figure's compute axis."""
-    colors = method_colors(r.label for r in runs)
+    styles = method_styles((r.label for r in runs), {r.label: r.default for r in runs if r.default})
     written = []
     with style():
         for name in only or FIGURES:
             try:
-                fig = build(name, runs, colors, ci or {}, grid_samples, note, x_key)
+                fig = build(name, runs, styles, ci or {}, grid_samples, note, x_key)
             except MissingInput as why:
                 note(f"note: {name} skipped: {why}")
                 continue
@@ -649,6 +964,10 @@ def main(argv=None) -> None:
     p.add_argument("--x", choices=["nfe", "nfe_total", "seconds"], default="nfe",
                    help="the scaling figure's compute axis: NFE per sample, NFE plus backward passes (what a "
                         "gradient sampler such as DAS also spends), or wall seconds per sample")
+    p.add_argument("--labels", nargs="+", default=None, metavar="KEY=LABEL",
+                   help="legend labels: KEY=LABEL pairs, a JSON object or a JSON/YAML file of them; KEY is a run "
+                        "directory (as given, or its name), a default label or a method (runs given one label are "
+                        "one curve); a run's config.yaml may also carry `label: ...`")
     p.add_argument("--wandb_project", default=None,
                    help="also draw the runs of this wandb project (entity/project; needs network and a login)")
     args = p.parse_args(argv)
@@ -658,11 +977,13 @@ def main(argv=None) -> None:
         if not d.exists():
             print(f"note: {d} does not exist; left out")
     runs = load_runs(d for d in args.run_dirs if d.is_dir())
-    if args.wandb_project:
-        try:
+    try:
+        if args.wandb_project:
             runs = distinct_labels(runs + wandb_runs(args.wandb_project))
-        except ConfigError as err:
-            sys.exit(f"tsf figures: error: {err}")
+        keys = {k for r in runs for k in ([str(r.path), r.path.name] if r.path else []) + [r.label, method_key(r.label)]}
+        runs = relabel(runs, parse_labels(args.labels, keys))
+    except ConfigError as err:
+        sys.exit(f"tsf figures: error: {err}")
     if not runs:
         sys.exit("tsf figures: error: no run directory (metrics.json or val_metrics.jsonl) among the arguments")
     ci = {"num_resamples": args.bootstrap, "level": args.level, "seed": args.seed}

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tsf.commands.compare import main as compare
 from tsf.commands.compare import run_tsf
-from tsf.commands.figures import (Run, _cross_key, load_runs, method_colors, overoptimisation_panels, save_figure,
+from tsf.commands.figures import (Run, _cross_key, load_runs, method_styles, overoptimisation_panels, save_figure,
                                   style)
+from tsf.commands.table import mean_se, standard_error
 
 
 def overoptimisation_figure(curves: dict[str, list[dict]], points: dict[str, dict], out: Path) -> list[Path]:
@@ -34,7 +35,7 @@ def overoptimisation_figure(curves: dict[str, list[dict]], points: dict[str, dic
 def save_overoptimisation(runs: list[Run], out: Path) -> list[Path]:
     """The over-optimisation panels of ``runs`` to ``out.png`` and ``out.pdf``."""
     with style():
-        return save_figure(overoptimisation_panels(runs, method_colors(r.label for r in runs)), out)
+        return save_figure(overoptimisation_panels(runs, method_styles(r.label for r in runs)), out)
 
 
 #: per domain: the samplers' config folder, the fine-tuning configs (configs/finetune/<name>.yaml), the default
@@ -83,10 +84,16 @@ def main(argv=None) -> None:
     fig = args.figure or out / figure_name
     save_overoptimisation(runs, fig)
     cross = _cross_key(runs)
-    lines = ["| method | target mean | cross mean | diversity pairwise | vendi | fd | NFE |", "|---|---|---|---|---|---|---|"]
+    def mean(r: Run, key: str) -> str:  # the mean, with its standard error where samples.pt has the per-sample values
+        v = r.per_sample(key)
+        se = None if v is None else standard_error(v)
+        return f"{r.metrics[key]:.3f}" if se is None else mean_se(r.metrics[key], se)
+
+    lines = ["| method | target mean ± s.e. | cross mean ± s.e. | diversity pairwise | vendi | fd | NFE |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
         name, m = (f"{r.label} step {r.metrics['step']}", r.metrics) if r.is_finetune else (r.label, r.metrics)
-        lines.append(f"| {name} | {m['target/mean']:.3f} | {m[cross]:.3f} | {m['diversity/pairwise']:.3f} | "
+        lines.append(f"| {name} | {mean(r, 'target/mean')} | {mean(r, cross)} | {m['diversity/pairwise']:.3f} | "
                      f"{m['diversity/vendi']:.2f} | {m.get('fidelity/fd', float('nan')):.2f} | {nfe_cell(r)} |")
     print("\n".join(lines))
     print(f"figure: {fig}.png (and .pdf)")

@@ -47,11 +47,11 @@ def budget_overrides(config: Path, budget: int, steps: Optional[int] = None) -> 
 
 def plot(run_dirs: list[Path], out: Path) -> list[Path]:
     """The scaling figure of :mod:`tsf.commands.figures` (bootstrap bands, the shared method colours) at ``out.{png,pdf}``."""
-    from tsf.commands.figures import load_runs, method_colors, save_figure, scaling_figure, style
+    from tsf.commands.figures import load_runs, method_styles, save_figure, scaling_figure, style
 
     runs = load_runs(run_dirs)
     with style():
-        return save_figure(scaling_figure(runs, method_colors(r.label for r in runs)), out)
+        return save_figure(scaling_figure(runs, method_styles(r.label for r in runs)), out)
 
 
 def main(argv=None) -> None:
