@@ -223,17 +223,20 @@ def test_real_model_config_writes_a_complete_run_directory(pipelines, tiny_clip,
     assert s["images"].shape == (3, 3, 16, 16) and s["sample_id"].tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("method", ["draft", "ddpo"])
-def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_clip, tmp_path, method):
-    """``tsf finetune`` on a Stable Diffusion pipeline: the adapter is diffusers' LoRA format, a plain
-    ``StableDiffusionPipeline`` loads it with ``load_lora_weights`` and its output changes, and tsf's ``adapter``
-    gives the same samples as that pipeline; the checkpoint holds the adapters alone."""
+@pytest.mark.parametrize("method, family", [("draft", "sd15"), ("ddpo", "sd15"), ("draft", "sdxl"),
+                                            pytest.param("ddpo", "sdxl", marks=pytest.mark.slow)])  # (about 40 s)
+def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_clip, tmp_path, method, family):
+    """``tsf finetune`` on a Stable Diffusion 1.x and an SDXL pipeline (``configs/<family>/<method>.yaml``; SDXL's
+    kernel gives the UNet its pooled text embeddings and time ids): the adapter is diffusers' LoRA format, a plain
+    ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` loads it with ``load_lora_weights`` and its output
+    changes, and tsf's ``adapter`` gives the same samples as that pipeline; the checkpoint holds the adapters alone."""
     from safetensors.torch import load_file
 
     from tsf.cli import main
 
     base = "--model.init_args.base.init_args"
-    main(["finetune", "--config", str(ROOT / f"configs/sd15/{method}.yaml"), f"{base}.pretrained={pipelines['sd15']}",
+    main(["finetune", "--config", str(ROOT / f"configs/{family}/{method}.yaml"),
+          f"{base}.pretrained={pipelines[family]}", f"{base}.variant=",
           f"{base}.num_steps=3", f"{base}.height=16", f"{base}.width=16", f"{base}.dtype=float32",
           f"--model.init_args.reward.init_args.model={tiny_clip}",
           f"--model.init_args.reward.init_args.head={tiny_clip / 'head.pth'}",
@@ -242,7 +245,8 @@ def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_
           "--model.init_args.lr=0.01",  # (so that 2 steps move the adapter well clear of zero)
           "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
           "--trainer.enable_progress_bar=false", f"--output_dir={tmp_path}", "--run_name=run",
-          *(["--model.init_args.micro_batch=1"] if method == "ddpo" else [])])
+          *(["--model.init_args.micro_batch=1", "--model.init_args.num_batches_per_epoch=1",
+             "--model.init_args.train_batch_size=2"] if method == "ddpo" else [])])
     run = tmp_path / "run"
     lora = load_file(str(run / "adapter" / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("unet.") and "lora" in k for k in lora)  # diffusers' names
@@ -253,17 +257,16 @@ def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_
     assert len(ckpt["state_dict"]) == len(lora) == len(ckpt["optimizer_states"][0]["state"])  # one per LoRA matrix
 
     # the adapter in diffusers alone: it loads as an adapter of the UNet and changes the pipeline's output
-    plain = diffusers.StableDiffusionPipeline.from_pretrained(str(pipelines["sd15"]))
-    plain.set_progress_bar_config(disable=True)
-    m = model(pipelines, "sd15", eta=0.0, guidance_scale=5.0)
+    plain = plain_pipeline(pipelines, family)
+    m = model(pipelines, family, eta=0.0, guidance_scale=5.0)
     noise = Noise(3, range(2), m.device).randn(1, (4, 8, 8))
-    without = diffusers_images(pipelines, "sd15", m.load(), noise, 5.0, pipe=plain)
+    without = diffusers_images(pipelines, family, m.load(), noise, 5.0, pipe=plain)
     plain.load_lora_weights(str(run / "adapter"))
     assert plain.get_list_adapters() == {"unet": ["default_0"]}
-    with_lora = diffusers_images(pipelines, "sd15", m, noise, 5.0, pipe=plain)
+    with_lora = diffusers_images(pipelines, family, m, noise, 5.0, pipe=plain)
     assert (with_lora - without).abs().max() > 1e-2
     # and through tsf's `adapter`: the samples of the pipeline with the LoRA
-    tuned = model(pipelines, "sd15", eta=0.0, guidance_scale=5.0, adapter=str(run / "adapter"))
+    tuned = model(pipelines, family, eta=0.0, guidance_scale=5.0, adapter=str(run / "adapter"))
     out = BaseSampler().sample(tuned, None, PROMPTS, range(2), seed=3)
     torch.testing.assert_close(out.images, with_lora.float(), atol=2e-4, rtol=0)
 
