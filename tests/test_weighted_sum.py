@@ -61,8 +61,9 @@ def test_mixture_configuration_errors_are_one_clear_line():
     ("das", ["--model.init_args.sampler.init_args.grad_batch=6"]),  # SMC with gradient proposals: DAS
 ])
 def test_every_sampler_takes_a_mixture_and_logs_each_term_beside_the_sum(tmp_path, config, extra):
+    wandb = "offline" if config == "best_of_n" else "disabled"  # (wandb's log read back once)
     main(["sample", "--config", str(ROOT / f"configs/digits/{config}.yaml"), *SMALL, *extra,
-          f"--model.init_args.reward={MIXTURE}", f"--output_dir={tmp_path}", "--run_name=run"])
+          f"--model.init_args.reward={MIXTURE}", f"--output_dir={tmp_path}", "--run_name=run", f"--wandb_mode={wandb}"])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     samples = load_samples(tmp_path / "run")
     rewards = samples["rewards"]
@@ -76,6 +77,12 @@ def test_every_sampler_takes_a_mixture_and_logs_each_term_beside_the_sum(tmp_pat
     assert metrics["target/mean"] == pytest.approx(float(rewards["weighted_sum"].mean()), abs=1e-5)
     # the holdout term is the cross-reward digit_holdout on the same samples
     torch.testing.assert_close(rewards["weighted_sum/holdout"], rewards["digit_holdout"])
+    if wandb == "offline":  # wandb's summary holds the terms beside the sum
+        from wandb_log import read_run
+
+        summary = read_run(tmp_path / "run")[1]
+        for key in ("target/mean", "target/digit/mean", "target/brightness/mean", "target/holdout/mean"):
+            assert summary[key] == pytest.approx(metrics[key], rel=1e-6), key
 
 
 def test_a_gradient_sampler_refuses_a_mixture_with_a_term_that_is_not_differentiable(tmp_path, capsys):
