@@ -506,7 +506,8 @@ class StableDiffusion(_Pipeline, EpsDiffusionModel):
             each component on the GPU only while it runs. For gradient-free sampling: no gradient flows
             through an offloaded denoiser and decoder, and fine-tuning refuses it.
         local_files_only, cache_dir, token, use_safetensors, device_map: passed to ``from_pretrained`` as
-            diffusers takes them (the hub cache only; another cache directory; a hub token for gated models;
+            diffusers takes them (the hub cache only; another cache directory; a hub token for gated models,
+            ``true`` for the logged-in one (a token written out is saved with the run's config);
             safetensors files only; diffusers' placement of the components, e.g. ``balanced``).
         quantization_config: passed to ``from_pretrained``: diffusers' ``PipelineQuantizationConfig`` or one model's
             quantization config (``BitsAndBytesConfig``, ``TorchAoConfig``, ``GGUFQuantizationConfig``,
