@@ -66,6 +66,11 @@ def add_lora(model: BaseModel, rank: int = 4, alpha: Optional[float] = None,
     net.requires_grad_(False)
     model.net = get_peft_model(net, LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
                                                lora_dropout=0.0))
+    from tsf.models.digits import DigitsDiffusion, DigitsFlow, adapter_base_name
+
+    if isinstance(model, (DigitsDiffusion, DigitsFlow)):
+        # adapter_config.json names the base model (tsf:digits_denoiser), as peft does a hub model's name
+        model.net.peft_config["default"].base_model_name_or_path = adapter_base_name(model)
 
 
 @contextlib.contextmanager
@@ -94,7 +99,8 @@ def save_lora(model: BaseModel, path: Path) -> None:
     if hasattr(model, "save_lora"):
         model.save_lora(path)
     else:
-        model.net.save_pretrained(str(path))
+        # (no embedding layers to save: peft would otherwise look the base model's config up on the hub)
+        model.net.save_pretrained(str(path), save_embedding_layers=False)
 
 
 def trim_curve(path: Path, step: int) -> None:

@@ -581,3 +581,55 @@ def test_flow_grpo_can_leave_zero_advantage_samples_out(tmp_path):
         metrics = read_metrics(tmp_path / str(skip))
         assert metrics[0]["kl"] > 0 if not skip else metrics[0]["kl"] == 0
     assert moved[False] > 0 and moved[True] == 0
+
+
+def readme_snippet(marker: str) -> str:
+    """The Python block that follows ``<!-- marker -->`` in the README."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text[text.index(f"<!-- {marker} -->"):]
+    return block[block.index("```python\n") + len("```python\n"):block.index("\n```", block.index("```python"))]
+
+
+def test_a_digits_adapter_names_its_base_model_and_the_readme_loads_it_with_peft_alone(tmp_path, monkeypatch):
+    """``adapter_config.json`` of a fine-tuned digits adapter names ``tsf:digits_denoiser``; the README's snippet
+    (run as written, in a directory holding ``runs/finetune_draft/adapter``) loads it with peft's ``PeftModel``
+    and gives the fine-tuned network's output, which differs from the base network's."""
+    from baselines.common import add_lora, save_lora
+    from tsf.models import DigitsFlow
+    from tsf.models.digits import base_network
+
+    m = DigitsDiffusion(num_steps=5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        add_lora(m, rank=4)
+    with torch.no_grad():
+        for name, p in m.net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # a trained adapter (B starts at zero)
+    adapter = tmp_path / "runs" / "finetune_draft" / "adapter"
+    save_lora(m, adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tsf:digits_denoiser"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(readme_snippet("peft-digits-adapter"), "README.md", "exec"), scope)
+    x, t, labels = scope["x"], scope["t"], scope["labels"]
+    with torch.no_grad():
+        torch.testing.assert_close(scope["eps"], m.net.eval()(x, t, labels))  # tsf's fine-tuned network
+        torch.testing.assert_close(scope["eps_base"], DigitsDiffusion().load().net(x, t, labels))
+    assert (scope["eps"] - scope["eps_base"]).abs().max() > 1e-3
+    # the flow's adapter names the flow (its time-scaling wrapper is the adapted module), and other weights by path
+    flow = DigitsFlow(num_steps=4)
+    add_lora(flow, rank=4)
+    save_lora(flow, tmp_path / "flow")
+    name = json.loads((tmp_path / "flow" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert name == "tsf:digits_flow"
+    from peft import PeftModel
+
+    assert isinstance(PeftModel.from_pretrained(base_network(name), str(tmp_path / "flow")), PeftModel)
+    from tsf.models.digits import adapter_base_name, resolve_weights
+
+    path = str(resolve_weights("digits_denoiser"))
+    assert adapter_base_name(DigitsDiffusion(weights=path)) == f"tsf:DigitsDiffusion:{path}"
+    assert type(base_network(f"tsf:DigitsDiffusion:{path}")).__name__ == "ResidualMLPDenoiser"

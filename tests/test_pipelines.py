@@ -1,6 +1,8 @@
 """Real-model code on tiny random diffusers pipelines (SD 1.x, SDXL, SD3, FLUX) built from config,
 saved to a temp directory and loaded through the same ``pretrained`` path a user gives."""
 
+import contextlib
+import io
 from pathlib import Path
 
 import diffusers
@@ -9,6 +11,7 @@ import torch
 
 from tiny import tiny_pipeline
 from tsf.commands.bench import WorkCounter
+from tsf.errors import ConfigError
 from tsf.models import Flux, StableDiffusion, StableDiffusion3
 from tsf.rewards import build_reward
 from tsf.samplers import SMC, SVDD, BestOfN
@@ -220,17 +223,20 @@ def test_real_model_config_writes_a_complete_run_directory(pipelines, tiny_clip,
     assert s["images"].shape == (3, 3, 16, 16) and s["sample_id"].tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("method", ["draft", "ddpo"])
-def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_clip, tmp_path, method):
-    """``tsf finetune`` on a Stable Diffusion pipeline: the adapter is diffusers' LoRA format, a plain
-    ``StableDiffusionPipeline`` loads it with ``load_lora_weights`` and its output changes, and tsf's ``adapter``
-    gives the same samples as that pipeline; the checkpoint holds the adapters alone."""
+@pytest.mark.parametrize("method, family", [("draft", "sd15"), ("ddpo", "sd15"), ("draft", "sdxl"),
+                                            pytest.param("ddpo", "sdxl", marks=pytest.mark.slow)])  # (about 40 s)
+def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_clip, tmp_path, method, family):
+    """``tsf finetune`` on a Stable Diffusion 1.x and an SDXL pipeline (``configs/<family>/<method>.yaml``; SDXL's
+    kernel gives the UNet its pooled text embeddings and time ids): the adapter is diffusers' LoRA format, a plain
+    ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` loads it with ``load_lora_weights`` and its output
+    changes, and tsf's ``adapter`` gives the same samples as that pipeline; the checkpoint holds the adapters alone."""
     from safetensors.torch import load_file
 
     from tsf.cli import main
 
     base = "--model.init_args.base.init_args"
-    main(["finetune", "--config", str(ROOT / f"configs/sd15/{method}.yaml"), f"{base}.pretrained={pipelines['sd15']}",
+    main(["finetune", "--config", str(ROOT / f"configs/{family}/{method}.yaml"),
+          f"{base}.pretrained={pipelines[family]}", f"{base}.variant=",
           f"{base}.num_steps=3", f"{base}.height=16", f"{base}.width=16", f"{base}.dtype=float32",
           f"--model.init_args.reward.init_args.model={tiny_clip}",
           f"--model.init_args.reward.init_args.head={tiny_clip / 'head.pth'}",
@@ -239,7 +245,8 @@ def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_
           "--model.init_args.lr=0.01",  # (so that 2 steps move the adapter well clear of zero)
           "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
           "--trainer.enable_progress_bar=false", f"--output_dir={tmp_path}", "--run_name=run",
-          *(["--model.init_args.micro_batch=1"] if method == "ddpo" else [])])
+          *(["--model.init_args.micro_batch=1", "--model.init_args.num_batches_per_epoch=1",
+             "--model.init_args.train_batch_size=2"] if method == "ddpo" else [])])
     run = tmp_path / "run"
     lora = load_file(str(run / "adapter" / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("unet.") and "lora" in k for k in lora)  # diffusers' names
@@ -250,17 +257,16 @@ def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_
     assert len(ckpt["state_dict"]) == len(lora) == len(ckpt["optimizer_states"][0]["state"])  # one per LoRA matrix
 
     # the adapter in diffusers alone: it loads as an adapter of the UNet and changes the pipeline's output
-    plain = diffusers.StableDiffusionPipeline.from_pretrained(str(pipelines["sd15"]))
-    plain.set_progress_bar_config(disable=True)
-    m = model(pipelines, "sd15", eta=0.0, guidance_scale=5.0)
+    plain = plain_pipeline(pipelines, family)
+    m = model(pipelines, family, eta=0.0, guidance_scale=5.0)
     noise = Noise(3, range(2), m.device).randn(1, (4, 8, 8))
-    without = diffusers_images(pipelines, "sd15", m.load(), noise, 5.0, pipe=plain)
+    without = diffusers_images(pipelines, family, m.load(), noise, 5.0, pipe=plain)
     plain.load_lora_weights(str(run / "adapter"))
     assert plain.get_list_adapters() == {"unet": ["default_0"]}
-    with_lora = diffusers_images(pipelines, "sd15", m, noise, 5.0, pipe=plain)
+    with_lora = diffusers_images(pipelines, family, m, noise, 5.0, pipe=plain)
     assert (with_lora - without).abs().max() > 1e-2
     # and through tsf's `adapter`: the samples of the pipeline with the LoRA
-    tuned = model(pipelines, "sd15", eta=0.0, guidance_scale=5.0, adapter=str(run / "adapter"))
+    tuned = model(pipelines, family, eta=0.0, guidance_scale=5.0, adapter=str(run / "adapter"))
     out = BaseSampler().sample(tuned, None, PROMPTS, range(2), seed=3)
     torch.testing.assert_close(out.images, with_lora.float(), atol=2e-4, rtol=0)
 
@@ -621,6 +627,96 @@ def test_revision_selects_the_hub_snapshot(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [float(v) for v in res.stdout.split()] == [first["main"], first["main"], first["v2"], first["v2"]]
+
+
+def hub_cache(pipelines, kind, root):
+    """The tiny ``kind`` pipeline in a Hugging Face hub cache directory at ``root`` (huggingface_hub's layout:
+    ``models--<org>--<name>/snapshots/<commit>/``, ``refs/main`` holding the commit), as repo ``tsf-test/tiny-<kind>``."""
+    import shutil
+
+    repo = root / f"models--tsf-test--tiny-{kind}"
+    if not repo.exists():
+        shutil.copytree(pipelines[kind], repo / "snapshots" / ("d" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("d" * 40)
+    return f"tsf-test/tiny-{kind}"
+
+
+def denoiser_weights(m):
+    return {k: v.clone() for k, v in m.net.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", list(PIPELINE_CLASSES))
+def test_loading_options_reach_from_pretrained_local_files_only_and_a_cache_dir(pipelines, tmp_path, kind,
+                                                                              monkeypatch):
+    """``local_files_only``, ``cache_dir``, ``token``, ``use_safetensors`` and ``device_map`` go to diffusers'
+    ``from_pretrained``
+    on every family: a hub name loads from a cache directory of its own, with no network (local files only),
+    the same weights as the saved pipeline; without that cache directory the same name is a clear error."""
+    seen = []
+    original = diffusers.DiffusionPipeline.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):  # diffusers' own from_pretrained, its keyword arguments recorded
+        seen.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", classmethod(spy))
+    name = hub_cache(pipelines, kind, tmp_path / "cache")
+    options = dict(local_files_only=True, cache_dir=str(tmp_path / "cache"), token="hf_not_used_offline",
+                   use_safetensors=True, device_map="cpu")
+    loaded = FAMILIES[kind](pretrained=name, num_steps=4, **options,
+                            **({"height": 16, "width": 16} if kind == "flux" else {})).load()
+    assert {k: seen[-1][k] for k in options} == options
+    reference = denoiser_weights(model(pipelines, kind).load())
+    assert all(torch.equal(v, reference[k]) for k, v in denoiser_weights(loaded).items())
+    with pytest.raises(ConfigError, match=r"cannot load .*tsf-test/tiny-.*local_files_only"):
+        FAMILIES[kind](pretrained=name, local_files_only=True, cache_dir=str(tmp_path / "other")).load()
+
+
+def test_loading_options_are_config_fields(tmp_path):
+    """The options are fields of the model's config (``Option 'local_files_only' is not accepted`` before)."""
+    import yaml
+
+    from tsf.cli import main
+
+    with pytest.raises(SystemExit) as done, contextlib.redirect_stdout(io.StringIO()) as out:
+        main(["sample", "--config", str(ROOT / "configs/sd15/best_of_n.yaml"),
+              "--model.init_args.base.init_args.local_files_only=true",
+              f"--model.init_args.base.init_args.cache_dir={tmp_path}",
+              "--model.init_args.base.init_args.use_safetensors=true",
+              "--model.init_args.base.init_args.quantization_config={class_path: diffusers.TorchAoConfig, init_args: "
+              "{quant_type: {class_path: torchao.quantization.Int8WeightOnlyConfig}}}", "--print_config"])
+    assert done.value.code in (0, None)
+    base = yaml.safe_load(out.getvalue())["model"]["init_args"]["base"]["init_args"]
+    assert base["local_files_only"] is True and base["cache_dir"] == str(tmp_path) and base["use_safetensors"] is True
+    assert base["quantization_config"]["class_path"] == "diffusers.TorchAoConfig"
+    with pytest.raises(ConfigError, match="quantization_config takes"):
+        StableDiffusion(pretrained="x", quantization_config={"quant_method": "int8"})
+
+
+@pytest.mark.parametrize("kind", ["sd15", "flux"])
+def test_a_quantization_config_quantizes_the_denoiser_on_the_cpu(pipelines, kind):
+    """diffusers' ``TorchAoConfig`` (int8 weight-only, which runs on the CPU) through ``quantization_config``, as
+    an object and as a config file's mapping: the denoiser's linear layers hold torchao's int8 weights, the VAE
+    and text encoders are untouched, and the model samples close to the float one."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    as_object = diffusers.TorchAoConfig(Int8WeightOnlyConfig())
+    as_mapping = {"class_path": "diffusers.TorchAoConfig",
+                  "init_args": {"quant_type": {"class_path": "torchao.quantization.Int8WeightOnlyConfig"}}}
+    plain = model(pipelines, kind).load()
+    ref = BaseSampler().sample(plain, None, PROMPTS, range(2), seed=3)
+    for config in (as_object, as_mapping):
+        q = model(pipelines, kind, quantization_config=config).load()
+        linear = [mod for mod in q.net.modules() if isinstance(mod, torch.nn.Linear)]
+        assert linear and all(mod.weight.qdata.dtype == torch.int8 for mod in linear)  # torchao's Int8Tensor
+        vae_linear = [mod for mod in q.vae.modules() if isinstance(mod, torch.nn.Linear)]
+        assert vae_linear and all(type(mod.weight) is torch.nn.Parameter for mod in vae_linear)
+        out = BaseSampler().sample(q, None, PROMPTS, range(2), seed=3)
+        err = (out.images - ref.images).abs().max()
+        assert 0 < err < 0.2, err  # quantized (not the same bits), close to the float model
+        assert q.cache_key() != plain.cache_key()  # (the reference samples of a quantized model are its own)
 
 
 def test_flux_latent_packing_is_the_pipelines(pipelines):

@@ -1,6 +1,8 @@
 """Text-to-image rewards (aesthetic, CLIP score, PickScore, HPSv2, ImageReward, incompressibility), their one
 preprocessing, prompt sets and the evaluator's per-prompt breakdown, on tiny random CLIP models saved to disk."""
 
+import contextlib
+from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -144,8 +146,9 @@ def test_non_prompt_conditions_are_refused(rewards):
 def test_missing_weights_say_what_to_download_and_which_field(tmp_path, clip_dir):
     with pytest.raises(ConfigError, match=r"sac\+logos\+ava1-l14-linearMSE\.pth.*init_args\.head"):
         from_config("tsf.rewards.AestheticScore", head=str(tmp_path / "nope.pth"), model=str(clip_dir))
-    with pytest.raises(ConfigError, match=r"init_args\.head"):
-        build_reward("aesthetic").load()
+    with offline_hub(tmp_path / "empty-cache"), pytest.raises(
+            ConfigError, match=r"trl-lib/ddpo-aesthetic-predictor.*init_args\.head_repo.*init_args\.head"):
+        build_reward("aesthetic").load()  # no head given, none in the (empty) cache, offline
     with pytest.raises(ConfigError, match=r"huggingface-cli download yuvalkirstain/PickScore_v1.*init_args\.model"):
         from_config("tsf.rewards.PickScore", model=str(tmp_path / "PickScore_v1"), processor=str(clip_dir))
     with pytest.raises(ConfigError, match=r"does not exist.*openai/clip-vit-large-patch14"):
@@ -279,3 +282,51 @@ def test_half_precision_weights_take_float_images_and_return_float32(clip_dir, r
     torch.testing.assert_close(out, rewards["clip_score"](x, PROMPTS), atol=3.0, rtol=0.05)  # x100 cosine
     with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16"):  # at config parsing
         from_config("tsf.rewards.ClipScore", model=str(clip_dir), dtype="float8")
+
+
+@contextlib.contextmanager
+def offline_hub(cache: Path):
+    """huggingface_hub offline, on the cache directory ``cache`` (what HF_HUB_OFFLINE=1 and HF_HUB_CACHE do to a
+    new process; the hub's functions read these constants when they are called)."""
+    import huggingface_hub.constants as hub
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub, "HF_HUB_OFFLINE", True)
+        mp.setattr(hub, "HF_HUB_CACHE", str(cache))
+        yield
+
+
+def hub_cache_file(cache: Path, repo: str, filename: str, commit: str = "c" * 40) -> Path:
+    """Where huggingface_hub's cache keeps ``filename`` of ``repo`` at ``main`` (its layout:
+    ``models--<org>--<name>/snapshots/<commit>/<file>``, ``refs/main`` holding the commit)."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    path = root / "snapshots" / commit / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_the_aesthetic_head_comes_from_the_hub_by_default_and_a_local_head_overrides_it(tmp_path, clip_dir, head_path):
+    """With no ``head``, the head is ``hf_hub_download(head_repo, head_file)`` (the default repository and file, or
+    others named); a local ``head`` file is used instead of the hub. Offline, on a hub cache built here."""
+    torch.manual_seed(2)
+    other = C.AestheticHead(16)
+    cache = tmp_path / "hub"
+    torch.save(other.state_dict(), hub_cache_file(cache, C.AESTHETIC_HEAD_REPO, C.AESTHETIC_HEAD_FILE))
+    torch.save(C.AestheticHead(16).state_dict(), hub_cache_file(cache, "me/my-head", "head.pth"))
+    x = images()
+    with offline_hub(cache):
+        from_hub = from_config("tsf.rewards.AestheticScore", model=str(clip_dir))
+        named = from_config("tsf.rewards.AestheticScore", model=str(clip_dir), head_repo="me/my-head",
+                            head_file="head.pth")
+        local = from_config("tsf.rewards.AestheticScore", model=str(clip_dir), head=str(head_path))
+        with pytest.raises(ConfigError, match=r"'nope\.pth' of 'me/my-head'"):
+            from_config("tsf.rewards.AestheticScore", model=str(clip_dir), head_repo="me/my-head", head_file="nope.pth")
+    with torch.no_grad():
+        emb = from_hub.image_embeds(x)
+        torch.testing.assert_close(from_hub(x), other.eval()(emb).squeeze(-1))
+        assert not torch.allclose(named(x), from_hub(x))
+        local_head = C.AestheticHead(16)
+        local_head.load_state_dict(torch.load(head_path))
+        torch.testing.assert_close(local(x), local_head.eval()(emb).squeeze(-1))

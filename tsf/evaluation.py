@@ -6,7 +6,8 @@ dict of the metric keys of docs/run_directory.md (metrics.json):
 
 ``target/mean``, ``target/median``, ``target/q90``, ``target/nonfinite`` (samples whose target reward
 is NaN or infinite: counted there, left out of the statistics), ``cross/<reward>/mean`` (and
-``cross/<reward>/nonfinite`` when some are),
+``cross/<reward>/nonfinite`` when some are), ``target/<term>/mean`` for each term of a mixture target
+(:class:`~tsf.rewards.WeightedSum`: the term's raw value, before its shift and scale),
 ``diversity/pairwise``, ``diversity/vendi``, ``fidelity/fd`` (when a reference set of
 plain base samples is given), ``compute/<key>`` per sample for every key of
 :data:`tsf.samplers.base.COMPUTE_KEYS` (``nfe``, ``nfe_grad``, ``reward_calls``, ``reward_grad_calls``:
@@ -223,6 +224,10 @@ class Evaluator(Metric):
         self.cross = torch.nn.ModuleList(cross)
         self.feature_reward = features
         self.add_state("target_values", default=[], dist_reduce_fx="cat")
+        #: the terms of a mixture target (:class:`~tsf.rewards.WeightedSum`), each logged beside the sum
+        self.term_labels: list[str] = list(getattr(target, "labels", [])) if hasattr(target, "evaluate") else []
+        for i in range(len(self.term_labels)):
+            self.add_state(f"term_{i}", default=[], dist_reduce_fx="cat")
         for i in range(len(self.cross)):
             self.add_state(f"cross_{i}", default=[], dist_reduce_fx="cat")
         self.add_state("features", default=[], dist_reduce_fx="cat")
@@ -256,14 +261,32 @@ class Evaluator(Metric):
     def rewards(self, batch: SampleBatch, conditions: Sequence[Any]) -> dict[str, Tensor]:
         """Target and cross rewards of a batch's samples, by reward name (the input of :meth:`update`)."""
         images = batch.images if batch.images is not None else batch.x0
-        return {r.name: chunked(r, self.max_batch, images, list(conditions), min_rows=self.min_rows).float()
-                for r in [self.target, *self.cross]}
+        out = {r.name: chunked(r, self.max_batch, images, list(conditions), min_rows=self.min_rows).float()
+               for r in self.cross}
+        if self.term_labels:  # a mixture: the sum and each term's raw value, from one call of each term
+            total, terms = chunked(self.target.evaluate, self.max_batch, images, list(conditions), min_rows=self.min_rows)
+            out[self.target.name] = total.float()
+            out.update({self.term_key(label): terms[:, i] for i, label in enumerate(self.term_labels)})
+        else:
+            out[self.target.name] = chunked(self.target, self.max_batch, images, list(conditions),
+                                            min_rows=self.min_rows).float()
+        return out
+
+    def term_key(self, label: str) -> str:
+        """The key of a mixture term's per-sample values in :meth:`rewards` (and ``samples.pt``): ``<sum>/<term>``."""
+        return f"{self.target.name}/{label}"
+
+    def reward_keys(self) -> list[str]:
+        """The keys of :meth:`rewards`: the target, its terms (a mixture's), the cross-rewards."""
+        return [self.target.name, *(self.term_key(t) for t in self.term_labels), *self.cross_names()]
 
     @torch.no_grad()
     def update(self, batch: SampleBatch, rewards: dict[str, Tensor]) -> None:  # type: ignore[override]
         """Add a batch of final samples with their rewards from :meth:`rewards`."""
         images = batch.images if batch.images is not None else batch.x0
         self.target_values.append(rewards[self.target.name])
+        for i, label in enumerate(self.term_labels):
+            getattr(self, f"term_{i}").append(rewards[self.term_key(label)].float())
         for i, r in enumerate(self.cross):
             getattr(self, f"cross_{i}").append(rewards[r.name])
         self.features.append(self.featurize(images))
@@ -280,17 +303,19 @@ class Evaluator(Metric):
     def compute(self) -> dict[str, float]:
         target = dim_zero_cat(self.target_values).double()
         cross = [dim_zero_cat(getattr(self, f"cross_{i}")).double() for i in range(len(self.cross))]
+        terms = [dim_zero_cat(getattr(self, f"term_{i}")).double() for i in range(len(self.term_labels))]
         feats = dim_zero_cat(self.features)
         n = max(float(self.count), 1.0)
-        out = self._sample_metrics(target, cross, feats, torch.arange(len(target), device=target.device))
+        out = self._sample_metrics(target, cross, feats, torch.arange(len(target), device=target.device), terms)
         if self.reference is not None and not self.tokens:  # (no Frechet distance of raw token ids)
             out.update(guarded("fidelity/fd", lambda: {"fidelity/fd": frechet_distance(feats.cpu(), self.reference)}))
         for key in COMPUTE_KEYS:
             out[f"compute/{key}"] = float(getattr(self, f"compute_{key}")) / n
         return out
 
-    def _sample_metrics(self, target: Tensor, cross: list[Tensor], feats: Tensor, rows: Tensor) -> dict[str, float]:
-        """Target statistics, cross-reward means and diversity of the samples ``rows`` (indices)."""
+    def _sample_metrics(self, target: Tensor, cross: list[Tensor], feats: Tensor, rows: Tensor,
+                        terms: Sequence[Tensor] = ()) -> dict[str, float]:
+        """Target statistics (and a mixture's term means), cross-reward means and diversity of the samples ``rows``."""
         t = target[rows]
         finite = t[torch.isfinite(t)]  # a non-finite reward is counted, not averaged in
         out = {"target/nonfinite": float(len(t) - len(finite))}
@@ -299,6 +324,10 @@ class Evaluator(Metric):
                         "target/q90": float(torch.quantile(finite, 0.9))})
         else:
             out.update({"target/mean": float("nan"), "target/median": float("nan"), "target/q90": float("nan")})
+        for label, values in zip(self.term_labels, terms):
+            v = values[rows]
+            ok = torch.isfinite(v)
+            out[f"target/{label}/mean"] = float(v[ok].mean()) if ok.any() else float("nan")
         for r, values in zip(self.cross, cross):
             v = values[rows]
             ok = torch.isfinite(v)
@@ -343,10 +372,11 @@ class Evaluator(Metric):
         ids = dim_zero_cat(self.sample_ids).long().cpu()
         target = dim_zero_cat(self.target_values).double().cpu()
         cross = [dim_zero_cat(getattr(self, f"cross_{i}")).double().cpu() for i in range(len(self.cross))]
+        terms = [dim_zero_cat(getattr(self, f"term_{i}")).double().cpu() for i in range(len(self.term_labels))]
         feats = dim_zero_cat(self.features).cpu()
         keys = [condition_key(conditions[int(i) % len(conditions)]) for i in ids]
         table: dict[str, dict[str, float]] = {}
         for key in dict.fromkeys(keys):
             rows = torch.tensor([k == key for k in keys]).nonzero().reshape(-1)
-            table[key] = {"count": float(len(rows)), **self._sample_metrics(target, cross, feats, rows)}
+            table[key] = {"count": float(len(rows)), **self._sample_metrics(target, cross, feats, rows, terms)}
         return table

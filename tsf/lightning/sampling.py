@@ -171,7 +171,7 @@ class SamplingModule(L.LightningModule):
                 r.bind(base)
         feature_reward = self._feature_reward(features, cross)
         self.evaluator = Evaluator(self.reward, cross, feature_reward, lpips=lpips, min_rows=base.min_rows)
-        self.collector = SampleCollector(names)
+        self.collector = SampleCollector(self.evaluator.reward_keys())
         self.diagnostics = DiagnosticsCollector()
         self.fidelity_samples = int(fidelity_samples)
         self.results: dict[str, Any] = {}

@@ -231,6 +231,39 @@ def with_adapter(net: nn.Module, adapter: Optional[str]) -> nn.Module:
     return PeftModel.from_pretrained(net, adapter).eval()
 
 
+#: the prefix of a digits adapter's ``base_model_name_or_path`` (peft's ``adapter_config.json``)
+ADAPTER_BASE_PREFIX = "tsf:"
+
+
+def adapter_base_name(model: nn.Module) -> str:
+    """What a digits adapter's ``adapter_config.json`` names as its base model: ``tsf:digits_denoiser`` /
+    ``tsf:digits_flow`` for the shipped networks, ``tsf:<model class>:<weights>`` for others
+    (:func:`base_network` builds the network back from it)."""
+    default = {"DigitsDiffusion": DENOISER, "DigitsFlow": FLOW}[type(model).__name__]
+    if model.weights == default:
+        return ADAPTER_BASE_PREFIX + default
+    return f"{ADAPTER_BASE_PREFIX}{type(model).__name__}:{model.weights}"
+
+
+def base_network(name: str) -> nn.Module:
+    """The frozen network a digits adapter was trained on, from its ``base_model_name_or_path`` (see
+    :func:`adapter_base_name`), for ``peft.PeftModel.from_pretrained(base_network(name), adapter_dir)``:
+    the diffusion model's eps network ``(x, t, labels) -> eps``, the flow's velocity network ``(x, t in [0, 1],
+    labels) -> u`` (its time-scaling wrapper, as the adapter's module names say). Labels: the class, or 10 for
+    the unconditional model."""
+    if not name.startswith(ADAPTER_BASE_PREFIX):
+        raise ConfigError(f"{name!r} does not name a tsf digits model (tsf:digits_denoiser, tsf:digits_flow or "
+                          "tsf:<DigitsDiffusion|DigitsFlow>:<weights>)")
+    rest = name[len(ADAPTER_BASE_PREFIX):]
+    shipped = {DENOISER: "DigitsDiffusion", FLOW: "DigitsFlow"}
+    cls, _, weights = (shipped[rest], "", rest) if rest in shipped else rest.partition(":")
+    classes = {"DigitsDiffusion": DigitsDiffusion, "DigitsFlow": DigitsFlow}
+    if cls not in classes or not weights:
+        raise ConfigError(f"{name!r} does not name a tsf digits model (tsf:digits_denoiser, tsf:digits_flow or "
+                          "tsf:<DigitsDiffusion|DigitsFlow>:<weights>)")
+    return classes[cls](weights=weights).load().net
+
+
 class DigitsDiffusion(EpsDiffusionModel):
     """The embedded digits diffusion model (8x8 pixels in [-1, 1]; images in [0, 1]).
 

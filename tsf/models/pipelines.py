@@ -38,6 +38,7 @@ import contextlib
 import importlib
 import inspect
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -147,6 +148,62 @@ def prepare_pipeline(pipe):
     return pipe
 
 
+#: the keys of a quantization config given as a mapping: diffusers' ``PipelineQuantizationConfig`` arguments, or a
+#: ``class_path`` / ``init_args`` of one model's quantization config (``diffusers.TorchAoConfig``, ...)
+QUANTIZATION_KEYS = ("quant_backend", "quant_kwargs", "components_to_quantize", "class_path", "init_args")
+
+
+def check_quantization_config(config: Any) -> None:
+    """Refuse, before anything loads, a ``quantization_config`` mapping with keys neither form takes."""
+    if isinstance(config, dict):
+        unknown = sorted(set(config) - set(QUANTIZATION_KEYS))
+        if unknown or not config:
+            raise ConfigError(
+                f"quantization_config takes diffusers' PipelineQuantizationConfig arguments (quant_backend, quant_kwargs, "
+                f"components_to_quantize) or a class_path with init_args (diffusers.TorchAoConfig, "
+                f"diffusers.BitsAndBytesConfig, ...); got keys {unknown or '(none)'}")
+        if "class_path" in config and "quant_backend" in config:
+            raise ConfigError("quantization_config takes either quant_backend (with quant_kwargs) or a class_path, "
+                              "not both")
+
+
+def _instantiate(spec: Any) -> Any:
+    """``class_path`` / ``init_args`` mappings (at any depth) as instances, as a config file writes objects
+    (``quant_type: {class_path: torchao.quantization.Int8WeightOnlyConfig}``)."""
+    if isinstance(spec, dict):
+        if "class_path" in spec:
+            module, _, name = str(spec["class_path"]).rpartition(".")
+            cls = getattr(importlib.import_module(module or "diffusers"), name)
+            return cls(**_instantiate(spec.get("init_args") or {}))
+        return {k: _instantiate(v) for k, v in spec.items()}
+    if isinstance(spec, list):
+        return [_instantiate(v) for v in spec]
+    return spec
+
+
+def pipeline_quantization_config(config: Any, denoiser: str):
+    """``config`` as what ``DiffusionPipeline.from_pretrained`` takes: a ``PipelineQuantizationConfig`` as is; one
+    model's quantization config (``BitsAndBytesConfig``, ``TorchAoConfig``, ``GGUFQuantizationConfig``, ...) for the
+    denoiser (``quant_mapping={denoiser: config}``); a mapping of ``PipelineQuantizationConfig``'s arguments
+    (``components_to_quantize`` defaulting to the denoiser) or a ``class_path`` with its ``init_args`` (a config
+    file's form of the two before)."""
+    from diffusers import PipelineQuantizationConfig
+
+    if isinstance(config, PipelineQuantizationConfig):
+        return config
+    try:
+        if isinstance(config, dict):
+            config = _instantiate(config)
+            if not isinstance(config, dict):
+                return pipeline_quantization_config(config, denoiser)
+            return PipelineQuantizationConfig(**{"components_to_quantize": [denoiser], **config})
+        return PipelineQuantizationConfig(quant_mapping={denoiser: config})
+    except (ImportError, AttributeError, ValueError, TypeError) as e:
+        raise ConfigError(f"quantization_config {config!r} cannot be used ({type(e).__name__}: {str(e)[:300]}): "
+                          "install the backend it names (bitsandbytes, torchao, gguf, optimum-quanto) or choose one "
+                          "that is installed") from e
+
+
 class _Pipeline:
     """What the three families share: loading, the prompt table, chunked VAE decoding, precision, text-encoder
     placement and offloading, LoRA adapters in diffusers' format."""
@@ -162,7 +219,9 @@ class _Pipeline:
                        adapter: Optional[str], variant: Optional[str], revision: Optional[str],
                        height: Optional[int], width: Optional[int], negative_prompt: Optional[str],
                        batch_invariant: bool, keep_text_encoders_on_device: bool,
-                       cpu_offload: Union[bool, str]) -> None:
+                       cpu_offload: Union[bool, str], local_files_only: bool = False, cache_dir: Optional[str] = None,
+                       token: Union[bool, str, None] = None, use_safetensors: Optional[bool] = None,
+                       device_map: Optional[str] = None, quantization_config: Any = None) -> None:
         resolve_dtype(dtype)
         if decode_batch < 1:
             raise ConfigError(f"decode_batch must be >= 1, got {decode_batch}")
@@ -183,6 +242,12 @@ class _Pipeline:
         self.batch_invariant = bool(batch_invariant)
         self.keep_text_encoders_on_device = bool(keep_text_encoders_on_device)
         self.cpu_offload = cpu_offload
+        check_quantization_config(quantization_config)
+        #: what ``from_pretrained`` is given beside the dtype, variant and revision (the options diffusers users pass)
+        self.loading = {k: v for k, v in (("local_files_only", bool(local_files_only) or None), ("cache_dir", cache_dir),
+                                          ("token", token), ("use_safetensors", use_safetensors),
+                                          ("device_map", device_map), ("quantization_config", quantization_config))
+                        if v is not None and v != ""}
         self._offload_device: Optional[torch.device] = None
         self._text_encoders: list[nn.Module] = []  # not submodules (see attach)
         self.prompts = PromptTable()
@@ -209,16 +274,26 @@ class _Pipeline:
             kwargs["variant"] = self.variant
         if self.revision:
             kwargs["revision"] = self.revision
+        kwargs.update(self.loading)
+        if "cache_dir" in kwargs:
+            kwargs["cache_dir"] = os.path.expanduser(str(kwargs["cache_dir"]))
+        if "quantization_config" in kwargs:
+            kwargs["quantization_config"] = pipeline_quantization_config(kwargs["quantization_config"],
+                                                                         self.denoiser_name)
         try:
             with warnings.catch_warnings(), _quiet_loading():
                 warnings.simplefilter("ignore", FutureWarning)  # diffusers renames torch_dtype to dtype
                 pipe = cls.from_pretrained(self.pretrained, **kwargs)
         except (OSError, ValueError) as e:
+            where = f" (cache_dir {kwargs['cache_dir']!r})" if "cache_dir" in kwargs else ""
             raise ConfigError(
                 f"cannot load {self.pipeline_class} from {self.pretrained!r}"
-                f"{f' at revision {self.revision!r}' if self.revision else ''} ({type(e).__name__}: {str(e)[:300]}). "
-                "Give a hub name that is downloaded (or downloadable: HF_HUB_OFFLINE unset, logged in for gated "
-                "models) or a local directory saved with save_pretrained, in the model's `pretrained`.") from e
+                f"{f' at revision {self.revision!r}' if self.revision else ''}"
+                f"{where} "
+                f"({type(e).__name__}: {str(e)[:300]}). "
+                "Give a hub name that is downloaded (or downloadable: HF_HUB_OFFLINE and local_files_only unset, "
+                "logged in or `token` set for gated models) or a local directory saved with save_pretrained, in the "
+                "model's `pretrained`.") from e
         return prepare_pipeline(pipe)
 
     def attach(self, pipe, denoiser: nn.Module) -> nn.Module:
@@ -398,7 +473,9 @@ class _Pipeline:
         return z + shift if shift else z
 
     def cache_key(self) -> str:
-        return f"{type(self).__name__}({self.pretrained}, {self.extra_repr()})"
+        quantized = f", quantization_config={self.loading['quantization_config']!r}" \
+            if "quantization_config" in self.loading else ""
+        return f"{type(self).__name__}({self.pretrained}, {self.extra_repr()}{quantized})"
 
 
 class StableDiffusion(_Pipeline, EpsDiffusionModel):
@@ -428,6 +505,16 @@ class StableDiffusion(_Pipeline, EpsDiffusionModel):
         cpu_offload: diffusers' model CPU offload (``true``: onto the current CUDA device; or a device name):
             each component on the GPU only while it runs. For gradient-free sampling: no gradient flows
             through an offloaded denoiser and decoder, and fine-tuning refuses it.
+        local_files_only, cache_dir, token, use_safetensors, device_map: passed to ``from_pretrained`` as
+            diffusers takes them (the hub cache only; another cache directory; a hub token for gated models,
+            ``true`` for the logged-in one (a token written out is saved with the run's config);
+            safetensors files only; diffusers' placement of the components, e.g. ``balanced``).
+        quantization_config: passed to ``from_pretrained``: diffusers' ``PipelineQuantizationConfig`` or one model's
+            quantization config (``BitsAndBytesConfig``, ``TorchAoConfig``, ``GGUFQuantizationConfig``,
+            ``QuantoConfig``; then it quantizes the denoiser); in a config file, ``PipelineQuantizationConfig``'s
+            arguments (``{quant_backend: bitsandbytes_4bit, quant_kwargs: {load_in_4bit: true}}``; the components
+            default to the denoiser) or ``{class_path: diffusers.TorchAoConfig, init_args: {quant_type: {class_path:
+            torchao.quantization.Int8WeightOnlyConfig}}}`` (``class_path`` mappings at any depth are built).
     """
 
     pipeline_class = "DiffusionPipeline"
@@ -437,14 +524,19 @@ class StableDiffusion(_Pipeline, EpsDiffusionModel):
                  scheduler: Literal["ddim", "ddpm"] = "ddim", dtype: str = "float32", decode_batch: int = 8,
                  gradient_checkpointing: bool = False, adapter: Optional[str] = None,
                  variant: Optional[str] = None, batch_invariant: bool = False, revision: Optional[str] = None,
-                 keep_text_encoders_on_device: bool = False, cpu_offload: Union[bool, str] = False) -> None:
+                 keep_text_encoders_on_device: bool = False, cpu_offload: Union[bool, str] = False,
+                 local_files_only: bool = False, cache_dir: Optional[str] = None, token: Union[bool, str, None] = None,
+                 use_safetensors: Optional[bool] = None, device_map: Optional[str] = None,
+                 quantization_config: Optional[dict[str, Any]] = None) -> None:
         EpsDiffusionModel.__init__(self, None, None, scheduler=scheduler, num_steps=num_steps, eta=eta,
                                    guidance_scale=guidance_scale, sample_shape=(4, 64, 64))
         self._init_pipeline(pretrained, dtype=dtype, decode_batch=decode_batch,
                             gradient_checkpointing=gradient_checkpointing, adapter=adapter, variant=variant,
                             revision=revision, height=height, width=width, negative_prompt=negative_prompt,
                             batch_invariant=batch_invariant, keep_text_encoders_on_device=keep_text_encoders_on_device,
-                            cpu_offload=cpu_offload)
+                            cpu_offload=cpu_offload, local_files_only=local_files_only, cache_dir=cache_dir,
+                            token=token, use_safetensors=use_safetensors, device_map=device_map,
+                            quantization_config=quantization_config)
 
     def extra_repr(self) -> str:
         return (f"pretrained={self.pretrained}, dtype={self.dtype_name}, height={self.height}, width={self.width}, "
@@ -631,14 +723,20 @@ class StableDiffusion3(_FlowPipeline):
                  decode_batch: int = 8, gradient_checkpointing: bool = False, adapter: Optional[str] = None,
                  variant: Optional[str] = None, max_sequence_length: int = 256, batch_invariant: bool = False,
                  last_step: Optional[Literal["tweedie", "euler"]] = None, revision: Optional[str] = None,
-                 keep_text_encoders_on_device: bool = False, cpu_offload: Union[bool, str] = False) -> None:
+                 keep_text_encoders_on_device: bool = False, cpu_offload: Union[bool, str] = False,
+                 local_files_only: bool = False, cache_dir: Optional[str] = None, token: Union[bool, str, None] = None,
+                 use_safetensors: Optional[bool] = None, device_map: Optional[str] = None,
+                 quantization_config: Optional[dict[str, Any]] = None) -> None:
         super().__init__(pretrained, num_steps=num_steps, interpolant=interpolant, diffusion=diffusion,
                          diffusion_norm=diffusion_norm, time_grid=time_grid, shift=shift,
                          guidance_scale=guidance_scale, last_step=last_step, max_sequence_length=max_sequence_length,
                          dtype=dtype, decode_batch=decode_batch, gradient_checkpointing=gradient_checkpointing,
                          adapter=adapter, variant=variant, revision=revision, height=height, width=width,
                          negative_prompt=negative_prompt, batch_invariant=batch_invariant,
-                         keep_text_encoders_on_device=keep_text_encoders_on_device, cpu_offload=cpu_offload)
+                         keep_text_encoders_on_device=keep_text_encoders_on_device, cpu_offload=cpu_offload,
+                         local_files_only=local_files_only, cache_dir=cache_dir, token=token,
+                         use_safetensors=use_safetensors, device_map=device_map,
+                         quantization_config=quantization_config)
 
     def image_seq_len(self) -> int:
         p = self.net.config.patch_size
@@ -690,14 +788,20 @@ class Flux(_FlowPipeline):
                  gradient_checkpointing: bool = False, adapter: Optional[str] = None, variant: Optional[str] = None,
                  max_sequence_length: int = 256, batch_invariant: bool = False,
                  last_step: Optional[Literal["tweedie", "euler"]] = None, revision: Optional[str] = None,
-                 keep_text_encoders_on_device: bool = False, cpu_offload: Union[bool, str] = False) -> None:
+                 keep_text_encoders_on_device: bool = False, cpu_offload: Union[bool, str] = False,
+                 local_files_only: bool = False, cache_dir: Optional[str] = None, token: Union[bool, str, None] = None,
+                 use_safetensors: Optional[bool] = None, device_map: Optional[str] = None,
+                 quantization_config: Optional[dict[str, Any]] = None) -> None:
         super().__init__(pretrained, num_steps=num_steps, interpolant=interpolant, diffusion=diffusion,
                          diffusion_norm=diffusion_norm, time_grid=time_grid, shift=shift,
                          guidance_scale=guidance_scale, last_step=last_step, max_sequence_length=max_sequence_length,
                          dtype=dtype, decode_batch=decode_batch, gradient_checkpointing=gradient_checkpointing,
                          adapter=adapter, variant=variant, revision=revision, height=height, width=width,
                          negative_prompt=None, batch_invariant=batch_invariant,
-                         keep_text_encoders_on_device=keep_text_encoders_on_device, cpu_offload=cpu_offload)
+                         keep_text_encoders_on_device=keep_text_encoders_on_device, cpu_offload=cpu_offload,
+                         local_files_only=local_files_only, cache_dir=cache_dir, token=token,
+                         use_safetensors=use_safetensors, device_map=device_map,
+                         quantization_config=quantization_config)
 
     def _load(self) -> None:
         super()._load()

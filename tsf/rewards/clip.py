@@ -32,6 +32,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's codes, as image-processor configs store them
 AESTHETIC_HEAD_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                       "sac+logos+ava1-l14-linearMSE.pth")
+#: the hub repository and file of the same head, as TRL's DDPO loads it (``hf_hub_download``)
+AESTHETIC_HEAD_REPO, AESTHETIC_HEAD_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"
 
 
 # -- preprocessing (one function for guidance and evaluation) --------------------------------
@@ -313,9 +315,12 @@ class AestheticScore(ClipReward):
     image embeddings, a score on a 1-10 scale.
 
     Args:
-        head: path to the head's weights, ``sac+logos+ava1-l14-linearMSE.pth`` of
-            github.com/christophschuhmann/improved-aesthetic-predictor (a ``.pth`` state dict or
-            ``.safetensors`` with keys ``layers.0.weight`` ...).
+        head: a local file of the head's weights, which overrides the hub file below:
+            ``sac+logos+ava1-l14-linearMSE.pth`` of github.com/christophschuhmann/improved-aesthetic-predictor
+            (a ``.pth`` state dict or ``.safetensors`` with keys ``layers.0.weight`` ...).
+        head_repo, head_file: where the head comes from when ``head`` is not given: ``hf_hub_download(head_repo,
+            head_file)`` (the Hugging Face cache; ``HF_HUB_OFFLINE=1`` reads the cache only). Default: the same
+            LAION v2 head as TRL's DDPO ships it, ``trl-lib/ddpo-aesthetic-predictor`` / ``aesthetic-model.pth``.
         model, processor, dtype, interpolation, name: as :class:`ClipReward`.
     """
 
@@ -323,19 +328,35 @@ class AestheticScore(ClipReward):
     uses_text = False
 
     def __init__(self, head: Optional[str] = None, model: Optional[str] = None, processor: Optional[str] = None,
-                 dtype: str = "float32", interpolation: Optional[str] = None, name: Optional[str] = None) -> None:
+                 dtype: str = "float32", interpolation: Optional[str] = None, name: Optional[str] = None,
+                 head_repo: str = AESTHETIC_HEAD_REPO, head_file: str = AESTHETIC_HEAD_FILE) -> None:
         super().__init__(model, processor, dtype, interpolation, name)
         self.head_path = head
+        self.head_repo, self.head_file = head_repo, head_file
         self.head: Optional[AestheticHead] = None
 
+    def head_weights(self) -> Path:
+        """The head's file: ``head`` when given, else ``hf_hub_download(head_repo, head_file)``."""
+        hint = (f"set the reward's `init_args.head` to a local copy of {AESTHETIC_HEAD_URL} (e.g. "
+                "--model.init_args.reward.init_args.head=/path/sac+logos+ava1-l14-linearMSE.pth), or download "
+                f"`huggingface-cli download {self.head_repo} {self.head_file}` into the Hugging Face cache")
+        if self.head_path:
+            path = Path(os.path.expanduser(self.head_path))
+            if not path.is_file():
+                raise ConfigError(f"reward {self.name!r}: aesthetic head weights {str(path)!r} not found: {hint}")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.head_repo, self.head_file))
+        except (OSError, ValueError) as e:  # (the hub's errors, offline or not found, are OSErrors)
+            raise ConfigError(f"reward {self.name!r}: cannot get the aesthetic head {self.head_file!r} of "
+                              f"{self.head_repo!r} (init_args.head_repo, init_args.head_file) from the hub "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {hint}") from e
+
     def _load(self) -> None:
-        hint = (f"download {AESTHETIC_HEAD_URL} and set the reward's `init_args.head` to the file "
-                "(e.g. --model.init_args.reward.init_args.head=/path/sac+logos+ava1-l14-linearMSE.pth)")
-        if not self.head_path:
-            raise ConfigError(f"reward {self.name!r} needs the aesthetic head's weights: {hint}")
-        path = Path(os.path.expanduser(self.head_path))
-        if not path.is_file():
-            raise ConfigError(f"reward {self.name!r}: aesthetic head weights {str(path)!r} not found: {hint}")
+        path = self.head_weights()
+        hint = f"init_args.head takes the LAION aesthetic head {AESTHETIC_HEAD_URL}"
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
