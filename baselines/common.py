@@ -132,7 +132,7 @@ class FinetuneModule(L.LightningModule):
     def __init__(self, base: BaseModel, reward: Union[str, Reward] = "digit",
                  cross_rewards: Optional[list[Union[str, Reward]]] = None, conditions: Optional[list[Any]] = None,
                  batch_size: int = 32, lr: float = 3e-4, rank: int = 4, target_modules: Optional[list[str]] = None,
-                 val_samples: int = 200, seed: int = 0, prompts: Optional[str] = None,
+                 val_samples: int = 200, seed: int = 0, prompts: Optional[Union[list[str], str]] = None,
                  weight_decay: float = 0.01) -> None:
         super().__init__()
         conditions = conditions_or_prompts(conditions, prompts)
