@@ -1,6 +1,7 @@
 """`tsf sample` as a user runs it: run directory, determinism, wandb, and clear errors."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -380,7 +381,7 @@ def test_runs_that_differ_in_alpha_T_or_adapter_get_their_own_directory_and_curv
     names = [d.name for d in dirs]
     assert len(names) == 5, names  # none refused as "already holds a run", none overwritten
     assert any("alpha=1.0" in n for n in names) and any("num_steps=3" in n for n in names)
-    assert any("adapter=ft-adapter" in n for n in names) and any("seed1" in n for n in names)
+    assert any(re.search(r"adapter=ft(_|$)", n) for n in names) and any("seed1" in n for n in names)
     runs = load_runs(dirs, note=lambda _: None)
     methods = by_method(runs)
     assert len(methods) == 4, list(methods)  # the seed-1 run is a replicate of the alpha=0.1 run's method
@@ -397,7 +398,22 @@ def test_variant_suffix_is_readable_and_short():
                                    "base": {"init_args": {"adapter": "runs/finetune_draft/adapter"}}}},
            "data": {"init_args": {"seed": 3}}}
     variant = config_variant(run, file)  # K and the seed are in the name already; max_batch changes no sample
-    assert variant_suffix(variant) == "alpha=1.0_adapter=finetune_draft-adapter"  # the sampler's first
+    assert variant_suffix(variant) == "alpha=1.0_adapter=finetune_draft"  # the sampler's first; a run's adapter by its run
+    from tsf.cli import default_run_name
+    from tsf.identity import overrides_variant, short_value
+
+    assert short_value("/data/me/prompts/my_prompts.txt") == "my_prompts"  # a path by its last part
+    assert short_value("runs/sd15/finetune_sd15_draft_rank=4/checkpoints/last.ckpt") == "finetune_sd15_draft_rank-4"
+    assert short_value("stabilityai/sd-turbo") == "sd-turbo" and short_value("a photo/of a cat") == "a-photo-of-a-cat"
+    # a long value (inline prompts) shows its start, and the name its settings that fit within 80 characters
+    long = {"data.init_args.prompts": ["a red apple on a wooden table", "a photo of a cat"],
+            "model.init_args.sampler.init_args.alpha": 0.5}
+    name = default_run_name("das_K4_imagereward_seed0", long)
+    assert len(name) <= 80 and name.startswith("das_K4_imagereward_seed0_alpha=0.5_prompts=a-red-apple-on-a-woode")
+    assert name != default_run_name("das_K4_imagereward_seed0", {**long, "data.init_args.prompts": ["other"]})
+    assert overrides_variant(["--data.init_args.num_samples=50", "--trainer.devices", "2", "--model.init_args.base."
+                              "init_args.adapter", "runs/ft/adapter", "--data.init_args.batch_size=4"]) == {
+        "data.init_args.num_samples": 50, "model.init_args.base.init_args.adapter": "runs/ft/adapter"}
     many = {f"model.init_args.sampler.init_args.k{i}": "x" * 12 for i in range(9)}
     other = {**many, "model.init_args.sampler.init_args.k8": "y" * 12}
     assert len(variant_suffix(many)) <= 80 and variant_suffix(many).startswith("k0=xxxxxxxxxxxx_k1=")
@@ -481,3 +497,27 @@ def test_samples_pt_holds_each_samples_condition_and_compute_is_said_per_sample(
 
     with pytest.raises(ConfigError, match="unconditional"):
         DigitsDiffusion(guidance_scale=3.0)
+
+
+def test_config_yaml_records_paths_as_absolute_paths(tmp_path, monkeypatch):
+    """A relative adapter path is recorded absolute in config.yaml (the run names it by its run directory);
+    resuming from the same folder is the same run, also for a config.yaml written with the relative path."""
+    from peft import LoraConfig, get_peft_model
+
+    from tsf.models import DigitsDiffusion
+
+    monkeypatch.chdir(tmp_path)
+    get_peft_model(DigitsDiffusion().load().net, LoraConfig(r=2, target_modules=["fc1"])).save_pretrained("ft/adapter")
+    args = ["sample", "--config", CONFIG, *SMALL[:3], "--data.init_args.num_samples=4", "--wandb_mode=disabled",
+            "--model.init_args.base.init_args.adapter=ft/adapter", f"--output_dir={tmp_path / 'runs'}"]
+    main(args)
+    (d,) = (tmp_path / "runs").iterdir()
+    assert "_adapter=ft_" in d.name, d.name
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["base"]["init_args"]["adapter"] == str(tmp_path / "ft" / "adapter")
+    assert saved["model"]["init_args"]["reward"] == yaml.safe_load(Path(CONFIG).read_text())["model"]["init_args"]["reward"]
+    text = (d / "config.yaml").read_text().replace(str(tmp_path / "ft" / "adapter"), "ft/adapter")
+    (d / "config.yaml").write_text(text)  # as a run written before paths were recorded absolute
+    main([*args, "--resume=true"])  # not refused as "a run of another config"
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["base"]["init_args"]["adapter"] == str(tmp_path / "ft" / "adapter")

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -62,9 +62,16 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, files:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def default_run_name(name: str, variant: str = "") -> str:
-    """``name``, then ``variant`` (what the command line changed: :func:`tsf.identity.variant_suffix`), made
-    unique per run of a wandb sweep (whose runs differ in more than a name shows)."""
+#: a default run name's length, past which its variant shows the settings that fit and a hash
+RUN_NAME_LEN = 80
+
+
+def default_run_name(name: str, variant: Union[str, dict] = "") -> str:
+    """``name``, then ``variant`` (what the command line changed: a suffix, or the settings themselves, shown
+    by :func:`tsf.identity.variant_suffix` within :data:`RUN_NAME_LEN` characters in all), made unique per run
+    of a wandb sweep (whose runs differ in more than a name shows)."""
+    if isinstance(variant, dict):
+        variant = variant_suffix(variant, max(24, RUN_NAME_LEN - len(name) - 1))
     name = "_".join(filter(None, (name, variant)))
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         return f"{name}_{os.environ['WANDB_RUN_ID']}"
@@ -75,6 +82,38 @@ def default_run_name(name: str, variant: str = "") -> str:
 SAMPLE_KEYS = ("model", "data", "seed_everything")
 
 
+#: settings whose value, where it names an existing file or folder, is a path even without a ``/`` or a suffix
+PATH_KEYS = {"pretrained", "adapter", "model", "head", "path", "prompts", "ckpt_path", "weights", "checkpoint"}
+
+
+def absolute_paths(config: Any, key: str = "") -> Any:
+    """``config`` (a jsonargparse ``Namespace``, changed in place, or plain dicts and lists) with each
+    setting that names an existing relative file or folder made absolute, so that ``config.yaml`` still
+    names the same prompt file, adapter or checkpoint from any working directory. A value counts as a
+    path when it exists and has a ``/`` or a suffix, is a file, or is the value of a :data:`PATH_KEYS` setting;
+    hub names and registered names that are no local path stay as they are."""
+    from jsonargparse import Namespace
+
+    if isinstance(config, Namespace):
+        for k, v in vars(config).items():
+            if k not in ("class_path", "config", "__path__"):
+                setattr(config, k, absolute_paths(v, k))
+        return config
+    if isinstance(config, dict):
+        return {k: v if k in ("class_path", "config") else absolute_paths(v, k) for k, v in config.items()}
+    if isinstance(config, list):
+        return [absolute_paths(v, key) for v in config]
+    if isinstance(config, str) and config and not os.path.isabs(config) and "\n" not in config:
+        path = Path(os.path.expanduser(config))
+        try:
+            exists = path.exists()
+        except OSError:  # a name too long to be a path
+            return config
+        if exists and ("/" in config or path.suffix or path.is_file() or key in PATH_KEYS):
+            return str(path.resolve())
+    return config
+
+
 def check_same_run(run_dir: Path, config: Optional[dict]) -> None:
     """On ``--resume``, refuse a run directory whose ``config.yaml`` asks for other samples (another
     model, sampler, reward or data section) than ``config``: its shards would be mixed into this run."""
@@ -83,7 +122,9 @@ def check_same_run(run_dir: Path, config: Optional[dict]) -> None:
     saved = run_dir / "config.yaml"
     if config is None or not saved.is_file():
         return
-    old = {k: v for k, v in flatten_config(yaml.safe_load(saved.read_text()) or {}).items() if k.split(".")[0] in SAMPLE_KEYS}
+    # a run written with relative paths compares as the absolute paths they name from here
+    old = absolute_paths(yaml.safe_load(saved.read_text()) or {})
+    old = {k: v for k, v in flatten_config(old).items() if k.split(".")[0] in SAMPLE_KEYS}
     new = {k: v for k, v in flatten_config(config).items() if k.split(".")[0] in SAMPLE_KEYS}
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
@@ -263,6 +304,7 @@ class TsfTrainer(Trainer):
     method_name: Optional[str] = None
     config_folder: Optional[str] = None
     variant: str = ""
+    variant_settings: Optional[dict] = None
     #: the resolved config (what config.yaml holds), set by the CLI
     run_config: Optional[dict] = None
 
@@ -307,7 +349,8 @@ class TsfTrainer(Trainer):
         if datamodule is None:
             raise ConfigError("tsf sample needs a data module: set data.class_path (e.g. tsf.lightning.SampleIdsDataModule)")
         model.check_conditions(datamodule.sample_conditions())  # before any directory or weight file
-        name = run_name or default_run_name(model.run_name(datamodule.seed, self.method_name), self.variant)
+        name = run_name or default_run_name(model.run_name(datamodule.seed, self.method_name),
+                                                  self.variant_settings or self.variant)
         run_dir = self.open_run(output_dir, name, overwrite, resume, RUN_FILES, wandb_project, wandb_mode,
                                 logs_at_end=True)
         try:
@@ -393,7 +436,8 @@ class TsfTrainer(Trainer):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         method = self.method_name or type(model).__name__.lower()
-        name = run_name or default_run_name(f"{self.config_folder or 'finetune'}_{method}", self.variant)
+        name = run_name or default_run_name(f"{self.config_folder or 'finetune'}_{method}",
+                                                  self.variant_settings or self.variant)
         run_dir = self.open_run(output_dir, name, overwrite, resume, FINETUNE_FILES, wandb_project, wandb_mode)
         for cb in self.callbacks:
             if isinstance(cb, ModelCheckpoint):
@@ -550,14 +594,18 @@ def run_dir_settings(config: dict) -> list[str]:
 class TsfCLI(LightningCLI):
     def _name_run(self, subcommand: str) -> None:
         configs = self.config[subcommand].get("config") or []
-        self.trainer.run_config = self.config[subcommand].as_dict()  # the config that config.yaml holds
+        self.trainer.run_config = self.config[subcommand].as_dict()
         if configs:
             self.trainer.method_name = Path(str(configs[-1])).stem
             self.trainer.config_folder = Path(str(configs[-1])).resolve().parent.name
             # what the command line changed from the config files: a part of the default run name
             files = [a for c in configs for a in ("--config", str(c))]
             file_config = self._subcommand_parsers[subcommand].parse_args(files).as_dict()
-            self.trainer.variant = variant_suffix(config_variant(self.trainer.run_config, file_config))
+            self.trainer.variant_settings = config_variant(self.trainer.run_config, file_config)
+            self.trainer.variant = variant_suffix(self.trainer.variant_settings)
+        # the config that config.yaml holds (and wandb's), its paths absolute
+        absolute_paths(self.config[subcommand])
+        self.trainer.run_config = self.config[subcommand].as_dict()
 
     def before_sample(self) -> None:
         self._name_run("sample")

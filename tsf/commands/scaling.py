@@ -45,6 +45,15 @@ def budget_overrides(config: Path, budget: int, steps: Optional[int] = None) -> 
     return [f"--model.init_args.sampler.init_args.{k}={v}" for k, v in sampler_cls.for_budget(budget, steps).items()]
 
 
+def run_name(config: Path, budget: int, overrides: list[str]) -> str:
+    """``<config name>_nfe<budget>``, then the settings the overrides change (``num_samples=50``), within
+    :data:`tsf.cli.RUN_NAME_LEN` characters as a default run name shows them."""
+    from tsf.cli import default_run_name
+    from tsf.identity import overrides_variant
+
+    return default_run_name(f"{Path(config).stem}_nfe{budget}", overrides_variant(overrides))
+
+
 def plot(run_dirs: list[Path], out: Path) -> list[Path]:
     """The scaling figure of :mod:`tsf.commands.figures` (bootstrap bands, the shared method colours) at ``out.{png,pdf}``."""
     from tsf.commands.figures import load_runs, method_colors, save_figure, scaling_figure, style
@@ -65,7 +74,7 @@ def main(argv=None) -> None:
     rows, dirs = [], []
     for cfg in args.configs:
         for b in args.budgets:
-            name = f"{cfg.stem}_nfe{b}"
+            name = run_name(cfg, b, extra)
             if run_tsf("sample", args.output_dir, f"--config={cfg}", f"--run_name={name}", *budget_overrides(cfg, b),
                        *extra, overwrite=args.overwrite) is None:
                 sys.exit(f"tsf scaling: {cfg} at budget {b} failed (--overwrite replaces runs of another config)")
