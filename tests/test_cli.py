@@ -98,6 +98,10 @@ def no_weight_loading(monkeypatch):
     (["--model.init_args.sampler.init_args.num_particles=0"], "num_particles must be an integer >= 1"),
     (["--data.init_args.conditions=[3, 12]"], "0-9"),
     (["--model.init_args.reward=tsf.rewards.DigitReward", "--model.init_args.reward.init_args.digit=10"], "0-9"),
+    (["--model.init_args.sampler.init_args.num_particle=4"], "Option 'num_particle' is not accepted (did you mean "
+                                                             "num_particles?)"),
+    (["--data.init_args.num_sample=4"], "(did you mean num_samples?)"),
+    (["--trainer.devics=1"], "unrecognized arguments: --trainer.devics=1 (did you mean --trainer.devices?)"),
 ])
 def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, no_weight_loading, args, message):
     with pytest.raises(SystemExit) as e:
@@ -108,6 +112,22 @@ def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, no_
     assert "Traceback" not in err
     assert no_weight_loading == []
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command,config,says", [
+    ("finetune", "configs/digits/best_of_n.yaml", "is a sampling config (model: tsf.lightning.sampling.SamplingModule), "
+                                                  "which trains nothing: run it with `tsf sample --config "),
+    ("sample", "configs/finetune/draft.yaml", "is a training config (model: baselines.draft.DRaFT), not a sampling "
+                                              "one: run it with `tsf finetune --config "),
+])
+def test_a_config_given_to_the_wrong_command_names_the_right_one(tmp_path, capsys, no_weight_loading, command, config,
+                                                                  says):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--config", str(ROOT / config), f"--output_dir={tmp_path}", "--wandb_mode=disabled"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and "Traceback" not in err, err
+    assert [x for x in err.splitlines() if x.startswith("tsf:")] == [x for x in err.splitlines() if says in x]
+    assert no_weight_loading == [] and not any(tmp_path.iterdir())
 
 
 def test_missing_config_file_is_a_clear_error(capsys, no_weight_loading):

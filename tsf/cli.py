@@ -559,6 +559,36 @@ def parser_error_line(message: str) -> str:
     return f"{'.'.join(keys)}: {problem}" if keys else problem
 
 
+def near_miss(message: str, options: list[str] = ()) -> Optional[str]:
+    """``did you mean ...?`` for an unknown key in a parser message: an ``Option 'x' is not accepted`` under a
+    class (its constructor's parameters, the innermost ``class_path`` named before it), or an unrecognized
+    ``--section.key`` among ``options`` (the parser's own)."""
+    import difflib
+    import importlib
+    import inspect
+    import re
+
+    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    if unknown:
+        before = message[:unknown.start()]
+        paths = re.findall(r"class_path '([^']+)'", before)
+        if not paths:
+            return None
+        module, _, attr = paths[-1].rpartition(".")
+        try:
+            params = list(inspect.signature(getattr(importlib.import_module(module), attr)).parameters)
+        except Exception:  # a class that does not import is said elsewhere
+            return None
+        key = unknown.group(1).split(".")[-1]
+        found = difflib.get_close_matches(key, [p for p in params if p not in ("self", "args", "kwargs")], n=1)
+        return f"did you mean {found[0]}?" if found else None
+    unrecognized = re.search(r"unrecognized arguments: (--[^\s=]+)", message)
+    if unrecognized:
+        found = difflib.get_close_matches(unrecognized.group(1), [o for o in options if o.startswith("--")], n=1)
+        return f"did you mean {found[0]}?" if found else None
+    return None
+
+
 class TsfArgumentParser(LightningArgumentParser):
     """Reports configuration errors in one line (no page of usage before it); names the known samplers
     and rewards."""
@@ -572,7 +602,9 @@ class TsfArgumentParser(LightningArgumentParser):
             if unresolved is not None:
                 self.exit(2, f"tsf: error: {import_error_message(*unresolved)}\n")
             prog = self.prog.replace(" [options]", "")
-            self.exit(2, f"tsf: error: {parser_error_line(message)}\n(`{prog} --help` lists the options)\n")
+            hint = near_miss(message, list(getattr(self, "_option_string_actions", {})))
+            line = parser_error_line(message) + (f" ({hint})" if hint else "")
+            self.exit(2, f"tsf: error: {line}\n(`{prog} --help` lists the options)\n")
         return super().error(message, *args, **kwargs)
 
 
@@ -607,10 +639,31 @@ class TsfCLI(LightningCLI):
         absolute_paths(self.config[subcommand])
         self.trainer.run_config = self.config[subcommand].as_dict()
 
+    def _check_command(self, subcommand: str) -> None:
+        """A sampling config given to ``tsf finetune``, or a fine-tuning config to ``tsf sample``: one line
+        naming the command the config is for."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        from tsf.lightning.sampling import SamplingModule
+
+        model = self.model
+        name = f"{type(model).__module__}.{type(model).__name__}"
+        config = " ".join(str(c) for c in (self.config[subcommand].get("config") or [])) or "this config"
+        if subcommand == "sample" and not isinstance(model, SamplingModule):
+            other = "tsf finetune" if type(model).__module__.startswith("baselines") else "tsf fit"
+            raise ConfigError(f"{config} is a training config (model: {name}), not a sampling one: run it with "
+                              f"`{other} --config {config}`")
+        if subcommand == "finetune" and not is_overridden("training_step", model):
+            other = "tsf sample" if isinstance(model, SamplingModule) else "tsf test"
+            raise ConfigError(f"{config} is a sampling config (model: {name}), which trains nothing: run it with "
+                              f"`{other} --config {config}`")
+
     def before_sample(self) -> None:
+        self._check_command("sample")
         self._name_run("sample")
 
     def before_finetune(self) -> None:
+        self._check_command("finetune")
         self._name_run("finetune")
         found = run_dir_settings(self.trainer.run_config)
         if found:

@@ -116,6 +116,20 @@ def tempering_schedule(num_steps: int, tempering: str, gamma: float, fraction: f
     return lam
 
 
+def warn_weak_tempering(lam: list[float], tempering: str, gamma: float, far: float = 0.5) -> None:
+    """Warn when ``lambda`` before the last step is below ``far``: the potentials then barely act until the
+    last step jumps to 1, and the sampler comes out close to Best-of-K (the ``gamma`` form at small T:
+    gamma = 0.008 gives lambda = 0.07 at step 9 of 10)."""
+    T = len(lam) - 1
+    if T < 3 or lam[T - 1] >= far:
+        return
+    setting = f"tempering: gamma, gamma: {gamma:g}" if tempering == "gamma" else f"tempering: {tempering}"
+    warnings.warn(f"{setting} reaches lambda = {lam[T - 1]:.2f} at step {T - 1} of T = {T} (1 only at the last "
+                  "step): the potentials barely act and the sampler is close to Best-of-K; use the T-independent "
+                  "`tempering: fraction` (tempering_fraction: 0.87 is the DAS reference, gamma 0.008 at T = 100)",
+                  stacklevel=2)
+
+
 class SMC(Sampler):
     """Twisted SMC with tempering, base or gradient proposals, and in-group resampling.
 
@@ -224,6 +238,7 @@ class SMC(Sampler):
         B = len(conditions)
         conds, c = self.repeat(conditions, c, K)
         lam = tempering_schedule(T, self.tempering, self.gamma, self.tempering_fraction)
+        warn_weak_tempering(lam, self.tempering, self.gamma)
         grad = self.proposal == "gradient"
         if grad:
             require_differentiable(reward, "proposal: gradient (TDS, DAS)")
