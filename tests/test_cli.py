@@ -461,8 +461,9 @@ def test_ctrl_c_prints_the_resume_command_and_the_resumed_run_says_what_it_reuse
     monkeypatch.setattr(ShardStore, "save", interrupt_after_two)
     handler = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as stopped:
             run(tmp_path, "--overwrite=true", name="cut", wandb="offline")
+        assert stopped.value.code == 130  # an interrupted command's code, not 1
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
     monkeypatch.setattr(ShardStore, "save", real_save)
@@ -541,3 +542,34 @@ def test_config_yaml_records_paths_as_absolute_paths(tmp_path, monkeypatch):
     main([*args, "--resume=true"])  # not refused as "a run of another config"
     saved = yaml.safe_load((d / "config.yaml").read_text())
     assert saved["model"]["init_args"]["base"]["init_args"]["adapter"] == str(tmp_path / "ft" / "adapter")
+
+
+def test_a_batch_shows_its_steps_then_its_nfe_against_the_plan_and_the_run_is_labelled_sampling(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """Inside a batch the bar shows the first batch's denoising steps, then each later batch's NFE spent
+    against its NFE planned (the earlier batches' NFE per sample), reaching it; the bar says "Sampling",
+    and the results table is headed by the run's name, not Lightning's "Test metric"."""
+    from tsf.lightning.progress import SamplingBar
+
+    seen, labels = [], []
+    real = SamplingBar.on_sampling_progress
+
+    def record(self, done, total, unit, note=""):
+        seen.append((self.trainer.test_loop.batch_progress.current.ready, done, total, unit))
+        labels.append(self.test_description)
+        real(self, done, total, unit, note)
+
+    monkeypatch.setattr(SamplingBar, "on_sampling_progress", record)
+    monkeypatch.setattr("tsf.lightning.progress.BatchProgress.__init__.__defaults__", (None, 0.0))  # every call
+    small = [a for a in SMALL if "progress_bar" not in a]
+    main(["sample", "--config", CONFIG, *small, f"--output_dir={tmp_path}", "--run_name=shown", "--wandb_mode=disabled"])
+    first = [s for s in seen if s[0] == 1]
+    later = [s for s in seen if s[0] == 3]
+    assert first and all(unit == "steps" and total == 10 for _, _, total, unit in first) and first[-1][1] == 10
+    nfe = json.loads((tmp_path / "shown" / "metrics.json").read_text())["compute/nfe"]  # per sample
+    assert later and all(unit == "NFE" and total == 4 * nfe for _, _, total, unit in later)  # the last batch: 4 rows
+    assert later[-1][1] == later[-1][2] and set(labels) == {"Sampling"}
+    out = capsys.readouterr().out
+    assert "Test metric" not in out and "DataLoader" not in out
+    header = next(line for line in out.splitlines() if "shown" in line and "value" in line)
+    assert header.split()[1:4:2] == ["shown", "value"], header

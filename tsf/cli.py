@@ -277,22 +277,11 @@ def log_to_wandb(logger, results: dict[str, Any], grid) -> None:
 
 # ----------------------------------------------------------------------------- trainer + CLI
 def steps_progress_bar():
-    """Lightning's rich progress bar, except that a run bounded by steps alone (``max_epochs`` unset: the
-    fine-tuning baselines) is labelled by its steps, not "Epoch 0/-2"; ``None`` without ``rich``."""
-    try:
-        from lightning.pytorch.callbacks import RichProgressBar
-        import rich  # noqa: F401
-    except ImportError:
-        return None
+    """tsf's progress bar (:class:`tsf.lightning.progress.SamplingBar`: Lightning's rich bar with the progress
+    inside a batch, "Sampling", a fine-tuning run labelled by its steps); ``None`` without ``rich``."""
+    from tsf.lightning.progress import SamplingBar
 
-    class StepsProgressBar(RichProgressBar):
-        def _get_train_description(self, current_epoch: int) -> str:
-            if self.trainer.max_epochs not in (None, -1):
-                return super()._get_train_description(current_epoch)
-            text = "Training steps"
-            return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
-
-    return StepsProgressBar()
+    return None if SamplingBar is None else SamplingBar()
 
 
 class TsfTrainer(Trainer):
@@ -354,7 +343,7 @@ class TsfTrainer(Trainer):
         run_dir = self.open_run(output_dir, name, overwrite, resume, RUN_FILES, wandb_project, wandb_mode,
                                 logs_at_end=True)
         try:
-            self.test(model, datamodule=datamodule, verbose=True)
+            self.test(model, datamodule=datamodule, verbose=False)
         except SystemExit:
             if self.interrupted:
                 done = len(list((run_dir / "shards").glob("*.safetensors")))
@@ -362,6 +351,9 @@ class TsfTrainer(Trainer):
             raise
         results = model.results
         if self.is_global_zero:
+            from tsf.lightning.progress import results_table
+
+            print(results_table(name, results.get("metrics", {})))
             if resume:
                 b = results.get("batches", {})
                 print(f"resumed: {b.get('reused', 0)} of {b.get('reused', 0) + b.get('sampled', 0)} batches read "
@@ -400,9 +392,11 @@ class TsfTrainer(Trainer):
         return run_dir
 
     def interrupted_run(self, run_dir: Path, how: str) -> None:
-        """After Ctrl-C (Lightning's graceful stop), say what was kept and the command that continues."""
+        """After Ctrl-C (Lightning's graceful stop), say what was kept and the command that continues; the
+        process ends with 130, the code of an interrupted command."""
         if self.is_global_zero:
             print(f"\ntsf: interrupted; {how}. Continue it with:\n  {resume_command()}", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED)
 
     def finetune(
         self,
@@ -476,12 +470,18 @@ class RunDirConfig(SaveConfigCallback):
 
 #: the arguments of this process's tsf command (set by :func:`main`)
 COMMAND_LINE: list[str] = []
+#: the exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
+#: set by a tool that runs tsf commands (tsf sweep, compare, scaling): the command that continues the whole
+RESUME_ENV = "TSF_RESUME_COMMAND"
 
 
 def resume_command(argv: Optional[list[str]] = None) -> str:
     """The command that continues this run: the same arguments, ``--overwrite`` dropped, ``--resume true``."""
     import shlex
 
+    if argv is None and os.environ.get(RESUME_ENV):
+        return os.environ[RESUME_ENV]
     args, out, skip = list(COMMAND_LINE if argv is None else argv), [], False
     for i, a in enumerate(args):
         if skip:
@@ -770,6 +770,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             auto_configure_optimizers=False,
             seed_everything_default=0,
         )
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's graceful stop (loading, parsing, writing)
+        print(f"\ntsf: interrupted. Run it again with:\n  {resume_command()}", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED)
     except MisconfigurationException as err:  # Lightning's own configuration errors: one line, not a traceback
         hint = ""
         if "gpu" in str(err).lower():

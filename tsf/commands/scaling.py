@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from tsf.commands.compare import OVERWRITE_HELP, run_tsf, split_passthrough
+from tsf.commands.compare import OVERWRITE_HELP, interrupted, run_tsf, split_passthrough, tool_command
 from tsf.commands.table import results_table
 
 
@@ -69,14 +69,20 @@ def main(argv=None) -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 500])
     p.add_argument("--output_dir", type=Path, default=Path("runs/scaling"))
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    argv = list(sys.argv[2:] if argv is None else argv)
     own, extra = split_passthrough(argv)
     args = p.parse_args(own)
     rows, dirs = [], []
     for cfg in args.configs:
         for b in args.budgets:
             name = run_name(cfg, b, extra)
-            if run_tsf("sample", args.output_dir, f"--config={cfg}", f"--run_name={name}", *budget_overrides(cfg, b),
-                       *extra, overwrite=args.overwrite) is None:
+            try:
+                done = run_tsf("sample", args.output_dir, f"--config={cfg}", f"--run_name={name}",
+                               *budget_overrides(cfg, b), *extra, overwrite=args.overwrite,
+                               resume=tool_command("scaling", argv))
+            except KeyboardInterrupt:
+                interrupted("scaling", argv, args.output_dir)
+            if done is None:
                 sys.exit(f"tsf scaling: {cfg} at budget {b} failed (--overwrite replaces runs of another config)")
             metrics = json.loads((args.output_dir / name / "metrics.json").read_text())
             rows.append({"method": cfg.stem, "budget": b, "metrics": metrics})
