@@ -108,6 +108,20 @@ def trim_curve(path: Path, step: int) -> None:
         path.unlink()
 
 
+
+class StepTicks(DataLoader):
+    """The training loader of a baseline: it only ticks optimisation steps (a step's trajectories are drawn in
+    the step, a function of ``global_step`` alone: :meth:`FinetuneModule.global_ids`), so a run resumed in
+    the middle of an epoch continues exactly; its state, saved in Lightning checkpoints, is therefore empty
+    (``state_dict`` / ``load_state_dict`` tell Lightning that it resumes, with no warning that it does not)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 class FinetuneModule(L.LightningModule):
     """Base of the fine-tuning baselines.
 
@@ -202,7 +216,7 @@ class FinetuneModule(L.LightningModule):
     # -- data: the loader only ticks steps; trajectories are drawn in the step ------------------
     def train_dataloader(self) -> DataLoader:
         n = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1000)
-        return DataLoader(range(n), batch_size=1)
+        return StepTicks(range(n), batch_size=1)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self.rank_and_world()

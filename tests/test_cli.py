@@ -354,8 +354,14 @@ def test_finetune_runs_have_the_run_directory_rules_of_sample(tmp_path, monkeypa
     code, line = finetune_exit("--trainer.max_steps=2")
     assert code == 2 and "already holds a run" in line and "--resume" in line
 
-    # resumed to 4 steps (a trainer setting: the same run): the curve continues from the checkpoint's step
-    assert finetune_exit("--trainer.max_steps=4", "--trainer.val_check_interval=2", "--resume=true") == (0, "")
+    # resumed to 4 steps (a trainer setting: the same run): the curve continues from the checkpoint's step,
+    # mid-epoch, with no Lightning warning that the loader does not resume (it ticks steps: it resumes exactly)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert finetune_exit("--trainer.max_steps=4", "--trainer.val_check_interval=2", "--resume=true") == (0, "")
+    assert not [w for w in caught if "not resumable" in str(w.message)]
     steps = [json.loads(x)["step"] for x in (run / "val_metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
     code, line = finetune_exit("--trainer.max_steps=6", "--resume=true", "--model.init_args.lr=0.1", f"--run_name={run.name}")
@@ -501,6 +507,51 @@ def test_runs_print_none_of_the_known_noise(tmp_path):
     lines = [x for x in out.strip().splitlines() if x.strip()]
     assert code == 2 and lines[-2].startswith("tsf: error: model.sampler.resampler: Expected a typing.Literal"), lines[-3:]
     assert "usage:" not in out
+
+
+def test_a_redirected_run_prints_none_of_the_noise_of_issue_24(tmp_path):
+    """A small SMC run as `tsf compare` starts it (``python -m tsf.cli``, ``--resume=true`` on a fresh run),
+    stdout and stderr redirected to files, wandb offline: no jsonargparse deprecation, no searchsorted
+    warning, no wandb "anonymous" warning or one-point sparklines, no ANSI colours, no "resumed: 0 of"."""
+    import subprocess
+
+    args = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(ROOT / "configs/digits/smc.yaml"),
+            "--data.init_args.num_samples=4", "--model.init_args.fidelity_samples=0", f"--output_dir={tmp_path}",
+            "--wandb_mode=offline", "--resume=true"]
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("FORCE_COLOR", "PYTHONWARNINGS", "WANDB_SILENT")}
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        code = subprocess.run(args, stdout=out, stderr=err, cwd=tmp_path, timeout=600, env=env).returncode
+    text = (tmp_path / "out.txt").read_text() + (tmp_path / "err.txt").read_text()
+    assert code == 0, text[-3000:]
+    assert "run directory:" in text and "Sampling" in text and "wandb: Run summary:" in text  # what stays
+    for noise in ("JsonargparseDeprecationWarning", "searchsorted", "anonymous setting", "Run history",
+                  "\x1b[", "resumed: 0 of", "Test metric"):
+        assert noise not in text, noise
+
+
+def test_the_pipeline_noise_is_fixed_or_silenced(tmp_path, caplog):
+    """diffusers' "modules ... kept in float32: []" (tsf upcast the SD VAE with .to(float32)) is gone at its
+    cause; transformers' note that an image processor falls back to PIL without torchvision is filtered
+    where it is logged (tsf reads images with PIL on purpose)."""
+    import logging
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import tiny_pipeline
+
+    from tsf.cli import quiet_known_noise
+    from tsf.models import StableDiffusion
+
+    path = tiny_pipeline("sd15", tmp_path / "sd15")
+    with caplog.at_level(logging.WARNING):
+        m = StableDiffusion(pretrained=str(path), num_steps=2, dtype="float16").load()
+    assert m.vae.dtype == torch.float32 and "kept in float32" not in caplog.text  # force_upcast: the VAE in fp32
+    quiet_known_noise()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+        logging.getLogger("transformers.utils.import_utils").warning("another warning")
+    assert "requires torchvision" not in caplog.text and "another warning" in caplog.text
 
 
 def test_samples_pt_holds_each_samples_condition_and_compute_is_said_per_sample(tmp_path):

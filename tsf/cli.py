@@ -236,6 +236,21 @@ def previous_wandb_run(run_dir: Path) -> tuple[Optional[str], list[Path]]:
     return last, [p for p in found if p.name.startswith("offline-run-") and run_id(p) == last]
 
 
+def without_noise(logger, one_point: bool = False):
+    """A ``WandbLogger`` that does not pass wandb the ``anonymous`` setting it warns about (Lightning passes
+    ``None``, which wandb counts as set), and, for a run that logs one point (``one_point``: a sampling run's
+    metrics), prints no "Run history" of one-point sparklines at its end (wandb's own setting)."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict):
+        if init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        if one_point and "settings" not in init:
+            import wandb
+
+            init["settings"] = wandb.Settings(max_end_of_run_history_metrics=0)
+    return logger
+
+
 def wandb_logger(run_dir: Path, name: str, project: Optional[str], mode: str, config: Optional[dict] = None,
                  method: Optional[str] = None, run_id: Optional[str] = None):
     """Lightning's WandbLogger for one run: its resolved ``config`` (flattened, as sweeps name it), a group
@@ -354,8 +369,8 @@ class TsfTrainer(Trainer):
             from tsf.lightning.progress import results_table
 
             print(results_table(name, results.get("metrics", {})))
-            if resume:
-                b = results.get("batches", {})
+            b = results.get("batches", {})
+            if resume and b.get("reused"):  # a fresh run under --resume (tsf compare's) read nothing back: no line
                 print(f"resumed: {b.get('reused', 0)} of {b.get('reused', 0) + b.get('sampled', 0)} batches read "
                       f"from {run_dir / 'shards'} (checksums verified), {b.get('sampled', 0)} sampled")
             write_run_dir(run_dir, results)
@@ -387,8 +402,8 @@ class TsfTrainer(Trainer):
             if logs_at_end and self.is_global_zero:
                 for folder in stale:
                     shutil.rmtree(folder, ignore_errors=True)
-            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode, self.run_config,
-                                         self.method_name, run_id)]
+            self.loggers = [without_noise(wandb_logger(run_dir, run_name, wandb_project, wandb_mode, self.run_config,
+                                                       self.method_name, run_id), one_point=logs_at_end)]
         return run_dir
 
     def interrupted_run(self, run_dir: Path, how: str) -> None:
@@ -455,6 +470,15 @@ class TsfTrainer(Trainer):
             print(f"run directory: {run_dir}")
 
 
+def keep_every_key(parser) -> dict[str, bool]:
+    """The keyword of ``parser.save`` that writes every key, null ones too: ``skip_unset=False`` (jsonargparse
+    4.49 on), else ``skip_none=False`` (which 4.49 deprecates)."""
+    import inspect
+
+    save = getattr(type(parser), "_unpatched_save", type(parser).save)
+    return {"skip_unset": False} if "skip_unset" in inspect.signature(save).parameters else {"skip_none": False}
+
+
 class RunDirConfig(SaveConfigCallback):
     """Writes the resolved config into the run directory (not the logger's directory)."""
 
@@ -464,8 +488,8 @@ class RunDirConfig(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage) -> None:
         run_dir = getattr(trainer, "run_dir", None)
         if run_dir is not None:
-            self.parser.save(self.config, str(Path(run_dir) / self.config_filename), skip_none=False,
-                             overwrite=True, multifile=False)
+            self.parser.save(self.config, str(Path(run_dir) / self.config_filename), overwrite=True, multifile=False,
+                             **keep_every_key(self.parser))
 
 
 #: the arguments of this process's tsf command (set by :func:`main`)
@@ -716,7 +740,8 @@ def quiet_known_noise() -> None:
     """Silence what every run printed and no user can act on: Lightning's litlogger tip, the pytree
     deprecation that Lightning's own code triggers, the advice to sync metrics that torchmetrics has
     already synced (tsf logs them with ``sync_dist=False`` on purpose), and the note that a fine-tuning
-    run's frozen parts (rewards, VAE, base weights) are in eval mode, which they are meant to be."""
+    run's frozen parts (rewards, VAE, base weights) are in eval mode, which they are meant to be; and
+    transformers' note that an image processor uses its PIL backend where torchvision is not installed."""
     import logging
     import warnings
 
@@ -724,6 +749,14 @@ def quiet_known_noise() -> None:
                     r"It is recommended to use `self\.log\(.*sync_dist=True",
                     r"Found \d+ module\(s\) in eval mode at the start of training"):
         warnings.filterwarnings("ignore", message=pattern)
+    # transformers' note that an image processor falls back to its PIL backend without torchvision (tsf
+    # reads images with PIL on purpose; nothing to change)
+    fallback = logging.getLogger("transformers.utils.import_utils")
+    if not any(getattr(f, "tsf", False) for f in fallback.filters):
+        pil = logging.Filter()
+        pil.filter = lambda record: "requires torchvision (not installed)" not in record.getMessage()  # type: ignore[method-assign]
+        pil.tsf = True  # type: ignore[attr-defined]
+        fallback.addFilter(pil)
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(getattr(f, "tsf", False) for f in rank_zero.filters):
         tip = logging.Filter()

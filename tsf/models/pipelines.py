@@ -231,7 +231,9 @@ class _Pipeline:
         if self.adapter:
             self.load_adapter(pipe, denoiser)
         if self.torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
-            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its pipeline upcasts it the same way)
+            # SDXL's VAE overflows in fp16 (its pipeline upcasts it the same way); .float(), not .to(float32),
+            # which makes diffusers warn about modules to keep in float32 (there are none)
+            pipe.vae.float()
         self.vae = pipe.vae  # submodules, so that .to(device) moves them with the denoiser
         self._text_encoders = [getattr(pipe, n) for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None]
         if self.keep_text_encoders_on_device and not self.cpu_offload:

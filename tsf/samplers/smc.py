@@ -74,12 +74,13 @@ def resample(logw: Tensor, u: Tensor, method: str) -> Tensor:
         for b in range(B):
             det = ar.repeat_interleave(copies[b])
             n = int(rest[b])
-            rnd = torch.searchsorted(resid_cdf[b], u[b, :n].sort().values, right=True).clamp(max=K - 1)
+            rnd = torch.searchsorted(resid_cdf[b].contiguous(), u[b, :n].sort().values.contiguous(),
+                                     right=True).clamp(max=K - 1)
             idx[b] = torch.cat([det, rnd])
         return idx
     else:
         raise ConfigError(f"unknown resampler {method!r}")
-    return torch.searchsorted(cdf, points, right=True).clamp(max=K - 1)
+    return torch.searchsorted(cdf.contiguous(), points.contiguous(), right=True).clamp(max=K - 1)
 
 
 RESAMPLERS = ("systematic", "multinomial", "stratified", "residual")
@@ -88,7 +89,8 @@ RESAMPLERS = ("systematic", "multinomial", "stratified", "residual")
 def draw_categorical(logits: Tensor, u: Tensor) -> Tensor:
     """One index per row of ``logits [B, K]`` drawn from ``softmax(logits)`` by inverse CDF at ``u [B]``."""
     cdf = torch.softmax(logits.double(), dim=1).cumsum(1)
-    return torch.searchsorted(cdf, u.double().reshape(-1, 1), right=True).clamp(max=logits.shape[1] - 1)[:, 0]
+    points = u.double().reshape(-1, 1).contiguous()  # a view of a wider tensor is copied once, without a warning
+    return torch.searchsorted(cdf.contiguous(), points, right=True).clamp(max=logits.shape[1] - 1)[:, 0]
 
 
 def tempering_schedule(num_steps: int, tempering: str, gamma: float, fraction: float) -> list[float]:
