@@ -319,7 +319,8 @@ class _Pipeline:
 
     def add_lora(self, rank: int, alpha: Optional[float], target_modules: Sequence[str]) -> None:
         """LoRA adapters on the denoiser as diffusers' training scripts inject them: ``add_adapter`` with
-        ``init_lora_weights="gaussian"`` (A Gaussian, B zero: the model starts unchanged); base weights frozen."""
+        ``init_lora_weights="gaussian"`` (A Gaussian, B zero: the model starts unchanged); base weights frozen,
+        the adapters in float32 whatever the base's dtype."""
         from peft import LoraConfig
 
         if self.adapter:
@@ -328,6 +329,12 @@ class _Pipeline:
         self.net.requires_grad_(False)
         self.net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                         target_modules=list(target_modules)))
+        if self.torch_dtype != torch.float32:
+            # the trained LoRA weights in float32 over the float16/bfloat16 base, as diffusers' training scripts
+            # keep them (cast_training_params): their updates in half precision overflow to NaN
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(self.net, dtype=torch.float32)
 
     def save_lora(self, path: Union[str, Path]) -> None:
         """The denoiser's adapter in diffusers' format (``path/pytorch_lora_weights.safetensors``, its LoRA
