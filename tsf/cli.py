@@ -104,6 +104,11 @@ def absolute_paths(config: Any, key: str = "") -> Any:
     if isinstance(config, list):
         return [absolute_paths(v, key) for v in config]
     if isinstance(config, str) and config and not os.path.isabs(config) and "\n" not in config:
+        if key == "prompts":
+            from tsf.data.prompts import shipped_sets
+
+            if config in shipped_sets():  # a shipped set's name comes first, as the prompt loader reads it
+                return config
         path = Path(os.path.expanduser(config))
         try:
             exists = path.exists()
