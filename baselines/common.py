@@ -114,6 +114,20 @@ def trim_curve(path: Path, step: int) -> None:
         path.unlink()
 
 
+
+class StepTicks(DataLoader):
+    """The training loader of a baseline: it only ticks optimisation steps (a step's trajectories are drawn in
+    the step, a function of ``global_step`` alone: :meth:`FinetuneModule.global_ids`), so a run resumed in
+    the middle of an epoch continues exactly; its state, saved in Lightning checkpoints, is therefore empty
+    (``state_dict`` / ``load_state_dict`` tell Lightning that it resumes, with no warning that it does not)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 class FinetuneModule(L.LightningModule):
     """Base of the fine-tuning baselines.
 
@@ -138,7 +152,7 @@ class FinetuneModule(L.LightningModule):
     def __init__(self, base: BaseModel, reward: Union[str, Reward] = "digit",
                  cross_rewards: Optional[list[Union[str, Reward]]] = None, conditions: Optional[list[Any]] = None,
                  batch_size: int = 32, lr: float = 3e-4, rank: int = 4, target_modules: Optional[list[str]] = None,
-                 val_samples: int = 200, seed: int = 0, prompts: Optional[str] = None,
+                 val_samples: int = 200, seed: int = 0, prompts: Optional[Union[list[str], str]] = None,
                  weight_decay: float = 0.01) -> None:
         super().__init__()
         conditions = conditions_or_prompts(conditions, prompts)
@@ -208,7 +222,7 @@ class FinetuneModule(L.LightningModule):
     # -- data: the loader only ticks steps; trajectories are drawn in the step ------------------
     def train_dataloader(self) -> DataLoader:
         n = max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1000)
-        return DataLoader(range(n), batch_size=1)
+        return StepTicks(range(n), batch_size=1)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self.rank_and_world()

@@ -1,6 +1,7 @@
 """`tsf sample` as a user runs it: run directory, determinism, wandb, and clear errors."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -97,6 +98,10 @@ def no_weight_loading(monkeypatch):
     (["--model.init_args.sampler.init_args.num_particles=0"], "num_particles must be an integer >= 1"),
     (["--data.init_args.conditions=[3, 12]"], "0-9"),
     (["--model.init_args.reward=tsf.rewards.DigitReward", "--model.init_args.reward.init_args.digit=10"], "0-9"),
+    (["--model.init_args.sampler.init_args.num_particle=4"], "Option 'num_particle' is not accepted (did you mean "
+                                                             "num_particles?)"),
+    (["--data.init_args.num_sample=4"], "(did you mean num_samples?)"),
+    (["--trainer.devics=1"], "unrecognized arguments: --trainer.devics=1 (did you mean --trainer.devices?)"),
 ])
 def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, no_weight_loading, args, message):
     with pytest.raises(SystemExit) as e:
@@ -107,6 +112,22 @@ def test_bad_input_is_a_clear_error_before_any_model_loads(tmp_path, capsys, no_
     assert "Traceback" not in err
     assert no_weight_loading == []
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command,config,says", [
+    ("finetune", "configs/digits/best_of_n.yaml", "is a sampling config (model: tsf.lightning.sampling.SamplingModule), "
+                                                  "which trains nothing: run it with `tsf sample --config "),
+    ("sample", "configs/finetune/draft.yaml", "is a training config (model: baselines.draft.DRaFT), not a sampling "
+                                              "one: run it with `tsf finetune --config "),
+])
+def test_a_config_given_to_the_wrong_command_names_the_right_one(tmp_path, capsys, no_weight_loading, command, config,
+                                                                  says):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--config", str(ROOT / config), f"--output_dir={tmp_path}", "--wandb_mode=disabled"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and "Traceback" not in err, err
+    assert [x for x in err.splitlines() if x.startswith("tsf:")] == [x for x in err.splitlines() if says in x]
+    assert no_weight_loading == [] and not any(tmp_path.iterdir())
 
 
 def test_missing_config_file_is_a_clear_error(capsys, no_weight_loading):
@@ -333,8 +354,14 @@ def test_finetune_runs_have_the_run_directory_rules_of_sample(tmp_path, monkeypa
     code, line = finetune_exit("--trainer.max_steps=2")
     assert code == 2 and "already holds a run" in line and "--resume" in line
 
-    # resumed to 4 steps (a trainer setting: the same run): the curve continues from the checkpoint's step
-    assert finetune_exit("--trainer.max_steps=4", "--trainer.val_check_interval=2", "--resume=true") == (0, "")
+    # resumed to 4 steps (a trainer setting: the same run): the curve continues from the checkpoint's step,
+    # mid-epoch, with no Lightning warning that the loader does not resume (it ticks steps: it resumes exactly)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert finetune_exit("--trainer.max_steps=4", "--trainer.val_check_interval=2", "--resume=true") == (0, "")
+    assert not [w for w in caught if "not resumable" in str(w.message)]
     steps = [json.loads(x)["step"] for x in (run / "val_metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
     code, line = finetune_exit("--trainer.max_steps=6", "--resume=true", "--model.init_args.lr=0.1", f"--run_name={run.name}")
@@ -380,7 +407,7 @@ def test_runs_that_differ_in_alpha_T_or_adapter_get_their_own_directory_and_curv
     names = [d.name for d in dirs]
     assert len(names) == 5, names  # none refused as "already holds a run", none overwritten
     assert any("alpha=1.0" in n for n in names) and any("num_steps=3" in n for n in names)
-    assert any("adapter=ft-adapter" in n for n in names) and any("seed1" in n for n in names)
+    assert any(re.search(r"adapter=ft(_|$)", n) for n in names) and any("seed1" in n for n in names)
     runs = load_runs(dirs, note=lambda _: None)
     methods = by_method(runs)
     assert len(methods) == 4, list(methods)  # the seed-1 run is a replicate of the alpha=0.1 run's method
@@ -397,7 +424,22 @@ def test_variant_suffix_is_readable_and_short():
                                    "base": {"init_args": {"adapter": "runs/finetune_draft/adapter"}}}},
            "data": {"init_args": {"seed": 3}}}
     variant = config_variant(run, file)  # K and the seed are in the name already; max_batch changes no sample
-    assert variant_suffix(variant) == "alpha=1.0_adapter=finetune_draft-adapter"  # the sampler's first
+    assert variant_suffix(variant) == "alpha=1.0_adapter=finetune_draft"  # the sampler's first; a run's adapter by its run
+    from tsf.cli import default_run_name
+    from tsf.identity import overrides_variant, short_value
+
+    assert short_value("/data/me/prompts/my_prompts.txt") == "my_prompts"  # a path by its last part
+    assert short_value("runs/sd15/finetune_sd15_draft_rank=4/checkpoints/last.ckpt") == "finetune_sd15_draft_rank-4"
+    assert short_value("stabilityai/sd-turbo") == "sd-turbo" and short_value("a photo/of a cat") == "a-photo-of-a-cat"
+    # a long value (inline prompts) shows its start, and the name its settings that fit within 80 characters
+    long = {"data.init_args.prompts": ["a red apple on a wooden table", "a photo of a cat"],
+            "model.init_args.sampler.init_args.alpha": 0.5}
+    name = default_run_name("das_K4_imagereward_seed0", long)
+    assert len(name) <= 80 and name.startswith("das_K4_imagereward_seed0_alpha=0.5_prompts=a-red-apple-on-a-woode")
+    assert name != default_run_name("das_K4_imagereward_seed0", {**long, "data.init_args.prompts": ["other"]})
+    assert overrides_variant(["--data.init_args.num_samples=50", "--trainer.devices", "2", "--model.init_args.base."
+                              "init_args.adapter", "runs/ft/adapter", "--data.init_args.batch_size=4"]) == {
+        "data.init_args.num_samples": 50, "model.init_args.base.init_args.adapter": "runs/ft/adapter"}
     many = {f"model.init_args.sampler.init_args.k{i}": "x" * 12 for i in range(9)}
     other = {**many, "model.init_args.sampler.init_args.k8": "y" * 12}
     assert len(variant_suffix(many)) <= 80 and variant_suffix(many).startswith("k0=xxxxxxxxxxxx_k1=")
@@ -425,8 +467,9 @@ def test_ctrl_c_prints_the_resume_command_and_the_resumed_run_says_what_it_reuse
     monkeypatch.setattr(ShardStore, "save", interrupt_after_two)
     handler = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as stopped:
             run(tmp_path, "--overwrite=true", name="cut", wandb="offline")
+        assert stopped.value.code == 130  # an interrupted command's code, not 1
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
     monkeypatch.setattr(ShardStore, "save", real_save)
@@ -466,6 +509,51 @@ def test_runs_print_none_of_the_known_noise(tmp_path):
     assert "usage:" not in out
 
 
+def test_a_redirected_run_prints_none_of_the_noise_of_issue_24(tmp_path):
+    """A small SMC run as `tsf compare` starts it (``python -m tsf.cli``, ``--resume=true`` on a fresh run),
+    stdout and stderr redirected to files, wandb offline: no jsonargparse deprecation, no searchsorted
+    warning, no wandb "anonymous" warning or one-point sparklines, no ANSI colours, no "resumed: 0 of"."""
+    import subprocess
+
+    args = [sys.executable, "-m", "tsf.cli", "sample", "--config", str(ROOT / "configs/digits/smc.yaml"),
+            "--data.init_args.num_samples=4", "--model.init_args.fidelity_samples=0", f"--output_dir={tmp_path}",
+            "--wandb_mode=offline", "--resume=true"]
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("FORCE_COLOR", "PYTHONWARNINGS", "WANDB_SILENT")}
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        code = subprocess.run(args, stdout=out, stderr=err, cwd=tmp_path, timeout=600, env=env).returncode
+    text = (tmp_path / "out.txt").read_text() + (tmp_path / "err.txt").read_text()
+    assert code == 0, text[-3000:]
+    assert "run directory:" in text and "Sampling" in text and "wandb: Run summary:" in text  # what stays
+    for noise in ("JsonargparseDeprecationWarning", "searchsorted", "anonymous setting", "Run history",
+                  "\x1b[", "resumed: 0 of", "Test metric"):
+        assert noise not in text, noise
+
+
+def test_the_pipeline_noise_is_fixed_or_silenced(tmp_path, caplog):
+    """diffusers' "modules ... kept in float32: []" (tsf upcast the SD VAE with .to(float32)) is gone at its
+    cause; transformers' note that an image processor falls back to PIL without torchvision is filtered
+    where it is logged (tsf reads images with PIL on purpose)."""
+    import logging
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import tiny_pipeline
+
+    from tsf.cli import quiet_known_noise
+    from tsf.models import StableDiffusion
+
+    path = tiny_pipeline("sd15", tmp_path / "sd15")
+    with caplog.at_level(logging.WARNING):
+        m = StableDiffusion(pretrained=str(path), num_steps=2, dtype="float16").load()
+    assert m.vae.dtype == torch.float32 and "kept in float32" not in caplog.text  # force_upcast: the VAE in fp32
+    quiet_known_noise()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+        logging.getLogger("transformers.utils.import_utils").warning("another warning")
+    assert "requires torchvision" not in caplog.text and "another warning" in caplog.text
+
+
 def test_samples_pt_holds_each_samples_condition_and_compute_is_said_per_sample(tmp_path):
     d = run(tmp_path)
     samples = load_samples(d)
@@ -481,3 +569,58 @@ def test_samples_pt_holds_each_samples_condition_and_compute_is_said_per_sample(
 
     with pytest.raises(ConfigError, match="unconditional"):
         DigitsDiffusion(guidance_scale=3.0)
+
+
+def test_config_yaml_records_paths_as_absolute_paths(tmp_path, monkeypatch):
+    """A relative adapter path is recorded absolute in config.yaml (the run names it by its run directory);
+    resuming from the same folder is the same run, also for a config.yaml written with the relative path."""
+    from peft import LoraConfig, get_peft_model
+
+    from tsf.models import DigitsDiffusion
+
+    monkeypatch.chdir(tmp_path)
+    get_peft_model(DigitsDiffusion().load().net, LoraConfig(r=2, target_modules=["fc1"])).save_pretrained("ft/adapter")
+    args = ["sample", "--config", CONFIG, *SMALL[:3], "--data.init_args.num_samples=4", "--wandb_mode=disabled",
+            "--model.init_args.base.init_args.adapter=ft/adapter", f"--output_dir={tmp_path / 'runs'}"]
+    main(args)
+    (d,) = (tmp_path / "runs").iterdir()
+    assert "_adapter=ft_" in d.name, d.name
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["base"]["init_args"]["adapter"] == str(tmp_path / "ft" / "adapter")
+    assert saved["model"]["init_args"]["reward"] == yaml.safe_load(Path(CONFIG).read_text())["model"]["init_args"]["reward"]
+    text = (d / "config.yaml").read_text().replace(str(tmp_path / "ft" / "adapter"), "ft/adapter")
+    (d / "config.yaml").write_text(text)  # as a run written before paths were recorded absolute
+    main([*args, "--resume=true"])  # not refused as "a run of another config"
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["base"]["init_args"]["adapter"] == str(tmp_path / "ft" / "adapter")
+
+
+def test_a_batch_shows_its_steps_then_its_nfe_against_the_plan_and_the_run_is_labelled_sampling(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """Inside a batch the bar shows the first batch's denoising steps, then each later batch's NFE spent
+    against its NFE planned (the earlier batches' NFE per sample), reaching it; the bar says "Sampling",
+    and the results table is headed by the run's name, not Lightning's "Test metric"."""
+    from tsf.lightning.progress import SamplingBar
+
+    seen, labels = [], []
+    real = SamplingBar.on_sampling_progress
+
+    def record(self, done, total, unit, note=""):
+        seen.append((self.trainer.test_loop.batch_progress.current.ready, done, total, unit))
+        labels.append(self.test_description)
+        real(self, done, total, unit, note)
+
+    monkeypatch.setattr(SamplingBar, "on_sampling_progress", record)
+    monkeypatch.setattr("tsf.lightning.progress.BatchProgress.__init__.__defaults__", (None, 0.0))  # every call
+    small = [a for a in SMALL if "progress_bar" not in a]
+    main(["sample", "--config", CONFIG, *small, f"--output_dir={tmp_path}", "--run_name=shown", "--wandb_mode=disabled"])
+    first = [s for s in seen if s[0] == 1]
+    later = [s for s in seen if s[0] == 3]
+    assert first and all(unit == "steps" and total == 10 for _, _, total, unit in first) and first[-1][1] == 10
+    nfe = json.loads((tmp_path / "shown" / "metrics.json").read_text())["compute/nfe"]  # per sample
+    assert later and all(unit == "NFE" and total == 4 * nfe for _, _, total, unit in later)  # the last batch: 4 rows
+    assert later[-1][1] == later[-1][2] and set(labels) == {"Sampling"}
+    out = capsys.readouterr().out
+    assert "Test metric" not in out and "DataLoader" not in out
+    header = next(line for line in out.splitlines() if "shown" in line and "value" in line)
+    assert header.split()[1:4:2] == ["shown", "value"], header

@@ -175,7 +175,8 @@ def test_scaling_command_writes_table_and_figure(tmp_path):
     table = (tmp_path / "scaling.md").read_text().splitlines()
     assert len(table) == 2 + 4
     nfe = {row.split("|")[1].strip(): row for row in table[2:]}
-    assert set(nfe) == {"ode_bon_nfe40", "ode_bon_nfe80", "svdd_vp_nfe40", "svdd_vp_nfe80"}
+    # the overrides passed on are in each run's name (and config)
+    assert set(nfe) == {f"{m}_nfe{b}_fidelity_samples=20_num_samples=10" for m in ("ode_bon", "svdd_vp") for b in (40, 80)}
 
 
 def test_rbf_beats_ode_best_of_n_on_digits_at_100_nfe():

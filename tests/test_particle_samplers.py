@@ -44,6 +44,35 @@ def test_tempering_schedules():
         tempering_schedule(10, "cosine", 0.0, 0.5)
 
 
+def test_a_tempering_that_barely_acts_warns_and_the_shipped_configs_temper_at_any_T():
+    """The reference gamma at T = 10 keeps lambda below 0.08 until the last step (DAS then equals Best-of-K):
+    a warning says so; the fraction form at the same T and the reference at T = 100 say nothing. Every shipped
+    config that tempers uses the fraction form."""
+    import warnings
+
+    from tsf.samplers.smc import warn_weak_tempering
+
+    with pytest.warns(UserWarning, match=r"gamma: 0.008 reaches lambda = 0.07 at step 9 of T = 10.*fraction"):
+        warn_weak_tempering(tempering_schedule(10, "gamma", 0.008, 0.87), "gamma", 0.008)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_weak_tempering(tempering_schedule(10, "fraction", 0.008, 0.87), "fraction", 0.008)
+        warn_weak_tempering(tempering_schedule(100, "gamma", 0.008, 0.87), "gamma", 0.008)
+    import yaml
+    from pathlib import Path
+
+    from tsf.identity import flatten_config
+
+    tempered = 0
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")):
+        flat = flatten_config(yaml.safe_load(path.read_text()) or {})
+        for key, value in flat.items():
+            if key.endswith("sampler.init_args.tempering"):
+                assert value in ("none", "fraction"), path
+                tempered += value == "fraction"
+    assert tempered >= 8
+
+
 class SometimesNaN(Reward):
     """The linear reward, but nan/inf when the first coordinate passes a threshold."""
 

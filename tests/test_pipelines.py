@@ -223,6 +223,41 @@ def test_real_model_config_writes_a_complete_run_directory(pipelines, tiny_clip,
     assert s["images"].shape == (3, 3, 16, 16) and s["sample_id"].tolist() == [0, 1, 2]
 
 
+def test_lora_adapters_train_in_float32_on_a_float16_pipeline(pipelines):
+    """On a pipeline in the configs' ``dtype: float16``, the LoRA weights that train are float32 (as diffusers'
+    training scripts keep them): a half-precision update overflowed to NaN and every validation metric with it."""
+    m = model(pipelines, "sd15", dtype="float16")
+    m.add_lora(4, None, ["to_q", "to_k", "to_v", "to_out.0"])
+    trained = [p for p in m.net.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert all(p.dtype == torch.float16 for p in m.net.parameters() if not p.requires_grad)
+    b = BaseSampler().sample(m, None, ["a cat", "a dog"], range(2))
+    assert torch.isfinite(b.images).all()
+
+
+@pytest.mark.slow  # about a minute on CPU
+def test_draft_in_the_configs_float16_gets_through_its_first_validation(pipelines, tiny_clip, tmp_path):
+    """``configs/sd15/draft.yaml`` as shipped (``dtype: float16``), on CPU: two steps, then a validation whose
+    metrics are finite (it ended in NaN samples and ``linalg.eigh`` failing in Vendi)."""
+    import json
+
+    from tsf.cli import main
+
+    base = "--model.init_args.base.init_args"
+    main(["finetune", "--config", str(ROOT / "configs/sd15/draft.yaml"), f"{base}.pretrained={pipelines['sd15']}",
+          f"{base}.num_steps=3", f"{base}.height=16", f"{base}.width=16",
+          f"--model.init_args.reward.init_args.model={tiny_clip}",
+          f"--model.init_args.reward.init_args.head={tiny_clip / 'head.pth'}",
+          f"--model.init_args.cross_rewards=[{{class_path: tsf.rewards.ClipScore, init_args: {{model: {tiny_clip}}}}}]",
+          "--model.init_args.batch_size=2", "--model.init_args.val_samples=4", "--trainer.max_steps=2",
+          "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", "--trainer.logger=false",
+          "--trainer.enable_progress_bar=false", f"--output_dir={tmp_path}", "--run_name=run", "--wandb_mode=disabled"])
+    (line,) = (tmp_path / "run" / "val_metrics.jsonl").read_text().splitlines()
+    metrics = json.loads(line)
+    assert metrics["step"] == 2 and metrics["target/nonfinite"] == 0
+    assert all(v == v and abs(v) < float("inf") for v in metrics.values()), metrics  # no NaN, no inf
+
+
 @pytest.mark.parametrize("method, family", [("draft", "sd15"), ("ddpo", "sd15"), ("draft", "sdxl"),
                                             pytest.param("ddpo", "sdxl", marks=pytest.mark.slow)])  # (about 40 s)
 def test_finetuning_baselines_train_lora_on_a_real_model_config(pipelines, tiny_clip, tmp_path, method, family):

@@ -102,4 +102,5 @@ def test_compare_passes_config_overrides_through_to_every_run(tmp_path):
              "--model.init_args.fidelity_samples=0", "--", "--wandb_mode=disabled", "--trainer.enable_progress_bar=false"])
     (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
     assert len(load_samples(run_dir)["sample_id"]) == 7
+    assert run_dir.name.endswith("_fidelity_samples=0_num_samples=7")  # the overrides are in the run's name
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["init_args"]["num_samples"] == 7

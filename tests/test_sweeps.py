@@ -66,3 +66,47 @@ def test_a_random_sweep_draws_the_stated_number_of_configurations_with_its_seed(
     assert all(1e-4 <= c["a"] <= 1e-2 and c["b"] in (1, 2, 3) for c in one)
     with pytest.raises(Exception, match="needs them run"):
         expand({**spec, "method": "bayes"}, 2)
+
+
+@pytest.mark.slow  # about a minute: three tsf sample processes
+def test_ctrl_c_in_a_sweep_says_what_was_kept_and_how_to_continue(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: the sweep and its run) during the second run: no
+    traceback, the finished run is kept, the command that continues is said (by the run and the sweep), the
+    exit code is 130; that command finishes the sweep without sampling the finished run again."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    spec = {"program": "tsf", "method": "grid",
+            "command": ["tsf", "sample", "--wandb_mode=disabled", "--trainer.enable_progress_bar=false",
+                        "--data.init_args.num_samples=6", "--model.init_args.fidelity_samples=0", "${args}"],
+            "parameters": {"config": {"value": str(ROOT / "configs/gmm/best_of_n.yaml")},
+                           "model.init_args.sampler.init_args.num_particles": {"values": [2, 3]}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "tsf", "sweep", str(path), "--output_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=tmp_path)
+    lines, started = [], 0
+    for line in proc.stdout:
+        lines.append(line)
+        started += "GPU available" in line  # a run is past its start, inside tsf
+        if started == 2:  # the second run: Ctrl-C, as a terminal sends it to the whole group
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    text = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=300) == 130, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "tsf sweep: interrupted; 1 finished runs are kept in" in text, text[-2000:]
+    command = text.split("Continue with:")[-1].strip().splitlines()[0]
+    assert shlex.split(command)[:3] == ["tsf", "sweep", str(path)]
+    (kept,) = [d for d in out.iterdir() if (d / "metrics.json").is_file()]
+    shards = {p: p.stat().st_mtime_ns for p in (kept / "shards").iterdir()}
+    done = subprocess.run([sys.executable, "-m", "tsf", *shlex.split(command)[1:]], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len([d for d in out.iterdir() if (d / "metrics.json").is_file()]) == 2
+    assert {p: p.stat().st_mtime_ns for p in (kept / "shards").iterdir()} == shards

@@ -7,6 +7,7 @@ from typing import Union
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from jsonargparse import ArgumentParser
 from PIL import Image
@@ -225,6 +226,25 @@ def test_data_module_takes_a_prompt_set(tmp_path):
     assert SampleIdsDataModule(num_samples=2, conditions=[3]).sample_conditions() == [3, 3]  # unchanged
     with pytest.raises(ConfigError, match="not both"):
         SampleIdsDataModule(conditions=["a"], prompts="animals")
+    assert SampleIdsDataModule(num_samples=3, prompts=["a red apple", "a cat"]).sample_conditions() == [
+        "a red apple", "a cat", "a red apple"]
+
+
+@pytest.mark.parametrize("command,config,section", [("sample", "configs/sd15/das.yaml", "data"),
+                                                    ("finetune", "configs/sd15/draft.yaml", "model")])
+def test_prompts_on_the_command_line_are_a_list_a_file_or_a_set(command, config, section, capsys):
+    """``--data.init_args.prompts='["a red apple", "a photo of a cat"]'`` is a list of prompts (not "Expected a
+    str"), and a file or a set's name stays a string; so in a fine-tuning config."""
+    from tsf.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    for value, expected in (('["a red apple", "a photo of a cat"]', ["a red apple", "a photo of a cat"]),
+                            ("my_prompts.txt", "my_prompts.txt"), ("animals", "animals")):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--config", str(root / config), f"--{section}.init_args.prompts={value}", "--print_config"])
+        assert done.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed[section]["init_args"]["prompts"] == expected
 
 
 # -- evaluator: per-prompt breakdown and LPIPS ---------------------------------------------------

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -62,9 +62,16 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, files:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def default_run_name(name: str, variant: str = "") -> str:
-    """``name``, then ``variant`` (what the command line changed: :func:`tsf.identity.variant_suffix`), made
-    unique per run of a wandb sweep (whose runs differ in more than a name shows)."""
+#: a default run name's length, past which its variant shows the settings that fit and a hash
+RUN_NAME_LEN = 80
+
+
+def default_run_name(name: str, variant: Union[str, dict] = "") -> str:
+    """``name``, then ``variant`` (what the command line changed: a suffix, or the settings themselves, shown
+    by :func:`tsf.identity.variant_suffix` within :data:`RUN_NAME_LEN` characters in all), made unique per run
+    of a wandb sweep (whose runs differ in more than a name shows)."""
+    if isinstance(variant, dict):
+        variant = variant_suffix(variant, max(24, RUN_NAME_LEN - len(name) - 1))
     name = "_".join(filter(None, (name, variant)))
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         return f"{name}_{os.environ['WANDB_RUN_ID']}"
@@ -75,6 +82,43 @@ def default_run_name(name: str, variant: str = "") -> str:
 SAMPLE_KEYS = ("model", "data", "seed_everything")
 
 
+#: settings whose value, where it names an existing file or folder, is a path even without a ``/`` or a suffix
+PATH_KEYS = {"pretrained", "adapter", "model", "head", "path", "prompts", "ckpt_path", "weights", "checkpoint"}
+
+
+def absolute_paths(config: Any, key: str = "") -> Any:
+    """``config`` (a jsonargparse ``Namespace``, changed in place, or plain dicts and lists) with each
+    setting that names an existing relative file or folder made absolute, so that ``config.yaml`` still
+    names the same prompt file, adapter or checkpoint from any working directory. A value counts as a
+    path when it exists and has a ``/`` or a suffix, is a file, or is the value of a :data:`PATH_KEYS` setting;
+    hub names and registered names that are no local path stay as they are."""
+    from jsonargparse import Namespace
+
+    if isinstance(config, Namespace):
+        for k, v in vars(config).items():
+            if k not in ("class_path", "config", "__path__"):
+                setattr(config, k, absolute_paths(v, k))
+        return config
+    if isinstance(config, dict):
+        return {k: v if k in ("class_path", "config") else absolute_paths(v, k) for k, v in config.items()}
+    if isinstance(config, list):
+        return [absolute_paths(v, key) for v in config]
+    if isinstance(config, str) and config and not os.path.isabs(config) and "\n" not in config:
+        if key == "prompts":
+            from tsf.data.prompts import shipped_sets
+
+            if config in shipped_sets():  # a shipped set's name comes first, as the prompt loader reads it
+                return config
+        path = Path(os.path.expanduser(config))
+        try:
+            exists = path.exists()
+        except OSError:  # a name too long to be a path
+            return config
+        if exists and ("/" in config or path.suffix or path.is_file() or key in PATH_KEYS):
+            return str(path.resolve())
+    return config
+
+
 def check_same_run(run_dir: Path, config: Optional[dict]) -> None:
     """On ``--resume``, refuse a run directory whose ``config.yaml`` asks for other samples (another
     model, sampler, reward or data section) than ``config``: its shards would be mixed into this run."""
@@ -83,7 +127,9 @@ def check_same_run(run_dir: Path, config: Optional[dict]) -> None:
     saved = run_dir / "config.yaml"
     if config is None or not saved.is_file():
         return
-    old = {k: v for k, v in flatten_config(yaml.safe_load(saved.read_text()) or {}).items() if k.split(".")[0] in SAMPLE_KEYS}
+    # a run written with relative paths compares as the absolute paths they name from here
+    old = absolute_paths(yaml.safe_load(saved.read_text()) or {})
+    old = {k: v for k, v in flatten_config(old).items() if k.split(".")[0] in SAMPLE_KEYS}
     new = {k: v for k, v in flatten_config(config).items() if k.split(".")[0] in SAMPLE_KEYS}
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if differ:
@@ -195,6 +241,21 @@ def previous_wandb_run(run_dir: Path) -> tuple[Optional[str], list[Path]]:
     return last, [p for p in found if p.name.startswith("offline-run-") and run_id(p) == last]
 
 
+def without_noise(logger, one_point: bool = False):
+    """A ``WandbLogger`` that does not pass wandb the ``anonymous`` setting it warns about (Lightning passes
+    ``None``, which wandb counts as set), and, for a run that logs one point (``one_point``: a sampling run's
+    metrics), prints no "Run history" of one-point sparklines at its end (wandb's own setting)."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict):
+        if init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        if one_point and "settings" not in init:
+            import wandb
+
+            init["settings"] = wandb.Settings(max_end_of_run_history_metrics=0)
+    return logger
+
+
 def wandb_logger(run_dir: Path, name: str, project: Optional[str], mode: str, config: Optional[dict] = None,
                  method: Optional[str] = None, run_id: Optional[str] = None):
     """Lightning's WandbLogger for one run: its resolved ``config`` (flattened, as sweeps name it), a group
@@ -236,22 +297,11 @@ def log_to_wandb(logger, results: dict[str, Any], grid) -> None:
 
 # ----------------------------------------------------------------------------- trainer + CLI
 def steps_progress_bar():
-    """Lightning's rich progress bar, except that a run bounded by steps alone (``max_epochs`` unset: the
-    fine-tuning baselines) is labelled by its steps, not "Epoch 0/-2"; ``None`` without ``rich``."""
-    try:
-        from lightning.pytorch.callbacks import RichProgressBar
-        import rich  # noqa: F401
-    except ImportError:
-        return None
+    """tsf's progress bar (:class:`tsf.lightning.progress.SamplingBar`: Lightning's rich bar with the progress
+    inside a batch, "Sampling", a fine-tuning run labelled by its steps); ``None`` without ``rich``."""
+    from tsf.lightning.progress import SamplingBar
 
-    class StepsProgressBar(RichProgressBar):
-        def _get_train_description(self, current_epoch: int) -> str:
-            if self.trainer.max_epochs not in (None, -1):
-                return super()._get_train_description(current_epoch)
-            text = "Training steps"
-            return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
-
-    return StepsProgressBar()
+    return None if SamplingBar is None else SamplingBar()
 
 
 class TsfTrainer(Trainer):
@@ -263,6 +313,7 @@ class TsfTrainer(Trainer):
     method_name: Optional[str] = None
     config_folder: Optional[str] = None
     variant: str = ""
+    variant_settings: Optional[dict] = None
     #: the resolved config (what config.yaml holds), set by the CLI
     run_config: Optional[dict] = None
 
@@ -307,11 +358,12 @@ class TsfTrainer(Trainer):
         if datamodule is None:
             raise ConfigError("tsf sample needs a data module: set data.class_path (e.g. tsf.lightning.SampleIdsDataModule)")
         model.check_conditions(datamodule.sample_conditions())  # before any directory or weight file
-        name = run_name or default_run_name(model.run_name(datamodule.seed, self.method_name), self.variant)
+        name = run_name or default_run_name(model.run_name(datamodule.seed, self.method_name),
+                                                  self.variant_settings or self.variant)
         run_dir = self.open_run(output_dir, name, overwrite, resume, RUN_FILES, wandb_project, wandb_mode,
                                 logs_at_end=True)
         try:
-            self.test(model, datamodule=datamodule, verbose=True)
+            self.test(model, datamodule=datamodule, verbose=False)
         except SystemExit:
             if self.interrupted:
                 done = len(list((run_dir / "shards").glob("*.safetensors")))
@@ -319,8 +371,11 @@ class TsfTrainer(Trainer):
             raise
         results = model.results
         if self.is_global_zero:
-            if resume:
-                b = results.get("batches", {})
+            from tsf.lightning.progress import results_table
+
+            print(results_table(name, results.get("metrics", {})))
+            b = results.get("batches", {})
+            if resume and b.get("reused"):  # a fresh run under --resume (tsf compare's) read nothing back: no line
                 print(f"resumed: {b.get('reused', 0)} of {b.get('reused', 0) + b.get('sampled', 0)} batches read "
                       f"from {run_dir / 'shards'} (checksums verified), {b.get('sampled', 0)} sampled")
             write_run_dir(run_dir, results)
@@ -352,14 +407,16 @@ class TsfTrainer(Trainer):
             if logs_at_end and self.is_global_zero:
                 for folder in stale:
                     shutil.rmtree(folder, ignore_errors=True)
-            self.loggers = [wandb_logger(run_dir, run_name, wandb_project, wandb_mode, self.run_config,
-                                         self.method_name, run_id)]
+            self.loggers = [without_noise(wandb_logger(run_dir, run_name, wandb_project, wandb_mode, self.run_config,
+                                                       self.method_name, run_id), one_point=logs_at_end)]
         return run_dir
 
     def interrupted_run(self, run_dir: Path, how: str) -> None:
-        """After Ctrl-C (Lightning's graceful stop), say what was kept and the command that continues."""
+        """After Ctrl-C (Lightning's graceful stop), say what was kept and the command that continues; the
+        process ends with 130, the code of an interrupted command."""
         if self.is_global_zero:
             print(f"\ntsf: interrupted; {how}. Continue it with:\n  {resume_command()}", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED)
 
     def finetune(
         self,
@@ -393,7 +450,8 @@ class TsfTrainer(Trainer):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         method = self.method_name or type(model).__name__.lower()
-        name = run_name or default_run_name(f"{self.config_folder or 'finetune'}_{method}", self.variant)
+        name = run_name or default_run_name(f"{self.config_folder or 'finetune'}_{method}",
+                                                  self.variant_settings or self.variant)
         run_dir = self.open_run(output_dir, name, overwrite, resume, FINETUNE_FILES, wandb_project, wandb_mode)
         for cb in self.callbacks:
             if isinstance(cb, ModelCheckpoint):
@@ -417,6 +475,15 @@ class TsfTrainer(Trainer):
             print(f"run directory: {run_dir}")
 
 
+def keep_every_key(parser) -> dict[str, bool]:
+    """The keyword of ``parser.save`` that writes every key, null ones too: ``skip_unset=False`` (jsonargparse
+    4.49 on), else ``skip_none=False`` (which 4.49 deprecates)."""
+    import inspect
+
+    save = getattr(type(parser), "_unpatched_save", type(parser).save)
+    return {"skip_unset": False} if "skip_unset" in inspect.signature(save).parameters else {"skip_none": False}
+
+
 class RunDirConfig(SaveConfigCallback):
     """Writes the resolved config into the run directory (not the logger's directory)."""
 
@@ -426,18 +493,24 @@ class RunDirConfig(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage) -> None:
         run_dir = getattr(trainer, "run_dir", None)
         if run_dir is not None:
-            self.parser.save(self.config, str(Path(run_dir) / self.config_filename), skip_none=False,
-                             overwrite=True, multifile=False)
+            self.parser.save(self.config, str(Path(run_dir) / self.config_filename), overwrite=True, multifile=False,
+                             **keep_every_key(self.parser))
 
 
 #: the arguments of this process's tsf command (set by :func:`main`)
 COMMAND_LINE: list[str] = []
+#: the exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
+#: set by a tool that runs tsf commands (tsf sweep, compare, scaling): the command that continues the whole
+RESUME_ENV = "TSF_RESUME_COMMAND"
 
 
 def resume_command(argv: Optional[list[str]] = None) -> str:
     """The command that continues this run: the same arguments, ``--overwrite`` dropped, ``--resume true``."""
     import shlex
 
+    if argv is None and os.environ.get(RESUME_ENV):
+        return os.environ[RESUME_ENV]
     args, out, skip = list(COMMAND_LINE if argv is None else argv), [], False
     for i, a in enumerate(args):
         if skip:
@@ -515,6 +588,36 @@ def parser_error_line(message: str) -> str:
     return f"{'.'.join(keys)}: {problem}" if keys else problem
 
 
+def near_miss(message: str, options: list[str] = ()) -> Optional[str]:
+    """``did you mean ...?`` for an unknown key in a parser message: an ``Option 'x' is not accepted`` under a
+    class (its constructor's parameters, the innermost ``class_path`` named before it), or an unrecognized
+    ``--section.key`` among ``options`` (the parser's own)."""
+    import difflib
+    import importlib
+    import inspect
+    import re
+
+    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    if unknown:
+        before = message[:unknown.start()]
+        paths = re.findall(r"class_path '([^']+)'", before)
+        if not paths:
+            return None
+        module, _, attr = paths[-1].rpartition(".")
+        try:
+            params = list(inspect.signature(getattr(importlib.import_module(module), attr)).parameters)
+        except Exception:  # a class that does not import is said elsewhere
+            return None
+        key = unknown.group(1).split(".")[-1]
+        found = difflib.get_close_matches(key, [p for p in params if p not in ("self", "args", "kwargs")], n=1)
+        return f"did you mean {found[0]}?" if found else None
+    unrecognized = re.search(r"unrecognized arguments: (--[^\s=]+)", message)
+    if unrecognized:
+        found = difflib.get_close_matches(unrecognized.group(1), [o for o in options if o.startswith("--")], n=1)
+        return f"did you mean {found[0]}?" if found else None
+    return None
+
+
 class TsfArgumentParser(LightningArgumentParser):
     """Reports configuration errors in one line (no page of usage before it); names the known samplers
     and rewards."""
@@ -528,7 +631,9 @@ class TsfArgumentParser(LightningArgumentParser):
             if unresolved is not None:
                 self.exit(2, f"tsf: error: {import_error_message(*unresolved)}\n")
             prog = self.prog.replace(" [options]", "")
-            self.exit(2, f"tsf: error: {parser_error_line(message)}\n(`{prog} --help` lists the options)\n")
+            hint = near_miss(message, list(getattr(self, "_option_string_actions", {})))
+            line = parser_error_line(message) + (f" ({hint})" if hint else "")
+            self.exit(2, f"tsf: error: {line}\n(`{prog} --help` lists the options)\n")
         return super().error(message, *args, **kwargs)
 
 
@@ -550,19 +655,44 @@ def run_dir_settings(config: dict) -> list[str]:
 class TsfCLI(LightningCLI):
     def _name_run(self, subcommand: str) -> None:
         configs = self.config[subcommand].get("config") or []
-        self.trainer.run_config = self.config[subcommand].as_dict()  # the config that config.yaml holds
+        self.trainer.run_config = self.config[subcommand].as_dict()
         if configs:
             self.trainer.method_name = Path(str(configs[-1])).stem
             self.trainer.config_folder = Path(str(configs[-1])).resolve().parent.name
             # what the command line changed from the config files: a part of the default run name
             files = [a for c in configs for a in ("--config", str(c))]
             file_config = self._subcommand_parsers[subcommand].parse_args(files).as_dict()
-            self.trainer.variant = variant_suffix(config_variant(self.trainer.run_config, file_config))
+            self.trainer.variant_settings = config_variant(self.trainer.run_config, file_config)
+            self.trainer.variant = variant_suffix(self.trainer.variant_settings)
+        # the config that config.yaml holds (and wandb's), its paths absolute
+        absolute_paths(self.config[subcommand])
+        self.trainer.run_config = self.config[subcommand].as_dict()
+
+    def _check_command(self, subcommand: str) -> None:
+        """A sampling config given to ``tsf finetune``, or a fine-tuning config to ``tsf sample``: one line
+        naming the command the config is for."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        from tsf.lightning.sampling import SamplingModule
+
+        model = self.model
+        name = f"{type(model).__module__}.{type(model).__name__}"
+        config = " ".join(str(c) for c in (self.config[subcommand].get("config") or [])) or "this config"
+        if subcommand == "sample" and not isinstance(model, SamplingModule):
+            other = "tsf finetune" if type(model).__module__.startswith("baselines") else "tsf fit"
+            raise ConfigError(f"{config} is a training config (model: {name}), not a sampling one: run it with "
+                              f"`{other} --config {config}`")
+        if subcommand == "finetune" and not is_overridden("training_step", model):
+            other = "tsf sample" if isinstance(model, SamplingModule) else "tsf test"
+            raise ConfigError(f"{config} is a sampling config (model: {name}), which trains nothing: run it with "
+                              f"`{other} --config {config}`")
 
     def before_sample(self) -> None:
+        self._check_command("sample")
         self._name_run("sample")
 
     def before_finetune(self) -> None:
+        self._check_command("finetune")
         self._name_run("finetune")
         found = run_dir_settings(self.trainer.run_config)
         if found:
@@ -615,7 +745,8 @@ def quiet_known_noise() -> None:
     """Silence what every run printed and no user can act on: Lightning's litlogger tip, the pytree
     deprecation that Lightning's own code triggers, the advice to sync metrics that torchmetrics has
     already synced (tsf logs them with ``sync_dist=False`` on purpose), and the note that a fine-tuning
-    run's frozen parts (rewards, VAE, base weights) are in eval mode, which they are meant to be."""
+    run's frozen parts (rewards, VAE, base weights) are in eval mode, which they are meant to be; and
+    transformers' note that an image processor uses its PIL backend where torchvision is not installed."""
     import logging
     import warnings
 
@@ -623,6 +754,14 @@ def quiet_known_noise() -> None:
                     r"It is recommended to use `self\.log\(.*sync_dist=True",
                     r"Found \d+ module\(s\) in eval mode at the start of training"):
         warnings.filterwarnings("ignore", message=pattern)
+    # transformers' note that an image processor falls back to its PIL backend without torchvision (tsf
+    # reads images with PIL on purpose; nothing to change)
+    fallback = logging.getLogger("transformers.utils.import_utils")
+    if not any(getattr(f, "tsf", False) for f in fallback.filters):
+        pil = logging.Filter()
+        pil.filter = lambda record: "requires torchvision (not installed)" not in record.getMessage()  # type: ignore[method-assign]
+        pil.tsf = True  # type: ignore[attr-defined]
+        fallback.addFilter(pil)
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(getattr(f, "tsf", False) for f in rank_zero.filters):
         tip = logging.Filter()
@@ -669,6 +808,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             auto_configure_optimizers=False,
             seed_everything_default=0,
         )
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's graceful stop (loading, parsing, writing)
+        print(f"\ntsf: interrupted. Run it again with:\n  {resume_command()}", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED)
     except MisconfigurationException as err:  # Lightning's own configuration errors: one line, not a traceback
         hint = ""
         if "gpu" in str(err).lower():

@@ -83,14 +83,33 @@ def short_keys(keys: list[str]) -> dict[str, str]:
     return short
 
 
+#: names tsf itself gives the files and folders of a run directory: a path ending in one is named by its run
+#: directory (``runs/finetune_draft/adapter`` -> ``finetune_draft``)
+RUN_DIR_PARTS = {"adapter", "checkpoints", "last.ckpt", "shards", "samples.pt", "config.yaml", "metrics.json"}
+#: the longest value a name token shows (a longer one is cut, and the name gets the variant's hash)
+MAX_VALUE_LEN = 24
+
+
+def short_path(text: str) -> str:
+    """A path by its last part, without a file's suffix (``prompts/my_prompts.txt`` -> ``my_prompts``); a
+    path inside a run directory by the run's name (``runs/finetune_draft/adapter`` -> ``finetune_draft``)."""
+    parts = [p for p in Path(text).parts if p not in ("/", ".", "..")]
+    while len(parts) > 1 and parts[-1] in RUN_DIR_PARTS:
+        parts.pop()
+    if not parts:
+        return text
+    last = Path(parts[-1])
+    return last.stem if last.suffix and last.stem and not last.suffix[1:].isdigit() else last.name
+
+
 def short_value(value: Any) -> str:
-    """A value as a name token: numbers as they print, a path by its last parts (``runs/ft/adapter`` ->
-    ``ft-adapter``), a class path by its class name."""
+    """A value as a name token: numbers as they print, a path by its last part (:func:`short_path`), a class
+    path by its class name, a list by its items joined with ``-``."""
     if isinstance(value, (list, tuple)):
         return "-".join(short_value(v) for v in value) or "none"
     text = "none" if value is None else str(value)
-    if "/" in text:
-        text = "-".join(Path(text).parts[-2:])
+    if "/" in text and " " not in text.strip():
+        text = short_path(text)
     elif re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Z]\w*", text):
         text = text.rsplit(".", 1)[-1]
     return re.sub(r"[^\w.+-]+", "-", text).strip("-") or "x"
@@ -106,23 +125,54 @@ def _rank(key: str) -> tuple[int, str]:
 
 def variant_suffix(variant: dict[str, Any], max_len: int = 80) -> str:
     """A readable run-name suffix for ``variant`` (``alpha=1.0_num_steps=10``: the sampler's settings first,
-    then the model's, then the data's); when that would pass ``max_len`` characters, the tokens that fit
-    and a hash of the whole variant (so that two variants never share a name)."""
+    then the model's, then the data's). A value longer than :data:`MAX_VALUE_LEN` is cut; when something was
+    cut or the whole would pass ``max_len`` characters, the tokens that fit come first and a hash of the
+    whole variant last (so that two variants never share a name)."""
     if not variant:
         return ""
     keys = sorted(variant, key=_rank)
     short = short_keys(keys)
-    tokens = [f"{short[k]}={short_value(variant[k])}" for k in keys]
+    values = {k: short_value(variant[k]) for k in keys}
+    cut = any(len(v) > MAX_VALUE_LEN for v in values.values())
+    tokens = [f"{short[k]}={v if len(v) <= MAX_VALUE_LEN else v[:MAX_VALUE_LEN].rstrip('-_.')}"
+              for k, v in values.items()]
     text = "_".join(tokens)
-    if len(text) <= max_len:
+    if len(text) <= max_len and not cut:
         return text
     tail = digest(variant, 8)
     kept = []
     for t in tokens:
         if len("_".join([*kept, t, tail])) > max_len:
-            break
+            continue  # a shorter setting further on may still fit
         kept.append(t)
     return "_".join([*kept, tail])
+
+
+def overrides_variant(args: list[str]) -> dict[str, Any]:
+    """The settings that command-line overrides (``--section.key=value``, or ``--section.key value``) change, as
+    :func:`config_variant` names them: ``model`` and ``data`` settings that change what a run samples."""
+    import yaml
+
+    found: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--") and "." in a.split("=", 1)[0]:
+            if "=" in a:
+                key, raw = a[2:].split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                key, raw = a[2:], args[i + 1]
+                i += 1
+            else:
+                key, raw = a[2:], "true"
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            if is_method_key(key) and key not in NAMED_KEYS:
+                found[key] = value
+        i += 1
+    return found
 
 
 #: data settings that do not make another method (replicates of one method: other seeds, other sizes)

@@ -37,27 +37,63 @@ def split_passthrough(argv) -> tuple[list[str], list[str]]:
 
 
 def run_tsf(command: str, output_dir: Path, *args: str, overwrite: bool = False,
-            log: Optional[Path] = None) -> Optional[Path]:
+            log: Optional[Path] = None, resume: Optional[str] = None) -> Optional[Path]:
     """``tsf COMMAND --output_dir DIR --resume=true ARGS`` (``sample`` or ``finetune``) in a fresh process: a
     finished run of the same config is kept (nothing is sampled or trained again), a stopped one is finished,
     one of another config is refused; ``overwrite`` passes ``--overwrite=true`` instead (start again). Its
-    output is echoed, or written to ``log``. Returns the run directory, or ``None`` when the run failed."""
+    output is echoed, or written to ``log``; ``resume`` is the command that continues the whole (the run says
+    it after Ctrl-C). Returns the run directory, or ``None`` when the run failed or was stopped. On Ctrl-C
+    (which the run receives too and stops at its graceful best) it waits for the run to stop, then raises
+    ``KeyboardInterrupt``."""
+    import os
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "tsf.cli", command, f"--output_dir={output_dir}",
+    from tsf.cli import RESUME_ENV
+
+    cmd = [sys.executable, "-m", "tsf", command, f"--output_dir={output_dir}",
            "--overwrite=true" if overwrite else "--resume=true", *args]
     print("+", " ".join(["tsf", *cmd[3:]]) + (f"  (log: {log})" if log else ""), flush=True)
-    run_dir = None
+    run_dir, stopped = None, False
+    env = {**os.environ, RESUME_ENV: resume} if resume else None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") if log is not None else contextlib.nullcontext() as sink, \
-            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sink, text=True, bufsize=1) as proc:
-        for line in proc.stdout:  # the last "run directory:" line names the run directory
-            print(line, end="", flush=True, file=sink or sys.stdout)
-            if line.startswith("run directory: "):
-                run_dir = Path(line[len("run directory: "):].strip())
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sink, text=True, bufsize=1, env=env) as proc:
+        while True:
+            try:
+                for line in proc.stdout:  # the last "run directory:" line names the run directory
+                    print(line, end="", flush=True, file=sink or sys.stdout)
+                    if line.startswith("run directory: "):
+                        run_dir = Path(line[len("run directory: "):].strip())
+                proc.wait()
+                break
+            except KeyboardInterrupt:  # the run got the same Ctrl-C: let it stop and say what it kept
+                stopped = True
+    if stopped:
+        raise KeyboardInterrupt
     return run_dir if proc.returncode == 0 else None
+
+
+def tool_command(tool: str, argv: list[str]) -> str:
+    """``tsf TOOL ARGV`` without ``--overwrite``: the command that continues an interrupted ``tsf compare``,
+    ``scaling`` or ``sweep`` (finished runs are kept, a stopped one is finished)."""
+    import shlex
+
+    return shlex.join(["tsf", tool, *(a for a in argv if a != "--overwrite")])
+
+
+def interrupted(tool: str, argv: list[str], output_dir: Path) -> None:
+    """After Ctrl-C: what was kept and the command that continues, and exit code 130 (no traceback)."""
+    import sys
+
+    from tsf.cli import INTERRUPTED
+
+    out = Path(output_dir)
+    done = sum((d / "metrics.json").is_file() for d in out.iterdir()) if out.is_dir() else 0
+    print(f"\ntsf {tool}: interrupted; {done} finished runs are kept in {out} (a stopped run keeps its finished "
+          f"batches). Continue with:\n  {tool_command(tool, argv)}", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
 
 
 OVERWRITE_HELP = "run every config again, replacing its finished run (default: keep finished runs, finish stopped ones)"
@@ -72,11 +108,16 @@ def main(argv=None) -> None:
     p.add_argument("configs", nargs="+", type=Path)
     p.add_argument("--output_dir", default="runs/compare")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    argv = list(sys.argv[2:] if argv is None else argv)
     own, extra = split_passthrough(argv)
     args = p.parse_args(own)
     run_dirs = []
     for cfg in args.configs:
-        run_dir = run_tsf("sample", args.output_dir, f"--config={cfg}", *extra, overwrite=args.overwrite)
+        try:
+            run_dir = run_tsf("sample", args.output_dir, f"--config={cfg}", *extra, overwrite=args.overwrite,
+                              resume=tool_command("compare", argv))
+        except KeyboardInterrupt:
+            interrupted("compare", argv, args.output_dir)
         if run_dir is None:
             sys.exit(f"tsf compare: {cfg} failed; the table needs every run (--overwrite replaces runs of "
                      "another config)")

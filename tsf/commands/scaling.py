@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from tsf.commands.compare import OVERWRITE_HELP, run_tsf, split_passthrough
+from tsf.commands.compare import OVERWRITE_HELP, interrupted, run_tsf, split_passthrough, tool_command
 from tsf.commands.table import results_table
 
 
@@ -45,6 +45,15 @@ def budget_overrides(config: Path, budget: int, steps: Optional[int] = None) -> 
     return [f"--model.init_args.sampler.init_args.{k}={v}" for k, v in sampler_cls.for_budget(budget, steps).items()]
 
 
+def run_name(config: Path, budget: int, overrides: list[str]) -> str:
+    """``<config name>_nfe<budget>``, then the settings the overrides change (``num_samples=50``), within
+    :data:`tsf.cli.RUN_NAME_LEN` characters as a default run name shows them."""
+    from tsf.cli import default_run_name
+    from tsf.identity import overrides_variant
+
+    return default_run_name(f"{Path(config).stem}_nfe{budget}", overrides_variant(overrides))
+
+
 def plot(run_dirs: list[Path], out: Path) -> list[Path]:
     """The scaling figure of :mod:`tsf.commands.figures` (bootstrap bands, the shared method colours) at ``out.{png,pdf}``."""
     from tsf.commands.figures import load_runs, method_styles, save_figure, scaling_figure, style
@@ -60,14 +69,20 @@ def main(argv=None) -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 500])
     p.add_argument("--output_dir", type=Path, default=Path("runs/scaling"))
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    argv = list(sys.argv[2:] if argv is None else argv)
     own, extra = split_passthrough(argv)
     args = p.parse_args(own)
     rows, dirs = [], []
     for cfg in args.configs:
         for b in args.budgets:
-            name = f"{cfg.stem}_nfe{b}"
-            if run_tsf("sample", args.output_dir, f"--config={cfg}", f"--run_name={name}", *budget_overrides(cfg, b),
-                       *extra, overwrite=args.overwrite) is None:
+            name = run_name(cfg, b, extra)
+            try:
+                done = run_tsf("sample", args.output_dir, f"--config={cfg}", f"--run_name={name}",
+                               *budget_overrides(cfg, b), *extra, overwrite=args.overwrite,
+                               resume=tool_command("scaling", argv))
+            except KeyboardInterrupt:
+                interrupted("scaling", argv, args.output_dir)
+            if done is None:
                 sys.exit(f"tsf scaling: {cfg} at budget {b} failed (--overwrite replaces runs of another config)")
             metrics = json.loads((args.output_dir / name / "metrics.json").read_text())
             rows.append({"method": cfg.stem, "budget": b, "metrics": metrics})

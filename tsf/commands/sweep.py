@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import yaml
 
-from tsf.commands.compare import run_tsf
+from tsf.commands.compare import interrupted, run_tsf, tool_command
 from tsf.commands.table import results_table
 from tsf.errors import ConfigError
 
@@ -122,6 +122,7 @@ def main(argv=None) -> None:
     p.add_argument("--processes", type=int, default=1, help="runs at a time, each in its own process")
     p.add_argument("--overwrite", action="store_true", help="run every configuration again (default: keep finished runs)")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    argv = list(sys.argv[2:] if argv is None else argv)
     args = p.parse_args(argv)
     try:
         spec = yaml.safe_load(args.sweep.read_text())
@@ -136,7 +137,7 @@ def main(argv=None) -> None:
         if args.dry_run:
             print(" ".join(["tsf", sub, f"--output_dir={out}", *cmd]))
             return None
-        return run_tsf(sub, out, *cmd, overwrite=args.overwrite, log=log)
+        return run_tsf(sub, out, *cmd, overwrite=args.overwrite, log=log, resume=tool_command("sweep", argv))
 
     try:
         if spec["method"] == "bayes":  # one after another: each draw needs the metrics of the runs before it
@@ -153,11 +154,16 @@ def main(argv=None) -> None:
             for c in configs:  # every configuration's command is checked before any runs
                 command_args(spec, c)
             print(f"{args.sweep}: {spec['method']} sweep, {len(configs)} runs into {out}", flush=True)
-            with ThreadPoolExecutor(max(1, args.processes)) as pool:
+            pool = ThreadPoolExecutor(max(1, args.processes))
+            try:
                 logs = [None if args.processes == 1 else out / "logs" / f"run{i:03d}.log" for i in range(len(configs))]
                 dirs = list(pool.map(run, configs, logs))
+            finally:  # on Ctrl-C: no further run starts; the running ones stop at their graceful best
+                pool.shutdown(wait=True, cancel_futures=True)
     except ConfigError as err:
         sys.exit(f"tsf sweep: error: {err}")
+    except KeyboardInterrupt:
+        interrupted("sweep", argv, out)
     if args.dry_run:
         return
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ takes the ids ``rank, rank + world, ...``: no padding duplicates, every id once.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import lightning as L
 import torch
@@ -52,16 +52,16 @@ class SampleIdsDataModule(L.LightningDataModule):
         num_samples: number of outputs N (sample ids ``0 .. N-1``).
         conditions: conditions cycled over the sample ids (a digit class, a prompt, or ``null``
             for none).
-        prompts: instead of ``conditions``, a prompt set: a shipped set's name (``animals``), a
-            text file (one prompt per line) or ``hf:<dataset>[:<split>[:<column>]]``
-            (see :func:`tsf.data.prompts.load_prompts`).
+        prompts: instead of ``conditions``, the prompts: a list (``["a red apple", "a photo of a cat"]``),
+            a shipped set's name (``animals``), a text file (one prompt per line) or
+            ``hf:<dataset>[:<split>[:<column>]]`` (see :func:`tsf.data.prompts.load_prompts`).
         seed: the run seed; sample ``i`` draws its noise from ``(seed, i)``.
         batch_size: outputs per ``sampler.sample`` call (particles multiply it); results do
             not depend on it.
     """
 
     def __init__(self, num_samples: int = 64, conditions: Optional[list[Any]] = None, seed: int = 0,
-                 batch_size: int = 64, prompts: Optional[str] = None) -> None:
+                 batch_size: int = 64, prompts: Optional[Union[list[str], str]] = None) -> None:
         super().__init__()
         if num_samples < 1:
             raise ConfigError(f"num_samples must be >= 1, got {num_samples}")

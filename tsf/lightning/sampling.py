@@ -264,17 +264,36 @@ class SamplingModule(L.LightningModule):
         out = store.load(batch["sample_ids"], self.device) if store is not None else None
         self.reused_batches += out is not None
         if out is None:
-            with torch.inference_mode(False):  # gradient samplers (DAS, DPS) differentiate inside test_step
+            with torch.inference_mode(False), self.batch_progress(len(batch["sample_ids"])):
+                # gradient samplers (DAS, DPS) differentiate inside test_step
                 out = self.sampler.sample(self.base, self.reward, batch["conditions"], batch["sample_ids"].clone(),
                                           seed=seed)
             if store is not None:
                 store.save(out)
             self.sampled_batches += 1
+        nfe = (out.compute or {}).get("nfe")
+        if nfe and len(out):
+            self._nfe_per_row = float(nfe) / len(out)  # the plan of the next batch's progress line
         rewards = self.evaluator.rewards(out, batch["conditions"])
         self.evaluator.update(out, rewards)
         self.collector.update(out, rewards)
         self.diagnostics.update(out)
         self.report_rank_progress(batch_idx)
+
+    def batch_progress(self, rows: int):
+        """Progress inside a batch for a progress bar that shows it (``on_sampling_progress``, e.g.
+        :class:`tsf.lightning.progress.SamplingBar`): the NFE spent against the NFE planned (an earlier batch's
+        NFE per row times ``rows``), or the denoising steps for a run's first batch."""
+        import contextlib
+
+        from tsf.lightning.progress import BatchProgress
+
+        bar = self.trainer.progress_bar_callback if self._trainer is not None else None
+        report = getattr(bar, "on_sampling_progress", None)
+        if report is None or not self.trainer.is_global_zero:
+            return contextlib.nullcontext()
+        planned = getattr(self, "_nfe_per_row", None)
+        return BatchProgress(self.base, report, None if planned is None else planned * rows)
 
     def report_rank_progress(self, batch_idx: int) -> None:
         """Under several processes, each rank prints its own progress (the bar shows rank 0's only)

@@ -306,7 +306,9 @@ class _Pipeline:
         if self.adapter:
             self.load_adapter(pipe, denoiser)
         if self.torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
-            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (its pipeline upcasts it the same way)
+            # SDXL's VAE overflows in fp16 (its pipeline upcasts it the same way); .float(), not .to(float32),
+            # which makes diffusers warn about modules to keep in float32 (there are none)
+            pipe.vae.float()
         self.vae = pipe.vae  # submodules, so that .to(device) moves them with the denoiser
         self._text_encoders = [getattr(pipe, n) for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None]
         if self.keep_text_encoders_on_device and not self.cpu_offload:
@@ -392,7 +394,8 @@ class _Pipeline:
 
     def add_lora(self, rank: int, alpha: Optional[float], target_modules: Sequence[str]) -> None:
         """LoRA adapters on the denoiser as diffusers' training scripts inject them: ``add_adapter`` with
-        ``init_lora_weights="gaussian"`` (A Gaussian, B zero: the model starts unchanged); base weights frozen."""
+        ``init_lora_weights="gaussian"`` (A Gaussian, B zero: the model starts unchanged); base weights frozen,
+        the adapters in float32 whatever the base's dtype."""
         from peft import LoraConfig
 
         if self.adapter:
@@ -401,6 +404,12 @@ class _Pipeline:
         self.net.requires_grad_(False)
         self.net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                         target_modules=list(target_modules)))
+        if self.torch_dtype != torch.float32:
+            # the trained LoRA weights in float32 over the float16/bfloat16 base, as diffusers' training scripts
+            # keep them (cast_training_params): their updates in half precision overflow to NaN
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(self.net, dtype=torch.float32)
 
     def save_lora(self, path: Union[str, Path]) -> None:
         """The denoiser's adapter in diffusers' format (``path/pytorch_lora_weights.safetensors``, its LoRA

@@ -75,12 +75,13 @@ def resample(logw: Tensor, u: Tensor, method: str) -> Tensor:
         for b in range(B):
             det = ar.repeat_interleave(copies[b])
             n = int(rest[b])
-            rnd = torch.searchsorted(resid_cdf[b], u[b, :n].sort().values, right=True).clamp(max=K - 1)
+            rnd = torch.searchsorted(resid_cdf[b].contiguous(), u[b, :n].sort().values.contiguous(),
+                                     right=True).clamp(max=K - 1)
             idx[b] = torch.cat([det, rnd])
         return idx
     else:
         raise ConfigError(f"unknown resampler {method!r}")
-    return torch.searchsorted(cdf, points, right=True).clamp(max=K - 1)
+    return torch.searchsorted(cdf.contiguous(), points.contiguous(), right=True).clamp(max=K - 1)
 
 
 RESAMPLERS = ("systematic", "multinomial", "stratified", "residual")
@@ -89,7 +90,8 @@ RESAMPLERS = ("systematic", "multinomial", "stratified", "residual")
 def draw_categorical(logits: Tensor, u: Tensor) -> Tensor:
     """One index per row of ``logits [B, K]`` drawn from ``softmax(logits)`` by inverse CDF at ``u [B]``."""
     cdf = torch.softmax(logits.double(), dim=1).cumsum(1)
-    return torch.searchsorted(cdf, u.double().reshape(-1, 1).contiguous(), right=True).clamp(max=logits.shape[1] - 1)[:, 0]
+    points = u.double().reshape(-1, 1).contiguous()  # a view of a wider tensor is copied once, without a warning
+    return torch.searchsorted(cdf.contiguous(), points, right=True).clamp(max=logits.shape[1] - 1)[:, 0]
 
 
 def tempering_schedule(num_steps: int, tempering: str, gamma: float, fraction: float) -> list[float]:
@@ -115,6 +117,20 @@ def tempering_schedule(num_steps: int, tempering: str, gamma: float, fraction: f
         raise ConfigError(f"unknown tempering {tempering!r}; known: none, gamma, fraction")
     lam[T] = 1.0
     return lam
+
+
+def warn_weak_tempering(lam: list[float], tempering: str, gamma: float, far: float = 0.5) -> None:
+    """Warn when ``lambda`` before the last step is below ``far``: the potentials then barely act until the
+    last step jumps to 1, and the sampler comes out close to Best-of-K (the ``gamma`` form at small T:
+    gamma = 0.008 gives lambda = 0.07 at step 9 of 10)."""
+    T = len(lam) - 1
+    if T < 3 or lam[T - 1] >= far:
+        return
+    setting = f"tempering: gamma, gamma: {gamma:g}" if tempering == "gamma" else f"tempering: {tempering}"
+    warnings.warn(f"{setting} reaches lambda = {lam[T - 1]:.2f} at step {T - 1} of T = {T} (1 only at the last "
+                  "step): the potentials barely act and the sampler is close to Best-of-K; use the T-independent "
+                  "`tempering: fraction` (tempering_fraction: 0.87 is the DAS reference, gamma 0.008 at T = 100)",
+                  stacklevel=2)
 
 
 class SMC(Sampler):
@@ -225,6 +241,7 @@ class SMC(Sampler):
         B = len(conditions)
         conds, c = self.repeat(conditions, c, K)
         lam = tempering_schedule(T, self.tempering, self.gamma, self.tempering_fraction)
+        warn_weak_tempering(lam, self.tempering, self.gamma)
         grad = self.proposal == "gradient"
         if grad:
             require_differentiable(reward, "proposal: gradient (TDS, DAS)")

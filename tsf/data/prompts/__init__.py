@@ -85,11 +85,13 @@ def load_prompts(spec: Union[str, os.PathLike, Sequence[str]]) -> list[str]:
                       f"file, and not a dataset ({HF_PREFIX}<name>[:<split>[:<column>]])")
 
 
-def conditions_or_prompts(conditions: Optional[Sequence], prompts: Optional[str]) -> Optional[list]:
+def conditions_or_prompts(conditions: Optional[Sequence], prompts: Union[None, str, Sequence[str]]) -> Optional[list]:
     """A config's conditions: its ``conditions`` or, instead, the prompt set ``prompts`` names
     (:func:`load_prompts`); both given is a :class:`~tsf.errors.ConfigError`."""
     if prompts is None:
         return None if conditions is None else list(conditions)
     if conditions:
-        raise ConfigError("give conditions or prompts, not both")
+        raise ConfigError("give conditions or prompts, not both: a list of prompts goes in prompts "
+                          "(--data.init_args.prompts='[\"a red apple\", \"a photo of a cat\"]'), or pass "
+                          "--data.init_args.prompts=null beside conditions")
     return load_prompts(prompts)
