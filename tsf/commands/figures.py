@@ -455,7 +455,10 @@ def _normalised(points: Iterable[tuple[np.ndarray, np.ndarray]], log_x: bool):
     """A function mapping a panel's (x, y) arrays to [0, 1] over the span of all ``points`` (x in log10 on a
     log axis), where closeness can be judged whatever the units."""
     xs, ys = zip(*points)
-    fx = (lambda x: np.log10(np.clip(np.asarray(x, float), 1e-300, None))) if log_x else (lambda x: np.asarray(x, float))
+    def fx(x):
+        x = np.asarray(x, float)
+        return np.log10(np.clip(x, 1e-300, None)) if log_x else x
+
     allx, ally = np.concatenate([fx(x) for x in xs]), np.concatenate([np.asarray(y, float) for y in ys])
     allx, ally = allx[np.isfinite(allx)], ally[np.isfinite(ally)]
     x0, xs_ = (allx.min(), np.ptp(allx) or 1.0) if len(allx) else (0.0, 1.0)
@@ -592,7 +595,8 @@ def place_end_labels(ax, renderer) -> None:
                 inside = ((obstacles[:, 0] > box.x0 - obstacles[:, 2]) & (obstacles[:, 0] < box.x1 + obstacles[:, 2])
                           & (obstacles[:, 1] > box.y0 - obstacles[:, 2]) & (obstacles[:, 1] < box.y1 + obstacles[:, 2]))
                 cost = int(inside.sum()) + 10 * sum(box.overlaps(b) for b in placed)
-                cost += 0 if (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1) else 5
+                within = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                cost += 0 if within else 5
                 if best_cost is None or cost < best_cost:
                     best, best_cost = (dx * dist, dy * dist, ann.get_ha(), ann.get_va()), cost
                 if cost == 0:
@@ -980,7 +984,8 @@ def main(argv=None) -> None:
     try:
         if args.wandb_project:
             runs = distinct_labels(runs + wandb_runs(args.wandb_project))
-        keys = {k for r in runs for k in ([str(r.path), r.path.name] if r.path else []) + [r.label, method_key(r.label)]}
+        keys = {k for r in runs
+                for k in ([str(r.path), r.path.name] if r.path else []) + [r.label, method_key(r.label)]}
         runs = relabel(runs, parse_labels(args.labels, keys))
     except ConfigError as err:
         sys.exit(f"tsf figures: error: {err}")

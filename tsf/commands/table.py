@@ -4,7 +4,6 @@ of per-sample values (the target, the cross-rewards) with its standard error fro
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
