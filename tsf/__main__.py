@@ -4,7 +4,7 @@ import sys
 
 if __name__ == "__main__":
     try:
-        from tsf.cli import main
+        from tsf.commands import main
     except KeyboardInterrupt:
         print("\ntsf: interrupted while starting; nothing was run", file=sys.stderr)
         sys.exit(130)

@@ -24,6 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from tsf.commands import COMMANDS, TOOLS, bare_flags, light_command, overview  # noqa: F401  (entry: tsf.commands.main)
 from tsf.errors import ConfigError
 from tsf.identity import config_variant, flatten_config, variant_suffix
 
@@ -652,6 +653,19 @@ def run_dir_settings(config: dict) -> list[str]:
     return found
 
 
+def bool_options(parser) -> set[str]:
+    """The option strings of a subcommand parser's yes/no options: those typed ``bool`` (or a union with it),
+    and the Trainer's (whose types jsonargparse may leave unresolved)."""
+    import typing
+
+    def takes_bool(hint) -> bool:
+        return hint is bool or (typing.get_origin(hint) is typing.Union and bool in typing.get_args(hint))
+
+    trainer = {f"--trainer.{k}" for k, hint in typing.get_type_hints(Trainer.__init__).items() if takes_bool(hint)}
+    return {s for a in parser._actions if a.nargs is None for s in a.option_strings
+            if takes_bool(getattr(a, "_typehint", None)) or s in trainer}
+
+
 class TsfCLI(LightningCLI):
     def _name_run(self, subcommand: str) -> None:
         configs = self.config[subcommand].get("config") or []
@@ -699,46 +713,21 @@ class TsfCLI(LightningCLI):
             raise ConfigError(f"tsf finetune derives the run directory from --output_dir and --run_name: remove "
                               f"{', '.join(found)} from the config")
 
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's parsing, after writing each yes/no option given bare (``--overwrite``) or with a
+        separate value as ``--overwrite=true`` (:func:`tsf.commands.bare_flags`): tsf's one flag style."""
+        if args is None or isinstance(args, (list, tuple)):
+            argv = list(sys.argv[1:] if args is None else args)
+            sub = parser._subcommands_action._name_parser_map.get(argv[0]) if argv else None
+            fixed = bare_flags(argv, bool_options(sub)) if sub is not None else argv
+            if fixed != argv:
+                self.config = parser.parse_args(fixed)
+                return
+        super().parse_arguments(parser, args)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}, "finetune": {"model", "datamodule"}}
-
-
-#: ``tsf <tool> ...`` commands that are not LightningCLI subcommands: name -> "module:function"
-TOOLS = {"pretrain": "tsf.commands.pretrain:main", "table": "tsf.commands.table:main", "compare": "tsf.commands.compare:main",
-         "scaling": "tsf.commands.scaling:main", "sweep": "tsf.commands.sweep:main", "overopt": "tsf.commands.overopt:main",
-         "claims": "tsf.commands.claims:main", "bench": "tsf.commands.bench:main", "figures": "tsf.commands.figures:main"}
-
-
-#: every ``tsf`` command with its one line (``tsf --help``)
-COMMANDS = {
-    "sample": "sample with a config's sampler, evaluate, write a run directory (the main command)",
-    "finetune": "fine-tune a LoRA baseline (DDPO, DRaFT; configs/finetune/*.yaml): Lightning fit",
-    "fit": "train a LightningModule from a config (e.g. SVDD-MC's value network: configs/digits/value.yaml)",
-    "validate": "Lightning's validate subcommand",
-    "test": "Lightning's test subcommand",
-    "predict": "Lightning's predict subcommand",
-    "pretrain": "the recipe that makes the embedded digits models",
-    "table": "the results table (markdown) of run directories",
-    "compare": "run several sampling configs and print one table",
-    "scaling": "methods at equal NFE budgets: runs, a table and a plot",
-    "sweep": "run a wandb sweep file here, offline, without an account (grid, or seeded random draws)",
-    "overopt": "the over-optimisation comparison: fine-tuning against test-time samplers, one figure",
-    "claims": "the papers' headline claims re-tested on the digits tasks: runs, uncertainties, verdicts",
-    "bench": "framework overhead, throughput, memory, tsf against diffusers on a pipeline, every family on a GPU",
-    "figures": "paper figures from run directories",
-}
-
-
-def overview() -> str:
-    from tsf import __version__
-
-    width = max(map(len, COMMANDS))
-    lines = [f"usage: tsf <command> [options]      (tsf {__version__}; `tsf <command> --help` for a command's options)",
-             "", "commands:"]
-    lines += [f"  {name:<{width}}  {line}" for name, line in COMMANDS.items()]
-    lines += ["", "`python -m tsf` is the same program; `tsf --version` prints the version."]
-    return "\n".join(lines)
 
 
 def quiet_known_noise() -> None:
@@ -774,19 +763,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from_sys = argv is None
     argv = sys.argv[1:] if from_sys else list(argv)
     COMMAND_LINE[:] = argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(overview())
+    if light_command(argv):  # help, the version, the tools, an early config error (tsf.commands)
         return
-    if argv[0] == "--version":
-        from tsf import __version__
-
-        print(f"tsf {__version__}")
-        return
-    if argv[:1] and argv[0] in TOOLS:  # the argparse tools beside the LightningCLI subcommands
-        import importlib
-
-        module, function = TOOLS[argv[0]].split(":")
-        return getattr(importlib.import_module(module), function)(argv[1:])
     quiet_known_noise()
     if os.getcwd() not in sys.path:  # a user's reward or sampler module beside the config, as `python -m` finds it
         sys.path.append(os.getcwd())

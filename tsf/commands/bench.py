@@ -44,7 +44,6 @@ Each prints a markdown table and the machine it ran on, and writes JSON with ``-
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import importlib
@@ -60,6 +59,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from tsf.commands import ToolParser
 
 # ----------------------------------------------------------------------------- the machine
 
@@ -924,7 +925,7 @@ def pipeline(args) -> dict:
 # ----------------------------------------------------------------------------- command line
 def run(argv=None) -> dict:
     """Run one benchmark (the command-line arguments of ``tsf bench``) and return its results."""
-    p = argparse.ArgumentParser(prog="tsf bench", description=__doc__.split("\n\n")[0])
+    p = ToolParser(prog="tsf bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
 
     def common(q, json_help="also write the results to this file"):

@@ -24,7 +24,6 @@ in its direction (the interval excludes 0), **fails** when any is resolved again
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from tsf.commands import ToolParser
 
 ROOT = Path(__file__).resolve().parents[2]
 CROSS = "digit_holdout"
@@ -424,7 +425,7 @@ def markdown(rows: list[Claim]) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="tsf claims", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = ToolParser(prog="tsf claims", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["digits", "hard"])
     p.add_argument("--output_dir", type=Path, default=Path("runs/claims"))
     p.add_argument("--skip_runs", action="store_true", help="only read the run directories (no sampling)")

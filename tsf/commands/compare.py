@@ -4,11 +4,11 @@ scaling`` and ``tsf sweep`` share."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from pathlib import Path
 from typing import Optional
 
+from tsf.commands import ToolParser
 from tsf.commands.table import results_table
 
 
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     config (finished runs are kept), print the table."""
     import sys
 
-    p = argparse.ArgumentParser(prog="tsf compare", description="Run several sampling configs and print one table.")
+    p = ToolParser(prog="tsf compare", description="Run several sampling configs and print one table.")
     p.add_argument("configs", nargs="+", type=Path)
     p.add_argument("--output_dir", default="runs/compare")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

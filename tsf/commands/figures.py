@@ -14,7 +14,6 @@ equal values both visible; legend labels from ``--labels`` or a run's ``label:``
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -26,6 +25,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import numpy as np
 import yaml
 
+from tsf.commands import ToolParser
 from tsf.errors import ConfigError
 from tsf.identity import distinguishing_labels, flatten_config, method_identity, short_value
 
@@ -954,7 +954,7 @@ def make_figures(runs: list[Run], out: Path, only: Optional[Iterable[str]] = Non
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="tsf figures", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p = ToolParser(prog="tsf figures", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("run_dirs", nargs="*", type=Path, help="run directories (others, e.g. files of a glob, are ignored)")
     p.add_argument("--out", type=Path, required=True, help="directory for the figures")
     p.add_argument("--only", nargs="+", choices=FIGURES, default=None, help="draw only these figures")

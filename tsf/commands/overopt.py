@@ -13,10 +13,10 @@ DRaFT, DDPO and GRPO (``configs/finetune/*_flow.yaml``) against the samplers of 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from tsf.commands import ToolParser
 from tsf.commands.compare import main as compare
 from tsf.commands.compare import run_tsf
 from tsf.commands.figures import (Run, _cross_key, load_runs, method_styles, overoptimisation_panels, save_figure,
@@ -58,7 +58,7 @@ def nfe_cell(r: Run) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="tsf overopt", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = ToolParser(prog="tsf overopt", description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--domain", choices=sorted(DOMAINS), default="diffusion", help="diffusion (configs/overopt and "
                    "configs/finetune/{draft,ddpo}.yaml), flow (configs/overopt_flow, configs/finetune/*_flow.yaml) or "
                    "hard (the hard digits task: configs/overopt_hard, configs/finetune/*_hard.yaml)")

@@ -14,7 +14,6 @@ cross-classifier features (base samples vs real test digits; real half A vs real
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from tsf.commands import ToolParser
 from tsf.models import digits as D
 
 
@@ -269,7 +269,7 @@ def pretrain_digits_masked(out: Path, steps: int = 15000, seed: int = 0, num_qua
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="tsf pretrain", description=__doc__.split("\n\n")[0])
+    p = ToolParser(prog="tsf pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["digits", "digits_flow", "digits_masked"],
                    help="digits: the diffusion model and both classifiers; digits_flow: the flow model; "
                         "digits_masked: the masked (discrete) model")

@@ -11,7 +11,6 @@ bootstrap confidence bands.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import sys
@@ -20,6 +19,7 @@ from typing import Optional
 
 import yaml
 
+from tsf.commands import ToolParser
 from tsf.commands.compare import OVERWRITE_HELP, interrupted, run_tsf, split_passthrough, tool_command
 from tsf.commands.table import results_table
 
@@ -64,7 +64,7 @@ def plot(run_dirs: list[Path], out: Path) -> list[Path]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="tsf scaling", description=__doc__.split("\n\n")[0])
+    p = ToolParser(prog="tsf scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("configs", nargs="+", type=Path)
     p.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 500])
     p.add_argument("--output_dir", type=Path, default=Path("runs/scaling"))

@@ -14,7 +14,6 @@ directories.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -25,6 +24,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import yaml
 
+from tsf.commands import ToolParser
 from tsf.commands.compare import interrupted, run_tsf, tool_command
 from tsf.commands.table import results_table
 from tsf.errors import ConfigError
@@ -113,7 +113,7 @@ def command_args(spec: dict, params: dict[str, Any]) -> tuple[str, list[str]]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="tsf sweep", description=__doc__.split("\n\n")[0])
+    p = ToolParser(prog="tsf sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep", type=Path, help="a wandb sweep file (sweeps/*.yaml)")
     p.add_argument("--output_dir", type=Path, default=None, help="where the runs go (default: runs/sweep_<file name>)")
     p.add_argument("--count", type=int, default=None,

@@ -3,13 +3,14 @@ of per-sample values (the target, the cross-rewards) with its standard error fro
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from tsf.commands import ToolParser
 
 COLUMNS = [("target/mean", "target mean"), ("target/median", "target median"), ("target/q90", "target q90"),
            ("cross/*", "cross {} mean"), ("diversity/pairwise", "diversity pairwise"),
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
     from tsf.commands.figures import parse_labels
     from tsf.errors import ConfigError
 
-    p = argparse.ArgumentParser(prog="tsf table", description=__doc__.split("\n")[0])
+    p = ToolParser(prog="tsf table", description=__doc__.split("\n")[0])
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--labels", nargs="+", default=None, metavar="KEY=LABEL",
                    help="row labels, as `tsf figures --labels` takes them")
