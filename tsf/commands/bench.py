@@ -31,6 +31,11 @@
   given several times times several variants of the sampler side by side on the same seeds (their rewards are
   paired: e.g. DAS with ``gradient_through`` network and tweedie).
 
+* ``tsf bench cli``: seconds until the ``tsf`` command answers (``--version``, ``--help``, a tool's ``--help``, a
+  config error found before parsing, and for contrast ``tsf sample --help``, which builds the LightningCLI
+  parser), each a fresh ``python -m tsf`` process, medians of ``--repeats``; and whether the answer imported
+  torch or Lightning (it should not: only the LightningCLI subcommands do).
+
 * ``tsf bench gpu`` (``bench_gpu.py``): seconds per image, peak CUDA memory and UNet / transformer rows of
   SD 1.5, SDXL, SD3 and FLUX at their real sizes with random weights, for the base sampler, Best-of-4,
   SVDD-PM, DAS (through the network and through the Tweedie estimate) and a DRaFT step (``--tiny``: tiny shapes,
@@ -922,6 +927,55 @@ def pipeline(args) -> dict:
             "rows": rows, "ratio_tsf_to_diffusers": ratio}
 
 
+# ----------------------------------------------------------------------------- cli
+#: what ``tsf bench cli`` times: label -> the arguments of ``tsf``
+CLI_COMMANDS = {"tsf --version": ["--version"], "tsf --help": ["--help"], "tsf compare --help": ["compare", "--help"],
+                "a config error (tsf sample --config missing.yaml)": ["sample", "--config", "missing.yaml"],
+                "tsf sample --help (the LightningCLI parser)": ["sample", "--help"]}
+#: the answer that must come at once: every command above but the LightningCLI parser's help
+CLI_TARGET_SECONDS = 2.0
+PROBE = ("import runpy, sys; sys.argv = ['tsf', *sys.argv[1:]]\n"
+         "try:\n    runpy.run_module('tsf', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+         "import json; print('\\nHEAVY', json.dumps(sorted(m for m in ('torch', 'lightning') if m in sys.modules)), "
+         "file=sys.stderr)")
+
+
+def cli_one(args: list[str], repeats: int, cwd: str) -> dict:
+    """Median wall time of ``python -m tsf ARGS`` in fresh processes (in ``cwd``), and what it imported."""
+    import tsf
+
+    root = str(Path(tsf.__file__).resolve().parents[1])  # this tsf, wherever the processes run
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    times, heavy = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "tsf", *args], capture_output=True, text=True, cwd=cwd, env=env)
+        times.append(time.perf_counter() - t0)
+    probe = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd, env=env)
+    for line in probe.stderr.splitlines():
+        if line.startswith("HEAVY "):
+            heavy = json.loads(line[len("HEAVY "):])
+    return {"args": args, "seconds": statistics.median(times), "times": times, "imports": heavy}
+
+
+def cli(args) -> dict:
+    info = machine("cpu")
+    print(f"Seconds until `tsf` answers (fresh processes, median of {args.repeats}); target: under "
+          f"{CLI_TARGET_SECONDS:g} s for all but the LightningCLI parser")
+    print(machine_line(info))
+    print("\n| command | s | imports torch / Lightning |")
+    print("|---|---|---|")
+    rows = []
+    with tempfile.TemporaryDirectory() as empty:  # "missing.yaml" is missing there
+        for label, argv in CLI_COMMANDS.items():
+            progress(f"cli: {label}")
+            row = {"command": label, **cli_one(argv, args.repeats, empty)}
+            rows.append(row)
+            print(f"| {label} | {row['seconds']:.2f} | {', '.join(row['imports']) or 'no'} |", flush=True)
+    return {"benchmark": "cli", "machine": info, "target_seconds": CLI_TARGET_SECONDS,
+            "settings": {"repeats": args.repeats}, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- command line
 def run(argv=None) -> dict:
     """Run one benchmark (the command-line arguments of ``tsf bench``) and return its results."""
@@ -994,6 +1048,11 @@ def run(argv=None) -> dict:
                         "with Best-of-N, whose output costs N trajectories)")
     common(q)
 
+    c = sub.add_parser("cli", help="seconds until `tsf --version`, `--help`, a tool's `--help` and a config error "
+                                   "answer, each in a fresh process")
+    c.add_argument("--repeats", type=int, default=5, help="processes per command (median)")
+    c.add_argument("--json", default=None, help="also write the results to this file")
+
     from tsf.commands import bench_gpu
 
     g = sub.add_parser("gpu", help="s/image, peak CUDA memory and UNet rows of SD 1.5, SDXL, SD3 and FLUX at their "
@@ -1011,7 +1070,7 @@ def run(argv=None) -> dict:
 
     args = p.parse_args(argv)
     result = {"overhead": overhead, "throughput": throughput, "memory": memory, "pipeline": pipeline,
-              "gpu": bench_gpu.gpu, "flops": bench_flops.flops}[args.what](args)
+              "gpu": bench_gpu.gpu, "flops": bench_flops.flops, "cli": cli}[args.what](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
