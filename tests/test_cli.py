@@ -71,6 +71,7 @@ def test_wandb_offline_run_has_the_metrics_the_config_and_the_grid(tmp_path, mon
     assert config["data.init_args.num_samples"] == saved["data"]["init_args"]["num_samples"] == 24
     assert info["group"] == "digits/best_of_n" and {"digits", "best_of_n", "BestOfN", "digit"} <= set(info["tags"])
     assert info["project"] == "tsf"
+    assert info["id"] == (d / "wandb_run_id").read_text().strip()  # the run directory names its wandb run
     history, summary, files = read_run(d)
     for key, value in metrics.items():
         assert summary[key] == pytest.approx(value, rel=1e-6), key
@@ -473,6 +474,9 @@ def test_ctrl_c_prints_the_resume_command_and_the_resumed_run_says_what_it_reuse
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
     monkeypatch.setattr(ShardStore, "save", real_save)
+    import wandb
+
+    wandb.finish()  # what the end of the interrupted process does (here the next attempt runs in the same one)
     err = capsys.readouterr().err
     assert "2 finished batches are kept" in err and "Continue it with:" in err
     command = err.split("Continue it with:")[1].strip().splitlines()[0]
@@ -482,7 +486,11 @@ def test_ctrl_c_prints_the_resume_command_and_the_resumed_run_says_what_it_reuse
     main(args[1:])
     out = capsys.readouterr().out
     assert "resumed: 2 of 3 batches read from" in out and ", 1 sampled" in out
-    assert len(list((tmp_path / "cut" / "wandb").glob("offline-run-*"))) == 1  # the interrupted attempt's is gone
+    (kept,) = (tmp_path / "cut" / "wandb").glob("offline-run-*")  # the interrupted attempt's is gone
+    from wandb_log import read_config
+
+    run_id = (tmp_path / "cut" / "wandb_run_id").read_text().strip()  # read on resume, not parsed from folder names
+    assert read_config(tmp_path / "cut")[1]["id"] == run_id and kept.name.endswith(run_id)
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["target/mean"] < 0
 
 

@@ -51,6 +51,11 @@ def test_a_grid_sweep_runs_offline_one_run_directory_per_configuration_and_resum
     runs = sorted(d for d in out.iterdir() if (d / "metrics.json").is_file())
     assert len(runs) == 4 and len({d.name for d in runs}) == 4, [d.name for d in runs]
     assert all(any((d / "wandb").glob("offline-run-*")) for d in runs)  # logged offline, no account
+    from wandb_log import read_config
+
+    for d in runs:  # the sweep's runs appear together after `wandb sync`: its name as their group, a sweep tag
+        info = read_config(d)[1]
+        assert info["group"] == "tiny" and "sweep" in info["tags"] and "gmm" in info["tags"], info
     record = json.loads((out / "sweep.json").read_text())
     assert sorted(r["params"]["model.init_args.sampler.init_args.num_particles"] for r in record["runs"]) == [2, 2, 3, 3]
     shards = {p: p.stat().st_mtime_ns for d in runs for p in (d / "shards").iterdir()}

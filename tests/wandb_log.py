@@ -96,7 +96,8 @@ def read_config(run_dir):
             for i in rec.config.update:
                 config[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
         elif which == "run":
-            run = {"group": rec.run.run_group, "tags": list(rec.run.tags), "project": rec.run.project}
+            run = {"group": rec.run.run_group, "tags": list(rec.run.tags), "project": rec.run.project,
+                   "id": rec.run.run_id}
             for i in rec.run.config.update:
                 config[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
     return {k: v.get("value", v) if isinstance(v, dict) and set(v) <= {"value", "desc"} else v

@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from tsf.commands import COMMANDS, TOOLS, bare_flags, light_command, overview  # noqa: F401  (entry: tsf.commands.main)
 from tsf.errors import ConfigError
 from tsf.identity import config_variant, flatten_config, variant_suffix
+from tsf.tracking import group_and_tags, new_run_id, read_run_id, resolve_mode, write_run_id
 
 #: what a sampling run writes (a directory holding any of these but config.yaml holds a run)
 RUN_FILES = ("config.yaml", "metrics.json", "samples.pt", "grid.png", "per_condition.json", "diagnostics.pt", "shards")
@@ -204,17 +205,6 @@ def load_samples(run_dir: Path) -> dict[str, Any]:
     return torch.load(Path(run_dir) / "samples.pt", weights_only=True, map_location="cpu")
 
 
-def wandb_has_api_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        import netrc
-
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
 def run_identity(config: dict, method: str) -> tuple[str, list[str]]:
     """A run's wandb ``group`` (``<config folder>/<config name>``, e.g. ``digits/das``) and ``tags``
     (the config folder, the config name, the sampler and the reward) from its resolved config."""
@@ -226,20 +216,6 @@ def run_identity(config: dict, method: str) -> tuple[str, list[str]]:
     reward = str(reward.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(reward, dict) else str(reward or "")
     group = f"{domain}/{method}" if domain else method
     return group, [t for t in dict.fromkeys((domain, method, sampler, reward)) if t]
-
-
-def previous_wandb_run(run_dir: Path) -> tuple[Optional[str], list[Path]]:
-    """The id of the wandb run an earlier attempt of this run started (from ``<run>/wandb/``) and its
-    offline folders, one per attempt (wandb names them ``[offline-]run-<time>-<id>[-<n>]``)."""
-    def run_id(folder: Path) -> str:
-        return folder.name.removeprefix("offline-").split("-")[2]
-
-    found = sorted((p for p in (run_dir / "wandb").glob("*run-*-*") if p.is_dir() and not p.is_symlink()),
-                   key=lambda p: p.stat().st_mtime) if (run_dir / "wandb").is_dir() else []
-    if not found:
-        return None, []
-    last = run_id(found[-1])
-    return last, [p for p in found if p.name.startswith("offline-run-") and run_id(p) == last]
 
 
 def without_noise(logger, one_point: bool = False):
@@ -258,17 +234,16 @@ def without_noise(logger, one_point: bool = False):
 
 
 def wandb_logger(run_dir: Path, name: str, project: Optional[str], mode: str, config: Optional[dict] = None,
-                 method: Optional[str] = None, run_id: Optional[str] = None):
+                 method: Optional[str] = None, run_id: Optional[str] = None, resume: bool = False):
     """Lightning's WandbLogger for one run: its resolved ``config`` (flattened, as sweeps name it), a group
-    and tags from it; the project is ``project``, else ``WANDB_PROJECT``, else ``tsf``; ``run_id``
-    continues that wandb run (a resumed run)."""
+    and tags from it; the project is ``project``, else ``WANDB_PROJECT``, else ``tsf``; the wandb run's id is
+    ``run_id`` (``resume``: continue it)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_api_key() else "offline")
-    extra: dict[str, Any] = {"id": run_id, "resume": "allow"} if run_id else {}
+    mode = resolve_mode(mode)  # auto: online when wandb's own lookup finds credentials for its server
+    extra: dict[str, Any] = {"id": run_id, **({"resume": "allow"} if resume else {})} if run_id else {}
     if config is not None:
-        group, tags = run_identity(config, method or name)
+        group, tags = group_and_tags(*run_identity(config, method or name))  # a sweep's runs: its group
         extra.update({"config": flatten_config(config), "group": group, "tags": tags})
     return WandbLogger(name=name, project=project or os.environ.get("WANDB_PROJECT") or "tsf", save_dir=str(run_dir),
                        offline=mode != "online", mode=mode if mode in ("online", "offline", "disabled") else None,
@@ -354,7 +329,7 @@ class TsfTrainer(Trainer):
             overwrite: replace a run already in the run directory.
             resume: finish a stopped run: batches whose shards verify are not sampled again.
             wandb_project: Weights & Biases project (default: ``WANDB_PROJECT``, else ``tsf``).
-            wandb_mode: ``auto`` is online when an API key is configured, else offline.
+            wandb_mode: ``auto`` is online when wandb finds credentials for its server, else offline.
         """
         if datamodule is None:
             raise ConfigError("tsf sample needs a data module: set data.class_path (e.g. tsf.lightning.SampleIdsDataModule)")
@@ -404,12 +379,18 @@ class TsfTrainer(Trainer):
         self.run_dir = run_dir
         self._default_root_dir = str(run_dir)  # what Lightning and the modules write beside the run's files
         if not self.loggers and wandb_mode != "disabled":
-            run_id, stale = previous_wandb_run(run_dir) if resume else (None, [])
-            if logs_at_end and self.is_global_zero:
-                for folder in stale:
+            run_id = read_run_id(run_dir) if resume else None  # the wandb run an earlier attempt started
+            continued = run_id is not None
+            if run_id is None:
+                run_id = new_run_id()
+                if self.is_global_zero:
+                    write_run_id(run_dir, run_id)
+            elif logs_at_end and self.is_global_zero:  # its offline folders hold nothing: the run logs at its end
+                for folder in (run_dir / "wandb").glob(f"offline-run-*-{run_id}*"):
                     shutil.rmtree(folder, ignore_errors=True)
             self.loggers = [without_noise(wandb_logger(run_dir, run_name, wandb_project, wandb_mode, self.run_config,
-                                                       self.method_name, run_id), one_point=logs_at_end)]
+                                                       self.method_name, run_id, resume=continued),
+                                          one_point=logs_at_end)]
         return run_dir
 
     def interrupted_run(self, run_dir: Path, how: str) -> None:
@@ -446,7 +427,7 @@ class TsfTrainer(Trainer):
                 run stays as it is).
             ckpt_path: start from this Lightning checkpoint instead (e.g. another run's).
             wandb_project: Weights & Biases project (default: ``WANDB_PROJECT``, else ``tsf``).
-            wandb_mode: ``auto`` is online when an API key is configured, else offline.
+            wandb_mode: ``auto`` is online when wandb finds credentials for its server, else offline.
         """
         from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -37,12 +37,13 @@ def split_passthrough(argv) -> tuple[list[str], list[str]]:
 
 
 def run_tsf(command: str, output_dir: Path, *args: str, overwrite: bool = False,
-            log: Optional[Path] = None, resume: Optional[str] = None) -> Optional[Path]:
+            log: Optional[Path] = None, resume: Optional[str] = None,
+            env: Optional[dict] = None) -> Optional[Path]:
     """``tsf COMMAND --output_dir DIR --resume=true ARGS`` (``sample`` or ``finetune``) in a fresh process: a
     finished run of the same config is kept (nothing is sampled or trained again), a stopped one is finished,
     one of another config is refused; ``overwrite`` passes ``--overwrite=true`` instead (start again). Its
     output is echoed, or written to ``log``; ``resume`` is the command that continues the whole (the run says
-    it after Ctrl-C). Returns the run directory, or ``None`` when the run failed or was stopped. On Ctrl-C
+    it after Ctrl-C); ``env`` adds to its environment. Returns the run directory, or ``None`` when the run failed or was stopped. On Ctrl-C
     (which the run receives too and stops at its graceful best) it waits for the run to stop, then raises
     ``KeyboardInterrupt``."""
     import os
@@ -55,7 +56,7 @@ def run_tsf(command: str, output_dir: Path, *args: str, overwrite: bool = False,
            "--overwrite=true" if overwrite else "--resume=true", *args]
     print("+", " ".join(["tsf", *cmd[3:]]) + (f"  (log: {log})" if log else ""), flush=True)
     run_dir, stopped = None, False
-    env = {**os.environ, RESUME_ENV: resume} if resume else None
+    env = {**os.environ, **({RESUME_ENV: resume} if resume else {}), **(env or {})}
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") if log is not None else contextlib.nullcontext() as sink, \

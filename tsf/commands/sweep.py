@@ -7,7 +7,8 @@ file's distributions with ``--seed`` (the same seed, the same draws). Each confi
 for each parameter) in its own process and its own run directory under ``--output_dir`` (the run names
 carry what each configuration changed, so no two share one), one after another or ``--processes`` at a
 time. Every run is started with ``--resume true``: a finished run is kept, a stopped one finished, so
-the same command resumes a sweep. A ``bayes`` sweep runs one configuration at a time, each drawn by
+the same command resumes a sweep. Its runs' wandb group is the sweep's name (the file's ``name``, else the
+file's stem) and they carry the tag ``sweep``, so that after ``wandb sync`` they appear together. A ``bayes`` sweep runs one configuration at a time, each drawn by
 the engine from the metric (the file's ``metric.name``) of the runs before it, read from their run
 directories.
 """
@@ -28,6 +29,7 @@ from tsf.commands import ToolParser
 from tsf.commands.compare import interrupted, run_tsf, tool_command
 from tsf.commands.table import results_table
 from tsf.errors import ConfigError
+from tsf.tracking import sweep_environment
 
 
 def _engine():
@@ -131,13 +133,15 @@ def main(argv=None) -> None:
     except (ConfigError, OSError, ValueError) as err:
         sys.exit(f"tsf sweep: error: {err}")
     out = args.output_dir or Path("runs") / f"sweep_{args.sweep.stem}"
+    name = str(spec.get("name") or args.sweep.stem)  # its runs' wandb group
 
     def run(params: dict[str, Any], log: Optional[Path] = None) -> Optional[Path]:
         sub, cmd = command_args(spec, params)
         if args.dry_run:
             print(" ".join(["tsf", sub, f"--output_dir={out}", *cmd]))
             return None
-        return run_tsf(sub, out, *cmd, overwrite=args.overwrite, log=log, resume=tool_command("sweep", argv))
+        return run_tsf(sub, out, *cmd, overwrite=args.overwrite, log=log, resume=tool_command("sweep", argv),
+                       env=sweep_environment(name))
 
     try:
         if spec["method"] == "bayes":  # one after another: each draw needs the metrics of the runs before it
