@@ -123,3 +123,41 @@ def test_sample_takes_its_flags_bare_and_with_a_value(capsys):
         assert done.value.code in (0, None)
         out = capsys.readouterr().out
         assert f"\noverwrite: {overwrite}\n" in out and "enable_progress_bar: true" in out
+
+
+@pytest.mark.parametrize("max_epochs", [None, 1])
+def test_a_run_bounded_by_steps_is_labelled_by_steps_through_a_public_hook(max_epochs):
+    """The fine-tuning bar reads "Training steps", not "Epoch 0/-2"; a run bounded by epochs keeps Lightning's label.
+    The label is set in ``on_train_epoch_start`` (a public callback hook), not in a private method."""
+    import torch
+    from lightning.pytorch import Callback, LightningModule, Trainer
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from tsf.cli import steps_progress_bar
+
+    bar = steps_progress_bar()
+    assert "_get_train_description" not in type(bar).__dict__
+    seen = []
+
+    class Look(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(str(bar.progress.tasks[bar.train_progress_bar_id].description))
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, i):
+            return (self.w - batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+
+    Trainer(max_steps=2, max_epochs=max_epochs, callbacks=[bar, Look()], logger=False, enable_checkpointing=False,
+            enable_model_summary=False).fit(Tiny())
+    assert isinstance(bar, RichProgressBar) and seen
+    assert seen[0].strip() == ("Training steps" if max_epochs is None else "Epoch 0/0")

@@ -87,11 +87,14 @@ if RichProgressBar is not None:
             module = self._trainer.lightning_module if getattr(self, "_trainer", None) is not None else None
             return "Sampling" if hasattr(module, "sampler") else super().test_description
 
-        def _get_train_description(self, current_epoch: int) -> str:
-            if self.trainer.max_epochs not in (None, -1):
-                return super()._get_train_description(current_epoch)
+        def on_train_epoch_start(self, trainer, pl_module) -> None:  # a public hook: relabel the bar it made
+            super().on_train_epoch_start(trainer, pl_module)
+            if trainer.max_epochs not in (None, -1) or self.progress is None or self.train_progress_bar_id is None:
+                return
             text = "Training steps"
-            return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
+            text = f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
+            self.progress.update(self.train_progress_bar_id, description=text)
+            self.refresh()
 
         def on_sampling_progress(self, done: int, total: int, unit: str, note: str = "") -> None:
             """Show ``done`` of ``total`` ``unit`` inside the current batch (a line under the batches' bar, with
