@@ -44,3 +44,24 @@ def test_two_processes_give_the_one_process_samples_and_metrics(tmp_path):
     for k in ma:
         if k not in batching:
             assert abs(ma[k] - mb[k]) <= 1e-6 * max(1.0, abs(ma[k])), (k, ma[k], mb[k])
+
+
+def test_the_shard_sampler_is_lightnings_unrepeated_distributed_sampler_where_that_one_runs():
+    """``ShardSampler`` gives rank ``r`` of ``w`` the ids ``r::w``, as Lightning's ``UnrepeatedDistributedSampler``
+    (what ``trainer.predict`` shards with) does, for every size that sampler accepts (it asserts every rank a
+    sample; ``ShardSampler`` leaves such a rank empty)."""
+    import pytest
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    from tsf.lightning.data import ConditionSampleIds, ShardSampler
+
+    for world in (1, 2, 3, 4, 8):
+        for n in range(world, 40):
+            data = ConditionSampleIds([None], n)
+            for rank in range(world):
+                theirs = UnrepeatedDistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+                ours = ShardSampler(n, rank, world)
+                assert list(ours) == list(theirs) and len(ours) == len(theirs), (n, world, rank)
+    assert [list(ShardSampler(3, r, 4)) for r in range(4)] == [[0], [1], [2], []]
+    with pytest.raises(AssertionError):
+        UnrepeatedDistributedSampler(ConditionSampleIds([None], 3), num_replicas=4, rank=3, shuffle=False)

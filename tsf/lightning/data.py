@@ -29,7 +29,9 @@ class ConditionSampleIds(Dataset):
 
 
 class ShardSampler(Sampler[int]):
-    """Indices ``rank::world`` in order: an unpadded, deterministic shard."""
+    """Indices ``rank::world`` in order: an unpadded, deterministic shard. The split of Lightning's
+    ``UnrepeatedDistributedSampler`` (a test shows it), which lives outside Lightning's public API
+    (docs/architecture.md, "Several processes")."""
 
     def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
         self.indices = list(range(rank, n, world_size))
