@@ -547,3 +547,21 @@ def test_grid_columns_show_the_conditions(run_dirs, tmp_path):
         boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in labels]
         assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
         plt.close(fig)
+
+
+def test_bootstrap_ci_is_scipys_percentile_bootstrap_and_equals_the_hand_written_one_it_replaced():
+    """``bootstrap_ci`` calls ``scipy.stats.bootstrap``; with the same seed it gives exactly the interval of the
+    resampling it replaced (draw ``n`` indices per resample, mean, percentiles), to rounding."""
+    from scipy.stats import bootstrap
+
+    for n, level, seed in ((2, 0.95, 0), (37, 0.9, 3), (500, 0.95, 1)):
+        x = np.random.default_rng(n).standard_t(3, size=n)
+        rng = np.random.default_rng(seed)
+        means = x[rng.integers(0, n, size=(400, n))].mean(1)
+        tail = 100 * (1 - level) / 2
+        assert bootstrap_ci(x, 400, level, seed) == pytest.approx(tuple(np.percentile(means, [tail, 100 - tail])),
+                                                                 rel=1e-12, abs=1e-12)
+        ci = bootstrap((x,), np.mean, n_resamples=400, confidence_level=level, method="percentile",
+                       rng=np.random.default_rng(seed)).confidence_interval
+        assert bootstrap_ci(x, 400, level, seed) == (ci.low, ci.high)
+    assert bootstrap_ci([0.5]) == (0.5, 0.5)
