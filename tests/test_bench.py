@@ -17,6 +17,10 @@ def test_overhead_replays_the_counted_calls_of_every_sampler(tmp_path, capsys):
     out = json.loads(path.read_text())
     assert out["benchmark"] == "overhead" and out["settings"]["K"] == 2
     assert {"cpu", "cpu_cores", "torch_threads", "device"} <= set(out["machine"])
+    import torch
+
+    env = out["machine"]["environment"]  # torch.utils.collect_env's description, beside what it lacks
+    assert env["torch_version"] == torch.__version__ and "python_version" in env
     assert [r["key"] for r in out["rows"]] == list(CONFIGS)
     for r in out["rows"]:
         name = r["sampler"]
@@ -57,4 +61,5 @@ def test_throughput_against_k_and_batch_size(tmp_path, capsys):
     for r in out["vs_k"] + out["vs_batch_size"]:
         assert math.isfinite(r["samples_per_second"]) and r["samples_per_second"] > 0
         assert r["nfe_per_sample"] == r["K"] * 2  # K trajectories of T = 2 steps
+        assert r["calls"] >= 1  # torch.utils.benchmark's blocked_autorange: its blocks of calls
     assert "| Best-of-N |" in capsys.readouterr().out

@@ -14,7 +14,8 @@
   each sampler with near-free stand-ins for its networks and reward (the mean of each row's input, broadcast to
   the recorded output shape): its overhead alone, ``1 + that / the bare calls`` beside the ratio.
 * ``tsf bench throughput``: output samples per second against K (at the configs' batch size) and
-  against the batch size (outputs per ``sampler.sample`` call, the data module's ``batch_size``).
+  against the batch size (outputs per ``sampler.sample`` call, the data module's ``batch_size``), timed by
+  ``torch.utils.benchmark.Timer.blocked_autorange`` (the overhead's alternation keeps its own loop: ``timed``).
 * ``tsf bench memory``: peak memory of the gradient samplers (DAS) against K at a fixed
   ``grad_batch``, each measurement in a fresh process. On a GPU the peak is
   ``torch.cuda.max_memory_allocated``; on a CPU it is the process's peak resident set (sampled
@@ -44,12 +45,14 @@
   reward, counted on the meta device, and the cost per particle-step of a gradient proposal through the network
   and through the Tweedie estimate.
 
-Each prints a markdown table and the machine it ran on, and writes JSON with ``--json PATH``.
+Each prints a markdown table and the machine it ran on, and writes JSON with ``--json PATH`` (its ``machine``
+holds ``torch.utils.collect_env``'s description too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -81,8 +84,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=None)
+def environment() -> dict:
+    """``torch.utils.collect_env``'s description of the machine (what PyTorch's bug reports carry): the versions
+    of torch, CUDA, cuDNN, Python and the OS, the GPU models and driver, the CPU as ``lscpu`` gives it, the
+    relevant pip packages."""
+    from torch.utils.collect_env import get_env_info
+
+    return {k: v for k, v in get_env_info()._asdict().items() if v is not None}
+
+
 def machine(device: str) -> dict:
-    """What a benchmark ran on: CPU model and cores, torch threads, the GPU if any."""
+    """What a benchmark ran on: :func:`environment` (``torch.utils.collect_env``), and what it does not say
+    but a timing depends on: the cores this process may use (its affinity), torch's threads, the device and
+    its GPU; the CPU model and the versions again in one line (:func:`machine_line`)."""
     import torch
 
     try:
@@ -91,7 +106,8 @@ def machine(device: str) -> dict:
         usable = os.cpu_count()
     info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "device": device}
+            "python": platform.python_version(), "platform": platform.platform(), "device": device,
+            "environment": environment()}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -371,6 +387,10 @@ def replay(calls: list[Call], modules: dict) -> dict:
 
 
 def timed(fn: Callable[[], Any], calls: int, device: str) -> float:
+    """Seconds per call of ``calls`` calls. The overhead benchmark alternates two of these measurements with a
+    fixed number of calls each, so it cannot use ``torch.utils.benchmark.Timer``: its ``timeit`` runs a warm-up
+    of its own before every measurement (two more sampler runs each) and ``blocked_autorange`` chooses the
+    number of calls itself; throughput, which does not alternate, uses the Timer (:func:`throughput_one`)."""
     gc.collect()
     sync(device)
     t0 = time.perf_counter()
@@ -479,12 +499,19 @@ def overhead(args) -> dict:
 
 # ----------------------------------------------------------------------------- throughput
 def throughput_one(s: Setup, n: int, min_seconds: float, device: str) -> dict:
+    """Samples per second of one setting: ``torch.utils.benchmark.Timer.blocked_autorange`` (blocks of calls
+    for at least ``min_seconds``, the median per call; it synchronises the accelerator), at torch's thread
+    count (the Timer's default is one thread)."""
+    import torch
+    from torch.utils.benchmark import Timer
+
     out = run_sampler(s, n)  # warm-up
-    first = timed(lambda: run_sampler(s, n), 1, device)
-    per = max(1, math.ceil(min_seconds / max(first, 1e-6)))
-    secs = timed(lambda: run_sampler(s, n), per, device) if per > 1 or min_seconds > first else first
+    gc.collect()
+    m = Timer("run()", globals={"run": lambda: run_sampler(s, n)},
+              num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_seconds)
+    secs = m.median
     return {"sampler": s.label, "key": s.key, "K": getattr(s.sampler, "num_particles", 1), "batch_size": n,
-            "seconds_per_call": secs, "calls": per, "samples_per_second": n / secs,
+            "seconds_per_call": secs, "calls": m.number_per_run * len(m.raw_times), "samples_per_second": n / secs,
             "nfe_per_second": out.compute["nfe"] / secs, "nfe_per_sample": out.compute["nfe"] / n}
 
 
