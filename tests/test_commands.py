@@ -22,7 +22,7 @@ def test_version_help_a_tools_help_and_a_config_error_import_neither_torch_nor_l
     """The structural reason they answer at once (`tsf bench cli` times them): nothing heavy is imported."""
     from tsf.commands.bench import cli_one
 
-    for args in (["--version"], ["--help"], ["help"], ["compare", "--help"], ["sweep", "--help"],
+    for args in (["--version"], ["--help"], ["help"], *([t, "--help"] for t in sorted(TOOLS)),
                  ["sample", "--config", "missing.yaml"], ["smaple"]):
         row = cli_one(args, 1, str(tmp_path))
         assert row["imports"] == [], (args, row)
@@ -85,7 +85,7 @@ def test_a_tools_yes_no_flag_takes_all_three_spellings_and_never_swallows_a_posi
     assert bare_flags(["--a", "--", "--a"], {"--a"}) == ["--a=true", "--", "--a"]  # after --: not ours
 
 
-@pytest.mark.parametrize("tool", sorted(set(TOOLS) - {"pretrain"}))
+@pytest.mark.parametrize("tool", sorted(TOOLS))
 def test_every_tool_parses_with_the_one_flag_style(tool, capsys):
     """No tool keeps a flag that takes no value: each yes/no option of its help reads ``[true|false]``."""
     with pytest.raises(SystemExit):

@@ -8,7 +8,7 @@
 * :class:`DigitsDiffusion`: the denoiser behind the Gaussian-kernel interface.
 
 Weights ship in ``tsf/models/weights`` as safetensors and load by name; the recipe
-that made them is ``tsf pretrain digits`` (:mod:`tsf.commands.pretrain`).
+that made them is ``tsf pretrain digits`` (:mod:`tsf.commands.pretrain_recipes`).
 """
 
 from __future__ import annotations
