@@ -161,3 +161,20 @@ def test_a_run_bounded_by_steps_is_labelled_by_steps_through_a_public_hook(max_e
             enable_model_summary=False).fit(Tiny())
     assert isinstance(bar, RichProgressBar) and seen
     assert seen[0].strip() == ("Training steps" if max_epochs is None else "Epoch 0/0")
+
+
+def test_a_chosen_classes_yes_no_option_is_taken_bare_and_a_bare_option_of_another_type_still_fails(capsys):
+    """``--model.init_args.base.init_args.batch_invariant`` (an option of the config's model class, known to the
+    parser only once it has read the config) bare is ``true``; a bare ``num_steps`` keeps its error."""
+    from tsf.cli import main as cli_main
+
+    config = str(ROOT / "configs/digits/best_of_n.yaml")
+    key = "--model.init_args.base.init_args.batch_invariant"
+    for flags, expected in (([key], "true"), ([key, "false"], "false"), ([key, "true"], "true")):
+        with pytest.raises(SystemExit) as done:
+            cli_main(["sample", "--config", config, *flags, "--print_config"])
+        assert done.value.code in (0, None)
+        assert f"batch_invariant: {expected}\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        cli_main(["sample", "--config", config, "--model.init_args.base.init_args.num_steps", "--print_config"])
+    assert done.value.code == 2 and "expected one argument" in capsys.readouterr().err

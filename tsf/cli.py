@@ -647,6 +647,30 @@ def bool_options(parser) -> set[str]:
             if takes_bool(getattr(a, "_typehint", None)) or s in trainer}
 
 
+def nested_bool_flags(parser, sub, argv: list[str]) -> set[str]:
+    """The yes/no options among the bare ``--model.…``/``--data.…`` options of ``argv``: those of the chosen
+    classes (a sampler's, a model's), which the parser knows only once it has read the config. Each is tried
+    as ``=true`` in a parse that prints nothing, and kept where the value parsed is the bool ``True`` (a
+    non-bool option keeps its own error)."""
+    known = {s for a in sub._actions for s in a.option_strings}
+    bare = {a for i, a in enumerate(argv) if a.startswith(("--model.", "--data.")) and "=" not in a and a not in known
+            and (i + 1 == len(argv) or argv[i + 1].startswith("-"))}
+    if not bare:
+        return set()
+    trial = [a for a in bare_flags(argv, bare) if not a.startswith(("--print_config", "-h", "--help"))]
+    errors = [(p, getattr(p, "exit_on_error", True)) for p in (parser, sub)]
+    try:
+        for p, _ in errors:
+            p.exit_on_error = False
+        config = parser.parse_args(trial)
+        return {a for a in bare if config.get(f"{argv[0]}.{a[2:]}") is True}
+    except Exception:  # the options' own error comes from the real parse
+        return set()
+    finally:
+        for p, before in errors:
+            p.exit_on_error = before
+
+
 class TsfCLI(LightningCLI):
     def _name_run(self, subcommand: str) -> None:
         configs = self.config[subcommand].get("config") or []
@@ -701,6 +725,7 @@ class TsfCLI(LightningCLI):
             argv = list(sys.argv[1:] if args is None else args)
             sub = parser._subcommands_action._name_parser_map.get(argv[0]) if argv else None
             fixed = bare_flags(argv, bool_options(sub)) if sub is not None else argv
+            fixed = bare_flags(fixed, nested_bool_flags(parser, sub, fixed)) if sub is not None else fixed
             if fixed != argv:
                 self.config = parser.parse_args(fixed)
                 return
