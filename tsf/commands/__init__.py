@@ -111,7 +111,7 @@ LIGHTNING_COMMANDS = ("sample", "finetune", "fit", "validate", "test", "predict"
 def config_problem(argv: Sequence[str]) -> Optional[str]:
     """A configuration error that needs no parser (so none of torch or Lightning): an unknown command, or a
     ``--config`` file that does not exist or is not YAML. ``None`` when there is none."""
-    if argv[0] not in COMMANDS:
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):  # options before the command: LightningCLI's
         return f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (`tsf --help` says what each does)"
     paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
