@@ -751,18 +751,14 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     # transformers' note that an image processor falls back to its PIL backend without torchvision (tsf
     # reads images with PIL on purpose; nothing to change)
-    fallback = logging.getLogger("transformers.utils.import_utils")
-    if not any(getattr(f, "tsf", False) for f in fallback.filters):
-        pil = logging.Filter()
-        pil.filter = lambda record: "requires torchvision (not installed)" not in record.getMessage()  # type: ignore[method-assign]
-        pil.tsf = True  # type: ignore[attr-defined]
-        fallback.addFilter(pil)
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(getattr(f, "tsf", False) for f in rank_zero.filters):
-        tip = logging.Filter()
-        tip.filter = lambda record: "litlogger" not in record.getMessage()  # type: ignore[method-assign]
-        tip.tsf = True  # type: ignore[attr-defined]
-        rank_zero.addFilter(tip)
+    for logger, text in (("transformers.utils.import_utils", "requires torchvision (not installed)"),
+                         ("lightning.pytorch.utilities.rank_zero", "litlogger")):
+        log = logging.getLogger(logger)
+        if not any(getattr(f, "tsf", False) for f in log.filters):  # once per process
+            drop = logging.Filter()
+            drop.filter = lambda record, text=text: text not in record.getMessage()  # type: ignore[method-assign]
+            drop.tsf = True  # type: ignore[attr-defined]
+            log.addFilter(drop)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
