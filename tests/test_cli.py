@@ -476,7 +476,9 @@ def test_ctrl_c_prints_the_resume_command_and_the_resumed_run_says_what_it_reuse
     monkeypatch.setattr(ShardStore, "save", real_save)
     import wandb
 
-    wandb.finish()  # what the end of the interrupted process does (here the next attempt runs in the same one)
+    # tsf finished the interrupted run's wandb run (exit code 130): the next run in this process starts its own
+    # (Lightning's WandbLogger would log into an unfinished one)
+    assert wandb.run is None
     err = capsys.readouterr().err
     assert "2 finished batches are kept" in err and "Continue it with:" in err
     command = err.split("Continue it with:")[1].strip().splitlines()[0]

@@ -1,5 +1,5 @@
 """Reward mixtures (``tsf.rewards.WeightedSum``, registered ``weighted_sum``): the sum, its terms logged beside it,
-every kind of sampler and a fine-tuning baseline."""
+every kind of sampler and both fine-tuning baselines."""
 
 import json
 from pathlib import Path
@@ -93,8 +93,9 @@ def test_a_gradient_sampler_refuses_a_mixture_with_a_term_that_is_not_differenti
     assert "not marked differentiable" in capsys.readouterr().err
 
 
-def test_draft_fine_tunes_on_a_mixture_and_validates_each_term(tmp_path):
-    main(["finetune", "--config", str(ROOT / "configs/finetune/draft.yaml"), "--model.init_args.batch_size=4",
+@pytest.mark.parametrize("method", ["draft", "ddpo"])
+def test_a_baseline_fine_tunes_on_a_mixture_and_validates_each_term(tmp_path, method):
+    main(["finetune", "--config", str(ROOT / f"configs/finetune/{method}.yaml"), "--model.init_args.batch_size=4",
           "--model.init_args.val_samples=6", "--model.init_args.base.init_args.num_steps=3",
           "--trainer.enable_progress_bar=false", "--wandb_mode=disabled", "--trainer.max_steps=2",
           "--trainer.val_check_interval=2", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",

@@ -340,8 +340,9 @@ class TsfTrainer(Trainer):
                                 logs_at_end=True)
         try:
             self.test(model, datamodule=datamodule, verbose=False)
-        except SystemExit:
-            if self.interrupted:
+        except BaseException as err:
+            self.end_wandb(INTERRUPTED if self.interrupted else 1)
+            if isinstance(err, SystemExit) and self.interrupted:
                 done = len(list((run_dir / "shards").glob("*.safetensors")))
                 self.interrupted_run(run_dir, f"{done} finished batches are kept in {run_dir / 'shards'}")
             raise
@@ -361,9 +362,17 @@ class TsfTrainer(Trainer):
                     from PIL import Image
 
                     log_to_wandb(logger, results, Image.open(grid_path) if grid_path.exists() else None)
-                    logger.experiment.finish()
+            self.end_wandb(0)
             print(f"run directory: {run_dir}")
         return results
+
+    def end_wandb(self, exit_code: int) -> None:
+        """Finish the run's wandb run, if one was started: a failed or interrupted run too, so that the next run
+        in the same process (a notebook, a test) starts its own instead of logging into this one (Lightning's
+        WandbLogger reuses an unfinished ``wandb.run``)."""
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+                logger.experiment.finish(exit_code=exit_code)
 
     def open_run(self, output_dir: str, run_name: str, overwrite: bool, resume: bool, files: tuple[str, ...],
                  wandb_project: Optional[str], wandb_mode: str, logs_at_end: bool = False) -> Path:
@@ -447,12 +456,14 @@ class TsfTrainer(Trainer):
             print(f"resume: {last} does not exist; training starts from step 0")
         try:
             self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        except SystemExit:
-            if self.interrupted:
+        except BaseException as err:
+            self.end_wandb(INTERRUPTED if self.interrupted else 1)
+            if isinstance(err, SystemExit) and self.interrupted:
                 kept = f"the last checkpoint is {last}" if last.is_file() else (
                     "no checkpoint was written yet (ModelCheckpoint's every_n_train_steps): the run starts again")
                 self.interrupted_run(run_dir, f"stopped at step {self.global_step}; {kept}")
             raise
+        self.end_wandb(0)
         if self.is_global_zero:
             print(f"run directory: {run_dir}")
 
