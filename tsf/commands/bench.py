@@ -305,8 +305,6 @@ def stubbed(modules: dict, output_shapes: dict):
     """Every recorded module's forward replaced by a near-free stand-in of the same output shape: the mean of its
     first input per row, broadcast (differentiable, so that gradient samplers run as they do). What a sampler then
     spends is its overhead alone (its behaviour changes with the stand-in values: resampling, RBF's acceptances)."""
-    import torch
-
     def stand_in(trail: tuple) -> Callable:
         def forward(x, *args, **kwargs):
             y = (x if x.is_floating_point() else x.float()).flatten(1).mean(1)
@@ -314,9 +312,9 @@ def stubbed(modules: dict, output_shapes: dict):
         return forward
 
     patched = [m for k, m in modules.items() if m is not None and k in output_shapes]
-    for k, m in modules.items():
-        if m is not None and k in output_shapes:
-            m.forward = stand_in(output_shapes[k])
+    for k in output_shapes:
+        if modules.get(k) is not None:
+            modules[k].forward = stand_in(output_shapes[k])
     try:
         yield
     finally:
